@@ -1,0 +1,1 @@
+"""The heartbeat daemon: keepalives, active/passive state, floating IPs."""

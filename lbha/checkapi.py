@@ -1,0 +1,182 @@
+"""What a check plugin implements and receives: the public check API.
+
+A check type is any object with `name`, `negotiate`, `description`, `options` and an async
+`check(request) -> CheckResult`. The engine enforces the deadline; a check must also close
+everything it opened when it is cancelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Protocol, runtime_checkable
+
+from lbha.errors import PluginError
+from lbha.model import CheckSpec, IPAddress
+
+#: Option value types a check schema may declare; "duration" takes "500ms" / "3s" / "2m".
+OPTION_TYPES: frozenset[str] = frozenset({"str", "int", "float", "bool", "duration"})
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option of a plugin check type, validated when the config is loaded."""
+
+    type: str = "str"
+    default: Any = None
+    required: bool = False
+    secret: bool = False
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        if self.type not in OPTION_TYPES:
+            raise PluginError(
+                f"option type {self.type!r} is not one of {', '.join(sorted(OPTION_TYPES))}"
+            )
+
+
+@dataclass(frozen=True)
+class Target:
+    """The real server a check talks to, and the virtual service it is checked for."""
+
+    virtual: str
+    vip: IPAddress | None
+    vport: int | None
+    protocol: str
+    rip: IPAddress
+    rport: int | None
+
+    @property
+    def endpoint(self) -> str:
+        host = f"[{self.rip}]" if self.rip.version == 6 else str(self.rip)
+        return host if self.rport is None else f"{host}:{self.rport}"
+
+
+class Transcript:
+    """The exchange of one check, for `lbha check -v`; secrets are masked as they are written."""
+
+    def __init__(self, secrets: frozenset[str] = frozenset(), limit: int = 200) -> None:
+        self._secrets = tuple(sorted((s for s in secrets if s), key=len, reverse=True))
+        self._limit = limit
+        self.lines: list[str] = []
+
+    def _add(self, prefix: str, text: str) -> None:
+        if len(self.lines) >= self._limit:
+            return
+        for secret in self._secrets:
+            text = text.replace(secret, "****")
+        self.lines.append(f"{prefix} {text}")
+
+    def sent(self, text: str) -> None:
+        self._add(">", text)
+
+    def received(self, text: str) -> None:
+        self._add("<", text)
+
+    def note(self, text: str) -> None:
+        self._add("*", text)
+
+
+@dataclass(frozen=True)
+class CheckRequest:
+    """Everything one check run needs."""
+
+    target: Target
+    spec: CheckSpec
+    options: Mapping[str, Any]
+    #: The deadline the engine enforces, for libraries that need their own socket timeout.
+    timeout: float
+    transcript: Transcript | None = None
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """A verdict with a reason an operator can read ("connect to 198.18.0.21:443 refused")."""
+
+    up: bool
+    reason: str
+    #: Feedback weight in percent of the configured weight, when the check reports one.
+    weight_percent: int | None = None
+
+    @classmethod
+    def success(cls, reason: str = "ok") -> CheckResult:
+        return cls(True, reason)
+
+    @classmethod
+    def failure(cls, reason: str) -> CheckResult:
+        return cls(False, reason)
+
+
+@runtime_checkable
+class CheckType(Protocol):
+    """The contract of a check type."""
+
+    #: Name used in configs: `type = NAME`, or `service = NAME` when `negotiate` is true.
+    name: str
+    #: True when this is a protocol of `type = "negotiate"` (selected by `service`).
+    negotiate: bool
+    description: str
+    options: Mapping[str, OptionSpec]
+
+    async def check(self, request: CheckRequest) -> CheckResult:
+        """Judge one real server. May raise; the engine turns any exception into a failure."""
+        ...
+
+
+@dataclass(frozen=True)
+class RegisteredCheck:
+    check: CheckType
+    plugin: str
+
+
+@dataclass
+class CheckRegistry:
+    """Check types by name, as plugins registered them in `lbha_register_checks`."""
+
+    _checks: dict[str, RegisteredCheck] = field(default_factory=dict)
+    #: Set by the plugin manager while it calls one plugin's hook, for error messages.
+    current_plugin: str = "<unknown>"
+
+    def add(self, check: CheckType) -> None:
+        """Register a check type; raises PluginError for a duplicate or malformed one."""
+        if not isinstance(check, CheckType):
+            raise PluginError(
+                f"plugin {self.current_plugin!r} registered {check!r}, which lacks name, "
+                "negotiate, description, options or check()"
+            )
+        name = check.name
+        if not name or not isinstance(name, str):
+            raise PluginError(f"plugin {self.current_plugin!r} registered a check without a name")
+        if name in self._checks:
+            raise PluginError(
+                f"check type {name!r} from plugin {self.current_plugin!r} is already provided "
+                f"by plugin {self._checks[name].plugin!r}"
+            )
+        for option, spec in check.options.items():
+            if not isinstance(spec, OptionSpec):
+                raise PluginError(
+                    f"check type {name!r}: option {option!r} must be an lbha.checkapi.OptionSpec"
+                )
+        self._checks[name] = RegisteredCheck(check, self.current_plugin)
+
+    def get(self, name: str) -> CheckType:
+        return self._checks[name].check
+
+    def plugin_of(self, name: str) -> str:
+        return self._checks[name].plugin
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._checks
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._checks))
+
+    def __len__(self) -> int:
+        return len(self._checks)
+
+    def schemas(self) -> Mapping[str, Mapping[str, OptionSpec]]:
+        return MappingProxyType({name: reg.check.options for name, reg in self._checks.items()})
+
+    def negotiate_names(self) -> frozenset[str]:
+        return frozenset(n for n, reg in self._checks.items() if reg.check.negotiate)

@@ -1,0 +1,118 @@
+"""Loads built-in and third-party plugins alike from the ``lbha`` entry-point group.
+
+A plugin that fails to import, to register or in a hook is reported by name and left out;
+it never takes the daemon down.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+
+from lbha import hookspecs
+from lbha.checkapi import CheckRegistry
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "lbha"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    distribution: str
+    version: str
+    module: str
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    name: str
+    distribution: str
+    stage: str
+    error: str
+
+    def __str__(self) -> str:
+        return f"plugin {self.name!r} ({self.distribution}) failed to {self.stage}: {self.error}"
+
+
+class PluginManager:
+    """A typed facade over pluggy that isolates plugins from each other."""
+
+    def __init__(self) -> None:
+        self._pm = pluggy.PluginManager("lbha")
+        self._pm.add_hookspecs(hookspecs)
+        self.plugins: dict[str, PluginInfo] = {}
+        self.failures: list[PluginFailure] = []
+        self.checks = CheckRegistry()
+
+    def load_entry_points(
+        self, entry_points: Iterable[importlib.metadata.EntryPoint] | None = None
+    ) -> None:
+        """Import every plugin of the group; failures are recorded, logged and skipped."""
+        if entry_points is None:
+            entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+        for ep in sorted(entry_points, key=lambda e: e.name):
+            dist = ep.dist.name if ep.dist is not None else "?"
+            version = ep.dist.version if ep.dist is not None else "?"
+            if ep.name in self.plugins:
+                self._fail(ep.name, dist, "load", "another plugin already uses this name")
+                continue
+            try:
+                module = ep.load()
+                self._pm.register(module, name=ep.name)
+            except Exception as exc:  # noqa: BLE001 - any plugin bug must be contained
+                self._fail(ep.name, dist, "load", f"{type(exc).__name__}: {exc}")
+                continue
+            self.plugins[ep.name] = PluginInfo(ep.name, dist, version, ep.value)
+
+    def register(self, plugin: object, name: str, distribution: str = "lbha") -> None:
+        """Register an in-process plugin object (tests, embedding)."""
+        self._pm.register(plugin, name=name)
+        self.plugins[name] = PluginInfo(name, distribution, "-", repr(plugin))
+
+    def register_checks(self) -> CheckRegistry:
+        """Ask every plugin for its check types, one plugin at a time."""
+        for impl in self._pm.hook.lbha_register_checks.get_hookimpls():
+            self.checks.current_plugin = impl.plugin_name
+            try:
+                impl.function(registry=self.checks)
+            except Exception as exc:  # noqa: BLE001
+                self._fail_plugin(impl.plugin_name, "register checks", exc)
+        self.checks.current_plugin = "<unknown>"
+        return self.checks
+
+    def call(self, hook: str, **kwargs: Any) -> list[Any]:
+        """Call a hook on each plugin separately; a raising plugin is reported and skipped."""
+        results = []
+        for impl in getattr(self._pm.hook, hook).get_hookimpls():
+            try:
+                result = impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+            except Exception as exc:  # noqa: BLE001
+                self._fail_plugin(impl.plugin_name, hook, exc)
+                continue
+            if result is not None:
+                results.append(result)
+        return results
+
+    def _fail_plugin(self, name: str, stage: str, exc: Exception) -> None:
+        info = self.plugins.get(name)
+        self._fail(name, info.distribution if info else "?", stage, f"{type(exc).__name__}: {exc}")
+
+    def _fail(self, name: str, dist: str, stage: str, error: str) -> None:
+        failure = PluginFailure(name, dist, stage, error)
+        self.failures.append(failure)
+        log.error("%s; continuing without it", failure)
+
+
+def load_plugins() -> PluginManager:
+    """A manager with every installed plugin loaded and its check types registered."""
+    manager = PluginManager()
+    manager.load_entry_points()
+    manager.register_checks()
+    return manager

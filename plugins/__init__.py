@@ -1,0 +1,1 @@
+"""Built-in sink plugins: IPVS, HAProxy, SNMP traps, email."""
