@@ -160,6 +160,11 @@ class CheckRegistry:
                 )
         self._checks[name] = RegisteredCheck(check, self.current_plugin)
 
+    def remove_plugin(self, plugin: str) -> None:
+        """Forget every check type a plugin registered (it failed half-way)."""
+        for name in [n for n, reg in self._checks.items() if reg.plugin == plugin]:
+            del self._checks[name]
+
     def get(self, name: str) -> CheckType:
         return self._checks[name].check
 

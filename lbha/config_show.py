@@ -19,6 +19,7 @@ _DURATIONS = frozenset({
     "persistence",
 })
 _SECRETS = frozenset({"password", "secret", "community"})
+_LAYER4_ONLY = frozenset({"forwarding", "scheduler", "persistence", "persistence_netmask"})
 _REAL_CHECK_KEYS = ("request", "receive", "port", "virtualhost", "regex")
 
 
@@ -77,7 +78,8 @@ def _check(doc: Document, name: str, spec: CheckSpec, registry: CheckRegistry | 
 
 def _virtual(doc: Document, virtual: VirtualService, registry: CheckRegistry | None) -> None:
     table = doc.table("virtual", array=True)
-    _fill(table, virtual, frozenset({"ports", "all_ports", "reals", "email"}))
+    layer4_only = frozenset() if virtual.layer == 4 else _LAYER4_ONLY
+    _fill(table, virtual, frozenset({"ports", "all_ports", "reals", "email"}) | layer4_only)
     if virtual.all_ports:
         table.set("ports", "*")
     elif virtual.ports:
@@ -94,7 +96,7 @@ def _virtual(doc: Document, virtual: VirtualService, registry: CheckRegistry | N
         _fill(doc.table("virtual.haproxy"), virtual.haproxy)
     for real in virtual.reals:
         rt = doc.table("virtual.real", array=True)
-        _fill(rt, real)
+        _fill(rt, real, layer4_only)
         overrides = {
             key: _value(key, getattr(real.check, key)) for key in _REAL_CHECK_KEYS
             if getattr(real.check, key) != getattr(virtual.check, key)

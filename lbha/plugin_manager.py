@@ -84,6 +84,10 @@ class PluginManager:
                 impl.function(registry=self.checks)
             except Exception as exc:  # noqa: BLE001
                 self._fail_plugin(impl.plugin_name, "register checks", exc)
+                # Half-registered plugins are worse than absent ones: take it out entirely.
+                self._pm.unregister(name=impl.plugin_name)
+                self.checks.remove_plugin(impl.plugin_name)
+                self.plugins.pop(impl.plugin_name, None)
         self.checks.current_plugin = "<unknown>"
         return self.checks
 

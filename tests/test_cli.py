@@ -1,0 +1,63 @@
+"""`lbha config check|show` as an operator runs them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+GOOD = """\
+[[virtual]]
+name = "web"
+address = "198.18.0.100"
+ports = 80
+[virtual.check]
+type = "connect"
+password = "never-shown"
+[[virtual.real]]
+address = "198.18.0.21"
+"""
+
+
+def lbha(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lbha", *args], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_config_check_good(tmp_path: Path) -> None:
+    path = tmp_path / "lbha.toml"
+    path.write_text(GOOD)
+    out = lbha("config", "check", str(path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"{path}: OK (1 virtual services, 1 real servers)\n"
+
+
+def test_config_check_bad_lists_every_problem(tmp_path: Path) -> None:
+    path = tmp_path / "lbha.toml"
+    path.write_text(GOOD.replace("ports = 80", "ports = 0") + "weight = 1e9\n")
+    out = lbha("config", "check", str(path))
+    assert out.returncode == 1
+    assert "2 problems in configuration" in out.stderr
+    assert f"{path}:4: virtual[0].ports: expected a port" in out.stderr
+    assert f"{path}:10: virtual[0].real[0].weight: expected an integer" in out.stderr
+
+
+def test_config_check_missing_file(tmp_path: Path) -> None:
+    out = lbha("config", "check", str(tmp_path / "nope.toml"))
+    assert out.returncode == 1
+    assert "cannot read" in out.stderr
+
+
+def test_config_show_fills_defaults_and_redacts(tmp_path: Path) -> None:
+    path = tmp_path / "lbha.toml"
+    path.write_text(GOOD)
+    out = lbha("config", "show", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "never-shown" not in out.stdout
+    assert 'password = "****"' in out.stdout
+    assert 'interval = "5s"' in out.stdout
+    assert 'scheduler = "wlc"' in out.stdout
+
+
+def test_usage_error_exit_code() -> None:
+    assert lbha("config").returncode == 2

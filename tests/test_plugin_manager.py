@@ -1,0 +1,111 @@
+"""Plugins load from the `lbha` entry-point group; a broken one is named and skipped."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lbha.events import Event
+from lbha.plugin_manager import load_plugins
+
+PLUGINS = {
+    "broken_import": "raise RuntimeError('plugin author forgot a dependency')\n",
+    "broken_register": textwrap.dedent("""\
+        from lbha import hookimpl
+
+        @hookimpl
+        def lbha_register_checks(registry):
+            raise ValueError("cannot register")
+    """),
+    "duplicate_connect": textwrap.dedent("""\
+        from types import MappingProxyType
+        from lbha import hookimpl
+
+        class Connect:
+            name = "connect"
+            negotiate = False
+            description = "an impostor"
+            options = MappingProxyType({})
+            async def check(self, request):
+                raise AssertionError
+
+        @hookimpl
+        def lbha_register_checks(registry):
+            registry.add(Connect())
+    """),
+    "noisy_events": textwrap.dedent("""\
+        from lbha import hookimpl
+
+        seen = []
+
+        @hookimpl
+        def lbha_event(event):
+            raise OSError("mail server down")
+    """),
+    "quiet_events": textwrap.dedent("""\
+        from lbha import hookimpl
+
+        seen = []
+
+        @hookimpl
+        def lbha_event(event):
+            seen.append(event)
+    """),
+}
+
+
+@pytest.fixture
+def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Installs fake third-party distributions (dist-info + module) on sys.path."""
+    for name, source in PLUGINS.items():
+        (tmp_path / f"{name}.py").write_text(source)
+        info = tmp_path / f"lbha_{name}-1.0.dist-info"
+        info.mkdir()
+        dist = "lbha-" + name.replace("_", "-")
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text(f"[lbha]\n{name} = {name}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in PLUGINS:
+        sys.modules.pop(name, None)
+    return tmp_path
+
+
+def test_broken_plugins_are_reported_by_name_and_skipped(third_party: Path) -> None:
+    manager = load_plugins()
+    failures = {f.name: f for f in manager.failures}
+    assert set(failures) == {"broken_import", "broken_register", "duplicate_connect"}
+    assert failures["broken_import"].distribution == "lbha-broken-import"
+    assert "plugin author forgot a dependency" in str(failures["broken_import"])
+    assert failures["broken_register"].stage == "register checks"
+    assert "already provided by plugin 'connect'" in failures["duplicate_connect"].error
+    # The built-in still stands, and is the real one.
+    assert manager.checks.plugin_of("connect") == "connect"
+    assert manager.checks.get("connect").description.startswith("TCP connect")
+    # A plugin that failed to register is out altogether, not half in.
+    assert "broken_register" not in manager.plugins
+    assert "duplicate_connect" not in manager.plugins
+
+
+def test_a_raising_event_hook_does_not_stop_the_others(third_party: Path) -> None:
+    manager = load_plugins()
+    event = Event(kind="test", message="hello")
+    manager.call("lbha_event", event=event)
+    quiet = sys.modules["quiet_events"]
+    assert quiet.seen == [event]
+    assert any(f.name == "noisy_events" and "mail server down" in f.error
+               for f in manager.failures)
+
+
+def test_lbha_plugins_lists_checks_and_failures(third_party: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(third_party)}
+    out = subprocess.run([sys.executable, "-m", "lbha", "plugins"], env=env,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "connect" in out.stdout
+    assert "failed plugins:" in out.stdout
+    assert "plugin 'broken_import' (lbha-broken-import) failed to load" in out.stdout
