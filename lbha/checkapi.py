@@ -38,7 +38,11 @@ class OptionSpec:
 
 @dataclass(frozen=True)
 class Target:
-    """The real server a check talks to, and the virtual service it is checked for."""
+    """The real server a check talks to, and the virtual service it is checked for.
+
+    `rport` is the port to check, already resolved by the engine: the check's `port`, else
+    the real server's port, else the virtual port, else the service's well-known port.
+    """
 
     virtual: str
     vip: IPAddress | None
