@@ -1,0 +1,260 @@
+"""Heartbeat wire protocol, sans-IO: frame encoding, HMAC-SHA256, key files, anti-replay.
+
+Frame, version 1 (big-endian; every frame is one UDP datagram or one serial record):
+
+    offset size  field
+    0      2     magic b"LH"
+    2      1     version (1)
+    3      1     auth: 0 = none, 1 = HMAC-SHA256
+    4      1     key id (0 with auth none)
+    5      1     state: 0 starting, 1 passive, 2 active, 3 leaving
+    6      1     flags: bit 0 master role, bit 1 wants active, bit 2 yielded (manual standby)
+    7      1     reserved (0)
+    8      8     generation: the sender's boot time in microseconds, fixed for a run
+    16     8     sequence number, 1, 2, 3 ... within a generation
+    24     4     sender's deadtime in milliseconds (informational)
+    28     1+n   cluster id (length-prefixed UTF-8)
+    ..     1+n   node name (length-prefixed UTF-8)
+    ..     32    HMAC-SHA256(key, every byte before it) - only with auth 1
+
+Keys: the key file holds lines `ID KEY` (ID 1..255, KEY one token of at least 16 characters;
+`#` comments and blank lines ignored). Every key in the file is accepted on receive; frames
+are SENT WITH THE FIRST KEY LISTED. Rotation without downtime: append the new key on both
+nodes and reload, then move it to the first line on both and reload, then drop the old one.
+
+Anti-replay: per peer, a frame must carry the newest generation seen, and within it a sequence
+number above the last accepted one. Replayed, reordered and duplicated frames are dropped and
+counted; a newer generation (the peer restarted) resets the sequence.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import os
+import stat
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from lbha.heartbeat.errors import KeyFileError
+
+MAGIC = b"LH"
+VERSION = 1
+AUTH_NONE = 0
+AUTH_HMAC_SHA256 = 1
+MAC_SIZE = 32
+MIN_KEY_LENGTH = 16
+
+_HEADER = struct.Struct(">2sBBBBBBQQI")
+MAX_FRAME = _HEADER.size + 2 * 256 + MAC_SIZE
+_ALL_FLAGS = 0x07
+
+
+class PeerState(enum.IntEnum):
+    """What a node says about itself in each frame."""
+
+    STARTING = 0
+    PASSIVE = 1
+    ACTIVE = 2
+    #: Graceful stop: the sender released everything and goes away now.
+    LEAVING = 3
+
+
+class Flags(enum.IntFlag):
+    NONE = 0
+    MASTER = 1
+    WANTS_ACTIVE = 2
+    YIELDED = 4
+
+
+class Verdict(enum.StrEnum):
+    """Why a received datagram was accepted or dropped (counted per verdict)."""
+
+    OK = "ok"
+    MALFORMED = "malformed"
+    BAD_VERSION = "bad_version"
+    OTHER_CLUSTER = "other_cluster"
+    AUTH_MISMATCH = "auth_mismatch"
+    UNKNOWN_KEY = "unknown_key"
+    BAD_MAC = "bad_mac"
+    STALE_GENERATION = "stale_generation"
+    REPLAY = "replay"
+    OWN_FRAME = "own_frame"
+    UNKNOWN_NODE = "unknown_node"
+
+
+@dataclass(frozen=True)
+class Frame:
+    cluster_id: str
+    node: str
+    generation: int
+    seq: int
+    state: PeerState
+    flags: Flags = Flags.NONE
+    deadtime_ms: int = 0
+    key_id: int = 0
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """Keys by id; `send_id` is the key frames are signed with (the first in the file)."""
+
+    keys: dict[int, bytes]
+    send_id: int
+
+    @property
+    def send_key(self) -> bytes:
+        return self.keys[self.send_id]
+
+
+def load_key_file(path: Path) -> KeyRing:
+    """Read an `ID KEY` file; refuse it unless only its owner (root or us) may read it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise KeyFileError(f"cannot open auth key file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"auth key file {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise KeyFileError(
+                f"auth key file {path} has mode {stat.S_IMODE(st.st_mode):04o}: other users "
+                f"could read the key; run `chmod 600 {path}`"
+            )
+        if st.st_uid not in (0, os.geteuid()):
+            raise KeyFileError(f"auth key file {path} is owned by uid {st.st_uid}; "
+                               f"run `chown root {path}`")
+        text = f.read().decode("utf-8", errors="replace")
+    return parse_keys(text, str(path))
+
+
+def parse_keys(text: str, source: str = "<keys>") -> KeyRing:
+    keys: dict[int, bytes] = {}
+    first: int | None = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        where = f"{source}:{number}"
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise KeyFileError(f"{where}: expected `ID KEY` (ID 1..255, KEY one word)")
+        key_id, key = int(parts[0]), parts[1].encode()
+        if not 1 <= key_id <= 255:
+            raise KeyFileError(f"{where}: key id {key_id} is out of range 1..255")
+        if key_id in keys:
+            raise KeyFileError(f"{where}: key id {key_id} is listed twice")
+        if len(key) < MIN_KEY_LENGTH:
+            raise KeyFileError(f"{where}: key {key_id} is shorter than {MIN_KEY_LENGTH} "
+                               "characters; generate one with `openssl rand -hex 32`")
+        keys[key_id] = key
+        first = key_id if first is None else first
+    if first is None:
+        raise KeyFileError(f"{source}: no key found (lines `ID KEY`)")
+    return KeyRing(keys, first)
+
+
+def _mac(key: bytes, body: bytes) -> bytes:
+    return hmac.new(key, body, hashlib.sha256).digest()
+
+
+def encode(frame: Frame, keys: KeyRing | None) -> bytes:
+    """Serialize and sign `frame` (unsigned when `keys` is None, i.e. auth = "none")."""
+    cluster, node = frame.cluster_id.encode(), frame.node.encode()
+    if len(cluster) > 255 or len(node) > 255:
+        raise ValueError("cluster id and node name must be at most 255 bytes")
+    auth = AUTH_NONE if keys is None else AUTH_HMAC_SHA256
+    key_id = 0 if keys is None else keys.send_id
+    body = _HEADER.pack(
+        MAGIC, VERSION, auth, key_id, frame.state, frame.flags, 0, frame.generation, frame.seq,
+        frame.deadtime_ms,
+    ) + bytes([len(cluster)]) + cluster + bytes([len(node)]) + node
+    return body if keys is None else body + _mac(keys.send_key, body)
+
+
+def decode(data: bytes, keys: KeyRing | None) -> tuple[Verdict, Frame | None]:
+    """Parse and authenticate one datagram. Never raises: bad input yields a verdict."""
+    if len(data) < _HEADER.size + 2 or len(data) > MAX_FRAME:
+        return Verdict.MALFORMED, None
+    magic, version, auth, key_id, state, flags, _res, gen, seq, dead = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        return Verdict.MALFORMED, None
+    if version != VERSION:
+        return Verdict.BAD_VERSION, None
+    pos = _HEADER.size
+    fields: list[str] = []
+    for _ in range(2):
+        if pos >= len(data):
+            return Verdict.MALFORMED, None
+        size = data[pos]
+        raw = data[pos + 1 : pos + 1 + size]
+        if len(raw) != size:
+            return Verdict.MALFORMED, None
+        try:
+            fields.append(raw.decode())
+        except UnicodeDecodeError:
+            return Verdict.MALFORMED, None
+        pos += 1 + size
+    body, mac = data[:pos], data[pos:]
+    if auth == AUTH_NONE and keys is None:
+        if mac:
+            return Verdict.MALFORMED, None
+    elif auth == AUTH_HMAC_SHA256 and keys is not None:
+        if len(mac) != MAC_SIZE:
+            return Verdict.MALFORMED, None
+        key = keys.keys.get(key_id)
+        if key is None:
+            return Verdict.UNKNOWN_KEY, None
+        if not hmac.compare_digest(mac, _mac(key, body)):
+            return Verdict.BAD_MAC, None
+    else:
+        # An unsigned frame when we expect a MAC (or the reverse) is refused outright.
+        return Verdict.AUTH_MISMATCH, None
+    if state > max(PeerState) or flags & ~_ALL_FLAGS:
+        return Verdict.MALFORMED, None
+    frame = Frame(fields[0], fields[1], gen, seq, PeerState(state), Flags(flags), dead, key_id)
+    return Verdict.OK, frame
+
+
+class Receiver:
+    """Authenticates frames for one cluster and drops replays; counts every verdict."""
+
+    def __init__(self, cluster_id: str, node: str, peers: set[str], keys: KeyRing | None) -> None:
+        self.cluster_id = cluster_id
+        self.node = node
+        self.peers = peers
+        self.keys = keys
+        self.counts: Counter[Verdict] = Counter()
+        #: Per peer: (generation, last accepted sequence number).
+        self._last: dict[str, tuple[int, int]] = {}
+
+    def accept(self, data: bytes) -> tuple[Verdict, Frame | None]:
+        verdict, frame = decode(data, self.keys)
+        if frame is not None:
+            verdict = self._check(frame)
+        self.counts[verdict] += 1
+        return verdict, frame if verdict is Verdict.OK else None
+
+    def _check(self, frame: Frame) -> Verdict:
+        if frame.cluster_id != self.cluster_id:
+            return Verdict.OTHER_CLUSTER
+        if frame.node == self.node:
+            return Verdict.OWN_FRAME
+        if frame.node not in self.peers:
+            return Verdict.UNKNOWN_NODE
+        last = self._last.get(frame.node)
+        if last is not None:
+            generation, seq = last
+            if frame.generation < generation:
+                return Verdict.STALE_GENERATION
+            if frame.generation == generation and frame.seq <= seq:
+                return Verdict.REPLAY
+        self._last[frame.node] = (frame.generation, frame.seq)
+        return Verdict.OK
+
+    def dropped(self) -> dict[str, int]:
+        return {str(v): n for v, n in sorted(self.counts.items()) if v is not Verdict.OK}

@@ -1,0 +1,167 @@
+"""Wire protocol: frames, HMAC verdicts (a table, like keepalived's auth_hmac_test), key files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lbha.heartbeat.errors import KeyFileError
+from lbha.heartbeat.protocol import (
+    MAX_FRAME,
+    Flags,
+    Frame,
+    KeyRing,
+    PeerState,
+    Receiver,
+    Verdict,
+    decode,
+    encode,
+    load_key_file,
+    parse_keys,
+)
+
+KEY1 = b"k1-0123456789abcdef"
+KEY2 = b"k2-0123456789abcdef"
+RING = KeyRing({1: KEY1, 2: KEY2}, 1)
+
+
+def frame(**changes: object) -> Frame:
+    base: dict[str, object] = dict(
+        cluster_id="lbha", node="lb2", generation=1000, seq=1, state=PeerState.ACTIVE,
+        flags=Flags.WANTS_ACTIVE, deadtime_ms=300,
+    )
+    base.update(changes)
+    return Frame(**base)  # type: ignore[arg-type]
+
+
+def receiver(keys: KeyRing | None = RING) -> Receiver:
+    return Receiver("lbha", "lb1", {"lb2"}, keys)
+
+
+def test_round_trip_is_compact() -> None:
+    data = encode(frame(), RING)
+    assert len(data) < 80
+    verdict, got = decode(data, RING)
+    assert verdict is Verdict.OK
+    assert got == frame(key_id=1)
+
+
+def test_unsigned_round_trip() -> None:
+    verdict, got = decode(encode(frame(), None), None)
+    assert verdict is Verdict.OK
+    assert got == frame()
+
+
+def tamper(data: bytes, offset: int) -> bytes:
+    return data[:offset] + bytes([data[offset] ^ 1]) + data[offset + 1 :]
+
+
+GOOD = encode(frame(), RING)
+
+
+@pytest.mark.parametrize(
+    ("data", "keys", "verdict"),
+    [
+        (GOOD, RING, Verdict.OK),
+        (GOOD[:-1], RING, Verdict.MALFORMED),
+        (GOOD + b"x", RING, Verdict.MALFORMED),
+        (b"", RING, Verdict.MALFORMED),
+        (b"XX" + GOOD[2:], RING, Verdict.MALFORMED),
+        (GOOD[:2] + b"\x02" + GOOD[3:], RING, Verdict.BAD_VERSION),
+        (tamper(GOOD, 20), RING, Verdict.BAD_MAC),
+        (tamper(GOOD, len(GOOD) - 1), RING, Verdict.BAD_MAC),
+        (encode(frame(), KeyRing({1: b"another-key-0123456"}, 1)), RING, Verdict.BAD_MAC),
+        (encode(frame(), KeyRing({9: KEY1}, 9)), RING, Verdict.UNKNOWN_KEY),
+        (encode(frame(), None), RING, Verdict.AUTH_MISMATCH),
+        (GOOD, None, Verdict.AUTH_MISMATCH),
+        (encode(frame(), KeyRing({2: KEY2}, 2)), RING, Verdict.OK),
+    ],
+    ids=["ok", "short", "long", "empty", "magic", "version", "bad-mac-body", "bad-mac-tail",
+         "wrong-key", "unknown-key-id", "unsigned", "signed-when-none", "second-key"],
+)
+def test_decode_verdicts(data: bytes, keys: KeyRing | None, verdict: Verdict) -> None:
+    assert decode(data, keys)[0] is verdict
+
+
+def test_replay_reorder_and_generation() -> None:
+    rx = receiver()
+    assert rx.accept(encode(frame(seq=5), RING))[0] is Verdict.OK
+    assert rx.accept(encode(frame(seq=5), RING))[0] is Verdict.REPLAY
+    assert rx.accept(encode(frame(seq=4), RING))[0] is Verdict.REPLAY  # reordered
+    assert rx.accept(encode(frame(seq=6), RING))[0] is Verdict.OK
+    # The peer restarted: a new generation resets the sequence; the old one is now stale.
+    assert rx.accept(encode(frame(generation=2000, seq=1), RING))[0] is Verdict.OK
+    assert rx.accept(encode(frame(seq=7), RING))[0] is Verdict.STALE_GENERATION
+    assert rx.accept(encode(frame(cluster_id="other"), RING))[0] is Verdict.OTHER_CLUSTER
+    assert rx.accept(encode(frame(node="lb1"), RING))[0] is Verdict.OWN_FRAME
+    assert rx.accept(encode(frame(node="lb9"), RING))[0] is Verdict.UNKNOWN_NODE
+    assert rx.dropped() == {"other_cluster": 1, "own_frame": 1, "replay": 2,
+                            "stale_generation": 1, "unknown_node": 1}
+
+
+@settings(max_examples=2000)
+@given(st.binary(max_size=MAX_FRAME + 10))
+def test_decoder_never_raises_on_noise(data: bytes) -> None:
+    for keys in (RING, None):
+        verdict, got = receiver(keys).accept(data)
+        assert (verdict is Verdict.OK) == (got is not None)
+
+
+@settings(max_examples=2000)
+@given(st.integers(0, len(GOOD) - 1), st.integers(1, 255), st.binary(max_size=8))
+def test_decoder_never_raises_on_mutations(offset: int, xor: int, tail: bytes) -> None:
+    data = GOOD[:offset] + bytes([GOOD[offset] ^ xor]) + GOOD[offset + 1 :] + tail
+    verdict, _ = receiver().accept(data)
+    assert verdict is not Verdict.OK  # every bit of a signed frame is covered by the MAC
+
+
+@given(st.text(max_size=40), st.text(max_size=40), st.integers(0, 2**64 - 1),
+       st.sampled_from(PeerState), st.sampled_from(list(Flags)))
+def test_round_trip_any_frame(cluster: str, node: str, seq: int, state: PeerState,
+                              flags: Flags) -> None:
+    f = frame(cluster_id=cluster, node=node, seq=seq, state=state, flags=flags, key_id=1)
+    assert decode(encode(f, RING), RING) == (Verdict.OK, f)
+
+
+def write_keys(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    os.chmod(path, mode)
+    return path
+
+
+def test_key_file_first_key_sends(tmp_path: Path) -> None:
+    ring = load_key_file(write_keys(tmp_path / "k", "# keys\n7 " + "a" * 32 + "\n\n3 " + "b" * 20))
+    assert ring.send_id == 7
+    assert ring.keys == {7: b"a" * 32, 3: b"b" * 20}
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660])
+def test_key_file_readable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
+    path = write_keys(tmp_path / "k", "1 " + "a" * 32, mode)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        load_key_file(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "no key found"),
+        ("1", "expected `ID KEY`"),
+        ("x " + "a" * 20, "expected `ID KEY`"),
+        ("0 " + "a" * 20, "out of range"),
+        ("256 " + "a" * 20, "out of range"),
+        ("1 short", "shorter than 16"),
+        ("1 " + "a" * 20 + "\n1 " + "b" * 20, "listed twice"),
+    ],
+)
+def test_bad_key_files(text: str, message: str) -> None:
+    with pytest.raises(KeyFileError, match=message):
+        parse_keys(text)
+
+
+def test_missing_key_file(tmp_path: Path) -> None:
+    with pytest.raises(KeyFileError, match="cannot open auth key file"):
+        load_key_file(tmp_path / "nope")
