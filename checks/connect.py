@@ -1,41 +1,131 @@
-"""`connect`: the real server accepts a TCP connection on the check port."""
+"""`connect`: the real server accepts a TCP connection on the check port.
+
+For UDP services a connected UDP socket sends one empty datagram and listens briefly: an ICMP
+port unreachable (ECONNREFUSED on the socket) means down; a reply or silence means up. Silence
+cannot prove that a UDP service is alive, only that nothing said it is dead (docs/checks.md).
+"""
 
 from __future__ import annotations
 
 import errno
+import os
+import socket
+import struct
 from types import MappingProxyType
 
 import trio
 
 from lbha import hookimpl
-from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec
+from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec, Target
+
+#: Protocols probed with UDP; everything else (tcp, tcp+udp, fwmark) gets a TCP connect.
+UDP_PROTOCOLS: frozenset[str] = frozenset({"udp", "ops"})
+
+#: l_onoff=1, l_linger=0: close() sends RST, so thousands of checks leave no TIME_WAIT
+#: sockets on the director (HAProxy closes its connect-only checks the same way).
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+_REASONS: MappingProxyType[int, str] = MappingProxyType({
+    errno.ECONNREFUSED: "refused",
+    errno.ECONNRESET: "reset",
+    errno.EHOSTUNREACH: "failed: host unreachable",
+    errno.ENETUNREACH: "failed: network unreachable",
+    errno.ETIMEDOUT: "timed out in the kernel",
+    errno.EADDRNOTAVAIL: "failed: no local address to send from",
+    errno.EACCES: "blocked by a local firewall rule",
+    errno.EPERM: "blocked by a local firewall rule",
+    errno.EPROTO: "failed: protocol error (ICMP parameter problem)",
+})
+
+
+def describe_error(action: str, endpoint: str, exc: OSError) -> str:
+    """An operator's reason for a socket error: "connect to 198.18.0.21:443 refused"."""
+    code = exc.errno
+    if code in _REASONS:
+        return f"{action} {endpoint} {_REASONS[code]}"
+    detail = os.strerror(code) if code is not None else str(exc)
+    return f"{action} {endpoint} failed: {detail}"
+
+
+def _family(target: Target) -> int:
+    return socket.AF_INET6 if target.rip.version == 6 else socket.AF_INET
 
 
 class ConnectCheck:
     name = "connect"
     negotiate = False
-    description = "TCP connect to the real server's check port"
-    options: MappingProxyType[str, OptionSpec] = MappingProxyType({})
+    description = (
+        "TCP connect to the real server's check port; UDP services: empty datagram, "
+        "down on ICMP port unreachable"
+    )
+    options: MappingProxyType[str, OptionSpec] = MappingProxyType({
+        "udp_wait": OptionSpec(
+            type="duration", default=1.0,
+            help="UDP only: how long to listen for a port unreachable (capped at half the "
+                 "timeout)",
+        ),
+    })
 
     async def check(self, request: CheckRequest) -> CheckResult:
         target = request.target
         if target.rport is None:
             return CheckResult.failure(f"no port to connect to on {target.rip}")
-        endpoint = target.endpoint
-        if request.transcript:
-            request.transcript.note(f"connecting to {endpoint}")
+        if target.protocol in UDP_PROTOCOLS:
+            # Half the deadline at most, so our own verdict arrives before the engine's.
+            wait = min(float(request.options.get("udp_wait", 1.0)), request.timeout / 2)
+            return await udp_probe(target, wait, request)
+        return await tcp_connect(target, request)
+
+
+async def tcp_connect(target: Target, request: CheckRequest) -> CheckResult:
+    """Open and at once reset a TCP connection to the target."""
+    endpoint = target.endpoint
+    transcript = request.transcript
+    if transcript:
+        transcript.note(f"TCP connect to {endpoint}")
+    with trio.socket.socket(_family(target), socket.SOCK_STREAM) as sock:
         try:
-            stream = await trio.open_tcp_stream(str(target.rip), target.rport)
+            await sock.connect((str(target.rip), target.rport))
         except OSError as exc:
-            code = getattr(exc, "errno", None)
-            cause = exc.__cause__ if code is None else exc
-            if code is None and isinstance(cause, OSError):
-                code = cause.errno
-            if code == errno.ECONNREFUSED:
-                return CheckResult.failure(f"connect to {endpoint} refused")
-            return CheckResult.failure(f"connect to {endpoint} failed: {exc}")
-        await stream.aclose()
-        return CheckResult.success(f"connected to {endpoint}")
+            reason = describe_error("connect to", endpoint, exc)
+            if transcript:
+                transcript.note(reason)
+            return CheckResult.failure(reason)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    if transcript:
+        transcript.note("connected; closed with RST")
+    return CheckResult.success(f"connected to {endpoint}")
+
+
+async def udp_probe(target: Target, wait: float, request: CheckRequest) -> CheckResult:
+    """Send one empty datagram and listen `wait` seconds for a reply or an ICMP error."""
+    endpoint = target.endpoint
+    transcript = request.transcript
+    with trio.socket.socket(_family(target), socket.SOCK_DGRAM) as sock:
+        try:
+            # A connected UDP socket is what turns a later ICMP error into ECONNREFUSED.
+            await sock.connect((str(target.rip), target.rport))
+            if transcript:
+                transcript.sent(f"empty UDP datagram to {endpoint}")
+            await sock.send(b"")
+            with trio.move_on_after(wait):
+                data = await sock.recv(512)
+                if transcript:
+                    transcript.received(f"{len(data)} bytes: {data[:64]!r}")
+                return CheckResult.success(f"UDP reply from {endpoint}")
+        except OSError as exc:
+            if exc.errno == errno.ECONNREFUSED:
+                reason = f"UDP port {endpoint} unreachable (ICMP port unreachable)"
+            else:
+                reason = describe_error("UDP probe of", endpoint, exc)
+            if transcript:
+                transcript.note(reason)
+            return CheckResult.failure(reason)
+    if transcript:
+        transcript.note(f"no reply and no ICMP error within {wait:g} s")
+    return CheckResult.success(
+        f"UDP {endpoint}: no port unreachable within {wait:g} s (silence, not proof of life)"
+    )
 
 
 @hookimpl
