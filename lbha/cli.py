@@ -76,43 +76,49 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from lbha.importers import import_files
+    from lbha.importers import import_paths
+    from lbha.importers.heartbeat import DEFAULT_AUTH_KEY_FILE
+    from lbha.importers.toml_writer import format_value
 
     try:
-        result = import_files(
-            args.ldirectord_cf,
-            ha_cf=args.ha_cf,
-            haresources=args.haresources,
-            authkeys=args.authkeys,
-            node=args.node,
-        )
+        result = import_paths(args.ldirectord_cf, ha_cf=args.ha_cf,
+                              haresources=args.haresources, authkeys=args.authkeys,
+                              node=args.node)
     except (OSError, LbhaError) as exc:
         print(f"lbha import: {exc}", file=sys.stderr)
         return EXIT_INVALID
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
+    toml = result.toml
+    if result.auth_key is not None:
+        if args.authkey_out is None:
+            print("lbha import: the authkeys file holds a key; give --authkey-out FILE to "
+                  "write it (mode 0600)", file=sys.stderr)
+            return EXIT_USAGE
+        toml = toml.replace(f'auth_key_file = "{DEFAULT_AUTH_KEY_FILE}"',
+                            f"auth_key_file = {format_value(str(args.authkey_out))}")
     warnings: list[Problem] = []
     try:
-        load_config_text(result.toml, str(args.output or "<imported>"),
+        load_config_text(toml, str(args.output or "<imported>"),
                          checks=load_plugins().checks, warnings=warnings)
     except ConfigError as exc:
         print(f"lbha import: the imported config does not validate (a bug in the importer, "
               f"please report it):\n{exc}", file=sys.stderr)
         return EXIT_INVALID
     if result.auth_key is not None:
-        if args.authkey_out is None:
-            print("lbha import: the authkeys file holds a key; give --authkey-out FILE to "
-                  "write it (mode 0600)", file=sys.stderr)
-            return EXIT_USAGE
         fd = os.open(args.authkey_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             out.write(result.auth_key)
         os.chmod(args.authkey_out, 0o600)
     if args.output is None:
-        sys.stdout.write(result.toml)
+        sys.stdout.write(toml)
     else:
-        Path(args.output).write_text(result.toml)
+        Path(args.output).write_text(toml)
         print(f"wrote {args.output}", file=sys.stderr)
+    if result.errors:
+        print(f"lbha import: {len(result.errors)} directive(s) could not be imported (see the "
+              "notes); the config was written without them", file=sys.stderr)
+        return EXIT_INVALID
     return EXIT_OK
 
 

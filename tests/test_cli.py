@@ -61,3 +61,26 @@ def test_config_show_fills_defaults_and_redacts(tmp_path: Path) -> None:
 
 def test_usage_error_exit_code() -> None:
     assert lbha("config").returncode == 2
+
+
+DATA = Path(__file__).parent / "importers" / "data"
+
+
+def test_import_writes_toml_and_a_private_key_file(tmp_path: Path) -> None:
+    key = tmp_path / "authkey"
+    out = tmp_path / "lbha.toml"
+    result = lbha("import", str(DATA / "full.cf"), "--ha-cf", str(DATA / "ha.cf"),
+                  "--haresources", str(DATA / "haresources"), "--authkeys",
+                  str(DATA / "authkeys"), "--authkey-out", str(key), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "note: " in result.stderr  # unsupported directives are reported, not dropped
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert f'auth_key_file = "{key}"' in out.read_text()
+    assert lbha("config", "check", str(out)).returncode == 0
+
+
+def test_import_refuses_to_drop_a_key(tmp_path: Path) -> None:
+    result = lbha("import", str(DATA / "full.cf"), "--ha-cf", str(DATA / "ha.cf"),
+                  "--authkeys", str(DATA / "authkeys"))
+    assert result.returncode == 2
+    assert "--authkey-out" in result.stderr

@@ -1,0 +1,13 @@
+"""Importers from ldirectord.cf and Linux-HA heartbeat files."""
+
+from lbha.importers.importer import import_ldirectord, import_paths
+from lbha.importers.report import ImportFormatError, ImportNote, ImportResult, Severity
+
+__all__ = [
+    "ImportFormatError",
+    "ImportNote",
+    "ImportResult",
+    "Severity",
+    "import_ldirectord",
+    "import_paths",
+]
