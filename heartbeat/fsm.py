@@ -1,0 +1,394 @@
+"""The heartbeat state machine: pure decisions, `step(settings, state, event) -> (state, actions)`.
+
+No I/O and no clock: every event carries `now` (seconds, any monotonic origin) and the driver
+asks `next_deadline()` when to call again with a `Tick`. The driver executes the actions in
+order, so "Release, then Send" means the peer hears PASSIVE only once the addresses are gone.
+
+Roles and states: each node is master or slave (its preference) and active (holds the floating
+IPs) or passive. The rules, in the order `_decide` applies them:
+
+1. Start-up: stay passive until the peer is heard or `initdead` passes.
+2. Peer dead (every link silent for `deadtime`) or leaving (graceful stop): become active.
+3. Both active (a partition healed): the node with the stronger claim keeps the IPs and
+   announces them (GARP / NA) at once; the other releases. Claim, compared in order: wants
+   to be active (manual takeover), not yielded (manual standby), master role, smaller name.
+   While active, wants/yielded are clear, so after a partition the master keeps.
+4. Active and the peer asks for the IPs (WANTS_ACTIVE: manual takeover or failback): release
+   first, then tell the peer, which takes over on hearing PASSIVE. No moment with both active.
+5. Both passive: the stronger claim becomes active.
+6. Passive and the peer is active: ask for the IPs when a manual takeover is pending, or when
+   this node is the master with auto_failback on and has not been put in standby.
+
+Becoming active, or the peer coming back while active, always announces the addresses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from lbha.heartbeat.protocol import Flags, PeerState
+
+
+@dataclass(frozen=True)
+class Timers:
+    keepalive: float
+    warntime: float
+    deadtime: float
+    initdead: float
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: str
+    peer: str
+    master: bool
+    auto_failback: bool
+    timers: Timers
+
+
+@dataclass(frozen=True)
+class State:
+    started: float
+    starting: bool = True
+    active: bool = False
+    leaving: bool = False
+    #: Last state and flags the peer sent; None until heard.
+    peer_state: PeerState | None = None
+    peer_flags: Flags = Flags.NONE
+    peer_alive: bool = False
+    #: Up links (transport path name -> time of the last valid frame on it).
+    links: dict[str, float] = field(default_factory=dict)
+    last_heard: float | None = None
+    warned: bool = False
+    #: A manual takeover waits for the peer to release.
+    takeover_pending: bool = False
+    #: Manual standby (or a release on the peer's request): do not ask for the IPs back.
+    yielded: bool = False
+    split_brain: bool = False
+
+
+# ----------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class Tick:
+    now: float
+
+
+@dataclass(frozen=True)
+class Received:
+    now: float
+    link: str
+    state: PeerState
+    flags: Flags
+
+
+@dataclass(frozen=True)
+class Takeover:
+    now: float
+
+
+@dataclass(frozen=True)
+class Standby:
+    now: float
+
+
+@dataclass(frozen=True)
+class Stop:
+    now: float
+
+
+Event = Tick | Received | Takeover | Standby | Stop
+
+
+# ----------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class Acquire:
+    """Add every floating IP, then announce them (GARP / unsolicited NA)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Release:
+    """Remove every floating IP this node holds."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Announce:
+    """Send GARP / NA for the addresses already held (clients may point at the peer)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send a keepalive now rather than at the next interval (our state changed)."""
+
+
+@dataclass(frozen=True)
+class Notify:
+    """Emit an lbha_event; `kind` is a ClusterEvent kind."""
+
+    kind: str
+    severity: str
+    old_state: str
+    new_state: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Log:
+    level: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The answer to a manual command."""
+
+    ok: bool
+    message: str
+
+
+Action = Acquire | Release | Announce | Send | Notify | Log | Reply
+
+
+# ----------------------------------------------------------------------------- queries
+
+
+def initial(now: float) -> State:
+    return State(started=now)
+
+
+def frame_state(state: State) -> PeerState:
+    if state.leaving:
+        return PeerState.LEAVING
+    if state.active:
+        return PeerState.ACTIVE
+    return PeerState.STARTING if state.starting else PeerState.PASSIVE
+
+
+def wants_active(settings: Settings, state: State) -> bool:
+    if state.active or state.leaving:
+        return False
+    return state.takeover_pending or (
+        settings.master and settings.auto_failback and not state.yielded
+    )
+
+
+def frame_flags(settings: Settings, state: State) -> Flags:
+    flags = Flags.MASTER if settings.master else Flags.NONE
+    if wants_active(settings, state):
+        flags |= Flags.WANTS_ACTIVE
+    if state.yielded:
+        flags |= Flags.YIELDED
+    return flags
+
+
+def next_deadline(settings: Settings, state: State) -> float | None:
+    """When the next Tick can change something (None: only a frame or command can)."""
+    t = settings.timers
+    times = [last + t.deadtime for last in state.links.values()]
+    if state.starting:
+        times.append(state.started + t.initdead)
+    if state.last_heard is not None and not state.warned and state.peer_alive:
+        times.append(state.last_heard + t.warntime)
+    return min(times) if times else None
+
+
+def _claim(wants: bool, yielded: bool, master: bool, name: str) -> tuple[bool, bool, bool, str]:
+    # Compared with max(): the inverted name makes the smaller name win a full tie.
+    return (wants, not yielded, master, "".join(chr(0x10FFFF - ord(c)) for c in name))
+
+
+def _we_win(settings: Settings, state: State) -> bool:
+    ours = _claim(wants_active(settings, state), state.yielded, settings.master, settings.node)
+    pf = state.peer_flags
+    theirs = _claim(bool(pf & Flags.WANTS_ACTIVE), bool(pf & Flags.YIELDED),
+                    bool(pf & Flags.MASTER), settings.peer)
+    return ours > theirs
+
+
+def _role(settings: Settings) -> str:
+    return "master" if settings.master else "slave"
+
+
+# ----------------------------------------------------------------------------- transitions
+
+
+def step(settings: Settings, state: State, event: Event) -> tuple[State, list[Action]]:
+    """Apply one event; return the new state and the actions to carry out, in order."""
+    actions: list[Action] = []
+    if state.leaving:
+        return state, [Reply(False, "the daemon is stopping")] if isinstance(
+            event, Takeover | Standby) else []
+    if isinstance(event, Stop):
+        return _stop(state, actions)
+    state = _expire(settings, state, event.now, actions)
+    reason = ""
+    if isinstance(event, Received):
+        state, reason = _received(settings, state, event, actions)
+    elif isinstance(event, Takeover):
+        state, reason = _takeover(state, actions)
+    elif isinstance(event, Standby):
+        state, reason = _standby(settings, state, actions)
+    return _decide(settings, state, event.now, reason, actions)
+
+
+def _expire(settings: Settings, state: State, now: float, actions: list[Action]) -> State:
+    t = settings.timers
+    for link, last in state.links.items():
+        if now - last >= t.deadtime:
+            actions.append(Notify("link_down", "warning", "up", "down",
+                                  f"no keepalive from {settings.peer} on {link} for "
+                                  f"{now - last:.3f}s (deadtime {t.deadtime:g}s)"))
+    links = {k: v for k, v in state.links.items() if now - v < t.deadtime}
+    if len(links) != len(state.links):
+        state = replace(state, links=links)
+        if not links and state.peer_alive:
+            actions.append(Notify("peer_dead", "critical", "alive", "dead",
+                                  f"{settings.peer}: no keepalive on any link for "
+                                  f"{t.deadtime:g}s"))
+            state = replace(state, peer_alive=False, peer_state=None, peer_flags=Flags.NONE,
+                            split_brain=False)
+    if state.peer_alive and state.last_heard is not None and not state.warned \
+            and now - state.last_heard >= t.warntime:
+        actions.append(Log("warning", f"late keepalive: nothing from {settings.peer} for "
+                                      f"{now - state.last_heard:.3f}s (warntime "
+                                      f"{t.warntime:g}s)"))
+        state = replace(state, warned=True)
+    if state.starting and not state.peer_alive and now >= state.started + t.initdead:
+        actions.append(Notify("peer_dead", "critical", "unknown", "dead",
+                              f"{settings.peer}: not heard within initdead {t.initdead:g}s "
+                              "of start-up"))
+        state = replace(state, starting=False)
+    return state
+
+
+def _received(
+    settings: Settings, state: State, event: Received, actions: list[Action]
+) -> tuple[State, str]:
+    if event.state is PeerState.LEAVING:
+        if state.peer_alive:
+            for link in state.links:
+                actions.append(Notify("link_down", "info", "up", "down",
+                                      f"{settings.peer} stopped gracefully ({link})"))
+            actions.append(Notify("peer_dead", "warning", "alive", "stopped",
+                                  f"{settings.peer} stopped gracefully"))
+        state = replace(state, peer_alive=False, peer_state=None, peer_flags=Flags.NONE,
+                        links={}, last_heard=event.now, split_brain=False, starting=False)
+        return state, f"{settings.peer} stopped gracefully"
+    reason = ""
+    if event.link not in state.links:
+        actions.append(Notify("link_up", "info", "down", "up",
+                              f"keepalive from {settings.peer} on {event.link}"))
+    was_alive = state.peer_alive
+    state = replace(state, links={**state.links, event.link: event.now}, last_heard=event.now,
+                    warned=False, peer_alive=True, peer_state=event.state,
+                    peer_flags=event.flags, starting=False)
+    if not was_alive:
+        reason = f"{settings.peer} is back"
+        if state.active:
+            # After a partition heal or the peer's restart clients may point at the peer:
+            # re-announce at once whatever happens next.
+            actions.append(Announce(f"{settings.peer} is back; re-announcing our addresses"))
+    if event.state is not PeerState.ACTIVE:
+        state = replace(state, split_brain=False)
+    return state, reason
+
+
+def _takeover(state: State, actions: list[Action]) -> tuple[State, str]:
+    if state.active:
+        actions.append(Reply(True, "already active"))
+        return state, ""
+    state = replace(state, takeover_pending=True, yielded=False, starting=False)
+    actions.append(Send())
+    return state, "manual takeover"
+
+
+def _standby(settings: Settings, state: State, actions: list[Action]) -> tuple[State, str]:
+    if not state.active:
+        actions.append(Reply(True, "already passive; will not ask for the floating IPs back"))
+        return replace(state, yielded=True, takeover_pending=False), ""
+    if not state.peer_alive:
+        actions.append(Reply(False, f"refused: {settings.peer} is dead, standby would leave "
+                                    "no node active"))
+        return state, ""
+    actions.append(Release("manual standby"))
+    actions.append(Notify("standby", "info", "active", "passive", "manual standby"))
+    actions.append(Send())
+    actions.append(Reply(True, f"released the floating IPs; {settings.peer} takes over"))
+    return replace(state, active=False, yielded=True, takeover_pending=False), ""
+
+
+def _stop(state: State, actions: list[Action]) -> tuple[State, list[Action]]:
+    if state.active:
+        actions.append(Release("stopping"))
+        actions.append(Notify("standby", "info", "active", "stopped", "daemon stopping"))
+    actions.append(Send())
+    return replace(state, active=False, leaving=True), actions
+
+
+def _become_active(
+    settings: Settings, state: State, kind: str, reason: str, actions: list[Action]
+) -> State:
+    actions.append(Acquire(reason))
+    actions.append(Notify(kind, "warning" if kind == "failover" else "info", "passive",
+                          "active", reason))
+    actions.append(Send())
+    return replace(state, active=True, takeover_pending=False, yielded=False)
+
+
+def _decide(
+    settings: Settings, state: State, now: float, reason: str, actions: list[Action]
+) -> tuple[State, list[Action]]:
+    if state.starting:
+        return state, actions
+    peer = settings.peer
+    if not state.peer_alive:
+        if not state.active:
+            why = reason or f"{peer} is dead"
+            kind = "takeover" if state.takeover_pending else "failover"
+            state = _become_active(settings, state, kind, why, actions)
+        return state, actions
+    if state.active and state.peer_state is PeerState.ACTIVE:
+        if _we_win(settings, state):
+            if not state.split_brain:
+                actions.append(Notify("split_brain", "critical", "active", "active",
+                                      f"both nodes active; {settings.node} ({_role(settings)}) "
+                                      f"keeps the floating IPs, {peer} steps down"))
+                actions.append(Announce("split brain resolved in our favour"))
+                state = replace(state, split_brain=True)
+            return state, actions
+        actions.append(Release(f"split brain: {peer} keeps the floating IPs"))
+        actions.append(Notify("split_brain", "critical", "active", "passive",
+                              f"both nodes active; {peer} keeps the floating IPs, "
+                              f"{settings.node} ({_role(settings)}) steps down"))
+        actions.append(Send())
+        return replace(state, active=False), actions
+    if state.active:
+        if state.peer_flags & Flags.WANTS_ACTIVE:
+            why = f"{peer} asked for the floating IPs"
+            actions.append(Release(why))
+            actions.append(Notify("standby", "info", "active", "passive", why))
+            actions.append(Send())
+            state = replace(state, active=False, yielded=True)
+        return state, actions
+    if state.peer_state is PeerState.ACTIVE:
+        return state, actions
+    if _we_win(settings, state):
+        if state.takeover_pending:
+            why = "manual takeover"
+        elif state.peer_flags & Flags.YIELDED:
+            why = f"{peer} is in standby"
+        elif settings.master:
+            why = f"{settings.node} is the master and {peer} is passive"
+        else:
+            why = f"{peer} is passive"
+        state = _become_active(settings, state, "takeover", why, actions)
+    return state, actions

@@ -1,0 +1,256 @@
+"""The pure heartbeat state machine: golden scenarios plus an exhaustive two-node table."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import pytest
+from lbha.heartbeat import fsm
+from lbha.heartbeat.fsm import (
+    Acquire,
+    Announce,
+    Notify,
+    Received,
+    Release,
+    Reply,
+    Settings,
+    Standby,
+    State,
+    Stop,
+    Takeover,
+    Tick,
+    Timers,
+)
+from lbha.heartbeat.protocol import Flags, PeerState
+
+TIMERS = Timers(keepalive=0.05, warntime=0.15, deadtime=0.3, initdead=1.0)
+
+
+def settings(master: bool = True, auto_failback: bool = True) -> Settings:
+    node, peer = ("lb1", "lb2") if master else ("lb2", "lb1")
+    return Settings(node, peer, master, auto_failback, TIMERS)
+
+
+class Node:
+    """One FSM with its actions applied instantly (holds = the addresses are on it)."""
+
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self.state = fsm.initial(0.0)
+        self.holds = False
+        self.actions: list[fsm.Action] = []
+
+    def feed(self, event: fsm.Event) -> list[fsm.Action]:
+        self.state, actions = fsm.step(self.s, self.state, event)
+        for action in actions:
+            if isinstance(action, Acquire):
+                assert not self.holds
+                self.holds = True
+            elif isinstance(action, Release):
+                assert self.holds
+                self.holds = False
+        assert self.holds == self.state.active
+        self.actions += actions
+        return actions
+
+    def hear(self, other: Node, now: float) -> list[fsm.Action]:
+        return self.feed(Received(now, "udp", fsm.frame_state(other.state),
+                                  fsm.frame_flags(other.s, other.state)))
+
+    def kinds(self) -> list[str]:
+        return [a.kind for a in self.actions if isinstance(a, Notify)]
+
+
+def exchange(a: Node, b: Node, now: float, rounds: int = 3) -> None:
+    """Keepalives both ways until nothing changes (each frame reflects the sender's state)."""
+    for _ in range(rounds):
+        a.hear(b, now)
+        b.hear(a, now)
+
+
+def started_pair(auto_failback: bool = True) -> tuple[Node, Node]:
+    a, b = Node(settings(True, auto_failback)), Node(settings(False, auto_failback))
+    exchange(a, b, 0.1)
+    return a, b
+
+
+def test_startup_master_takes_over_when_it_hears_the_slave() -> None:
+    a, b = started_pair()
+    assert a.holds
+    assert not b.holds
+    assert "takeover" in a.kinds()
+    assert "link_up" in b.kinds()
+
+
+def test_startup_waits_initdead_then_takes_over_alone() -> None:
+    b = Node(settings(master=False))
+    b.feed(Tick(0.5))
+    assert not b.holds
+    assert fsm.next_deadline(b.s, b.state) == pytest.approx(1.0)
+    b.feed(Tick(1.0))
+    assert b.holds
+    assert b.kinds() == ["peer_dead", "failover"]
+
+
+def test_startup_stays_passive_when_the_peer_is_already_active() -> None:
+    b = Node(settings(master=False))
+    b.feed(Tick(1.0))
+    a = Node(settings(master=True, auto_failback=False))
+    a.hear(b, 2.0)
+    assert not a.holds
+    assert fsm.frame_flags(a.s, a.state) == Flags.MASTER
+    b.hear(a, 2.0)
+    assert b.holds
+
+
+def test_peer_dead_failover_after_deadtime_and_warning_at_warntime() -> None:
+    _, b = started_pair()
+    b.feed(Tick(0.1 + TIMERS.warntime))
+    assert any(isinstance(x, fsm.Log) and "late keepalive" in x.message for x in b.actions)
+    assert not b.holds
+    b.feed(Tick(0.1 + TIMERS.deadtime - 0.001))
+    assert not b.holds
+    b.feed(Tick(0.1 + TIMERS.deadtime))
+    assert b.holds
+    assert b.kinds()[-3:] == ["link_down", "peer_dead", "failover"]
+
+
+@pytest.mark.parametrize("auto_failback", [True, False])
+def test_master_returns(auto_failback: bool) -> None:
+    a, b = started_pair(auto_failback)
+    b.feed(Tick(1.0))  # a died
+    assert b.holds
+    a = Node(settings(True, auto_failback))
+    a.state = fsm.initial(2.0)
+    a.hear(b, 2.0)
+    assert not a.holds  # never both
+    exchange(a, b, 2.05)
+    assert a.holds is auto_failback
+    assert b.holds is not auto_failback
+
+
+def test_graceful_stop_hands_over_at_once() -> None:
+    a, b = started_pair()
+    actions = a.feed(Stop(0.2))
+    assert isinstance(actions[0], Release)
+    assert fsm.frame_state(a.state) is PeerState.LEAVING
+    b.hear(a, 0.2)
+    assert b.holds
+    assert "failover" in b.kinds()
+
+
+def test_manual_takeover_on_the_slave_never_overlaps() -> None:
+    a, b = started_pair()
+    assert b.feed(Takeover(0.2)) == [fsm.Send()]
+    assert fsm.frame_flags(b.s, b.state) & Flags.WANTS_ACTIVE
+    a.hear(b, 0.2)  # releases first
+    assert not a.holds
+    assert not b.holds
+    b.hear(a, 0.2)
+    assert b.holds
+    # The master with auto_failback does not grab it back: it yielded.
+    exchange(a, b, 0.3)
+    assert b.holds
+    assert not a.holds
+    # Until an explicit takeover.
+    a.feed(Takeover(0.4))
+    exchange(a, b, 0.4)
+    assert a.holds
+    assert not b.holds
+
+
+def test_manual_standby_and_refusals() -> None:
+    a, b = started_pair()
+    actions = a.feed(Standby(0.2))
+    assert isinstance(actions[0], Release)
+    b.hear(a, 0.2)
+    assert b.holds
+    exchange(a, b, 0.3)
+    assert b.holds
+    assert a.feed(Standby(0.4))[-1] == Reply(True, "already passive; will not ask for the "
+                                                   "floating IPs back")
+    assert b.feed(Takeover(0.4))[-1] == Reply(True, "already active")
+    b.feed(Tick(1.0))  # a is dead now
+    reply = b.feed(Standby(1.0))[-1]
+    assert isinstance(reply, Reply)
+    assert not reply.ok
+    assert "dead" in reply.message
+    assert b.holds
+
+
+def test_partition_heal_master_keeps_and_announces_slave_steps_down() -> None:
+    a, b = started_pair()
+    a.feed(Tick(0.5))
+    b.feed(Tick(0.5))
+    assert a.holds
+    assert b.holds
+    # The slave's frame reaches the master first.
+    heard = a.hear(b, 5.0)
+    assert any(isinstance(x, Announce) for x in heard)
+    assert a.holds
+    b.hear(a, 5.0)
+    assert not b.holds
+    assert "split_brain" in b.kinds()
+    exchange(a, b, 5.1)
+    assert a.holds
+    assert not b.holds
+    assert not any(isinstance(x, Release) for x in a.actions)
+
+
+def test_partition_heal_other_order_still_announces() -> None:
+    a, b = started_pair()
+    a.feed(Tick(0.5))
+    b.feed(Tick(0.5))
+    b.hear(a, 5.0)  # the slave steps down first; the master then hears PASSIVE
+    assert not b.holds
+    heard = a.hear(b, 5.0)
+    assert any(isinstance(x, Announce) for x in heard)
+    assert a.holds
+
+
+def test_stopping_node_refuses_commands() -> None:
+    a, _ = started_pair()
+    a.feed(Stop(0.2))
+    assert a.feed(Takeover(0.3)) == [Reply(False, "the daemon is stopping")]
+
+
+# ------------------------------------------------------------------- exhaustive table
+
+BOOLS = (False, True)
+
+
+def all_states(s: Settings) -> list[State]:
+    """Every reachable combination of the local decision inputs, peer view aside."""
+    out = []
+    for active, yielded, pending in itertools.product(BOOLS, BOOLS, BOOLS):
+        if active and (yielded or pending):
+            continue  # becoming active clears both
+        out.append(State(started=0.0, starting=False, active=active, yielded=yielded,
+                         takeover_pending=pending))
+    return out
+
+
+@pytest.mark.parametrize("auto_failback", BOOLS)
+@pytest.mark.parametrize("a_master", BOOLS)
+def test_exhaustive_pairs_converge_to_exactly_one_active(a_master: bool,
+                                                         auto_failback: bool) -> None:
+    """Every pair of states, connected: after keepalives, exactly one node is active, and
+    no node ever acquires while its peer's last frame said ACTIVE."""
+    sa = replace(settings(a_master, auto_failback), node="lb1", peer="lb2")
+    sb = replace(settings(not a_master, auto_failback), node="lb2", peer="lb1")
+    for state_a, state_b in itertools.product(all_states(sa), all_states(sb)):
+        a, b = Node(sa), Node(sb)
+        a.state, b.state = state_a, state_b
+        a.holds, b.holds = state_a.active, state_b.active
+        both_before = a.holds and b.holds
+        for first, second in ((a, b), (b, a)) * 3:
+            peer_active = fsm.frame_state(second.state) is PeerState.ACTIVE
+            actions = first.hear(second, 0.1)
+            if peer_active:
+                assert not any(isinstance(x, Acquire) for x in actions), (state_a, state_b)
+        assert a.holds != b.holds, (state_a, state_b)
+        if both_before:
+            keeper = a if a.holds else b
+            assert not any(isinstance(x, Release) for x in keeper.actions)
+            assert any(isinstance(x, Announce) for x in keeper.actions)
