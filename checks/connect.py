@@ -32,7 +32,7 @@ _REASONS: MappingProxyType[int, str] = MappingProxyType({
     errno.ENETUNREACH: "failed: network unreachable",
     errno.ETIMEDOUT: "timed out in the kernel",
     errno.EADDRNOTAVAIL: "failed: no local address to send from",
-    errno.EACCES: "blocked by a local firewall rule",
+    errno.EACCES: "prohibited by a local route or firewall rule",
     errno.EPERM: "blocked by a local firewall rule",
     errno.EPROTO: "failed: protocol error (ICMP parameter problem)",
 })
