@@ -1,0 +1,510 @@
+"""The health-check engine: schedules checks, keeps real-server state, publishes the table.
+
+One Job per distinct check (a real server shared by several virtual services with the same
+check is checked once per interval); one Member per (virtual, real) pair with its own state
+machine. Jobs sit in a heap ordered by due time; a single scheduler task starts each due
+check under a capacity limiter, so a hung server only ever holds its own slot.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import trio
+
+from lbha.admin_state import AdminStore
+from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, Target, Transcript
+from lbha.desired import DesiredService, DesiredTable
+from lbha.events import Event, RealServerEvent, Severity
+from lbha.feedback import apply_reading, read_agent, read_http
+from lbha.health import Health, Transition, force, initial_health, step
+from lbha.model import (
+    PORT_BY_SERVICE,
+    CheckSpec,
+    Config,
+    FeedbackType,
+    Protocol,
+    RealServer,
+    VirtualService,
+)
+from lbha.table import Admin, RealView, virtual_services
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[str, dict[str, Any]], None]
+
+#: Lateness samples kept for `lbha status --json` and the benchmark.
+LATENESS_SAMPLES = 10_000
+
+
+class EngineError(Exception):
+    """An operator request the engine cannot carry out (unknown VIP or RIP, ...)."""
+
+
+def check_port(virtual: VirtualService, real: RealServer, spec: CheckSpec) -> int | None:
+    """The port a check talks to: check port, real port, virtual port, service's port."""
+    if spec.port is not None:
+        return spec.port
+    if real.port is not None:
+        return real.port
+    if virtual.ports and not virtual.all_ports:
+        return virtual.ports[0].first
+    return PORT_BY_SERVICE.get(spec.service or "")
+
+
+def make_target(virtual: VirtualService, real: RealServer) -> Target:
+    protocol = "udp" if virtual.protocol in (Protocol.UDP, Protocol.OPS) else "tcp"
+    return Target(
+        virtual=virtual.name,
+        vip=virtual.address,
+        vport=virtual.single_port,
+        protocol=protocol,
+        rip=real.address,
+        rport=check_port(virtual, real, real.check),
+    )
+
+
+def _job_key(target: Target, spec: CheckSpec) -> tuple[Any, ...]:
+    # State-machine parameters belong to each member; everything else decides what runs.
+    neutral = replace(spec, failure_count=1, rise=1, quiescent=False, options=None)  # type: ignore[arg-type]
+    per_vip = (target.vip, target.vport) if spec.type == "external" else ()
+    return (neutral, tuple(sorted(spec.options.items())), target.rip, target.rport,
+            target.protocol, *per_vip)
+
+
+@dataclass(eq=False)
+class Member:
+    """One real server in one virtual service."""
+
+    virtual: VirtualService
+    real: RealServer
+    health: Health
+    admin: Admin = Admin.ONLINE
+    feedback_percent: int | None = None
+    feedback_reason: str | None = None
+    #: The feedback agent said "down" / "maint" (HAProxy agent words) and not "up" since.
+    agent_down: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.virtual.name, self.real.name
+
+    def view(self) -> RealView:
+        return RealView(self.health.up and not self.agent_down, self.admin,
+                        self.feedback_percent)
+
+
+@dataclass(eq=False)
+class Job:
+    """One distinct check, run every interval for all members that share it."""
+
+    target: Target
+    spec: CheckSpec
+    members: list[Member]
+    generation: int
+    running: bool = False
+    cycle: int = 0
+    due: float = 0.0
+    feedback: bool = False
+
+    def next_check(self) -> tuple[str, float]:
+        """Name and deadline of the check to run now ("N connects then 1 negotiate")."""
+        spec = self.spec
+        if spec.type == "negotiate" and spec.connects_per_negotiate:
+            position = self.cycle % (spec.connects_per_negotiate + 1)
+            self.cycle += 1
+            if position < spec.connects_per_negotiate:
+                return "connect", spec.timeout
+        if spec.type == "negotiate":
+            return spec.check_name, spec.negotiate_timeout
+        return spec.type, spec.timeout
+
+
+@dataclass
+class EngineStats:
+    checks: int = 0
+    failures: int = 0
+    skipped_busy: int = 0
+    lateness: deque[float] = field(default_factory=lambda: deque(maxlen=LATENESS_SAMPLES))
+
+
+async def run_check(
+    registry: CheckRegistry, name: str, target: Target, spec: CheckSpec, seconds: float,
+    transcript: Transcript | None = None,
+) -> CheckResult:
+    """Run one check for at most `seconds`; any exception or overrun is a failure."""
+    if name == "none":
+        return CheckResult.success("service 'none': not checked, always up")
+    if name not in registry:
+        return CheckResult.failure(f"no installed plugin provides check {name!r}")
+    request = CheckRequest(target, spec, spec.options, seconds, transcript)
+    result: CheckResult | None = None
+    with trio.move_on_after(seconds):
+        try:
+            result = await registry.get(name).check(request)
+        except Exception as exc:  # a buggy check must not stop the engine
+            log.debug("check %s of %s raised", name, target.endpoint, exc_info=True)
+            result = CheckResult.failure(f"check {name!r} failed: {type(exc).__name__}: {exc}")
+    if result is None:
+        return CheckResult.failure(f"timeout after {seconds:.1f} s")
+    if not isinstance(result, CheckResult):
+        return CheckResult.failure(f"check {name!r} returned {result!r}, not a CheckResult")
+    return result
+
+
+class Engine:
+    """Owns every member's state and the desired table; driven by `run()`."""
+
+    def __init__(
+        self,
+        config: Config,
+        registry: CheckRegistry,
+        *,
+        apply: Callable[[DesiredTable], None],
+        event: Callable[[Event], None],
+        admin_store: AdminStore | None = None,
+    ) -> None:
+        self.registry = registry
+        self._apply = apply
+        self._event = event
+        self._admin_store = admin_store
+        self.stats = EngineStats()
+        self.generation = 0
+        self.table = DesiredTable(0, ())
+        self._members: dict[tuple[str, str], Member] = {}
+        self._jobs: list[Job] = []
+        self._services: dict[str, tuple[DesiredService, ...]] = {}
+        self._fallback_used: dict[str, bool] = {}
+        self._dirty: set[str] = set()
+        self._changed = trio.Event()
+        self._reloaded = trio.Event()
+        self.config = config
+        self._build(config, carry=False)
+
+    # ------------------------------------------------------------------ set-up and reload
+
+    def _build(self, config: Config, *, carry: bool) -> None:
+        now = trio.current_time() if carry else 0.0
+        old = self._members
+        members: dict[tuple[str, str], Member] = {}
+        saved = self._admin_store.load() if self._admin_store and not carry else {}
+        for virtual in config.virtuals:
+            for real in virtual.reals:
+                previous = old.get((virtual.name, real.name)) if carry else None
+                if previous is not None and previous.real == real and \
+                        make_target(previous.virtual, previous.real) == \
+                        make_target(virtual, real):
+                    member = Member(virtual, real, previous.health, previous.admin,
+                                    previous.feedback_percent, previous.feedback_reason,
+                                    previous.agent_down)
+                else:
+                    member = Member(virtual, real, initial_health(config.checks.initial_state,
+                                                                  now))
+                    if previous is not None:
+                        member.admin = previous.admin
+                member.admin = saved.get(member.key, member.admin)
+                members[member.key] = member
+        self._members = members
+        self.generation += 1
+        self._jobs = self._make_jobs(config)
+        self.config = config
+        self._services = {}
+        self._fallback_used = {v.name: self._fallback_used.get(v.name, False) and carry
+                               for v in config.virtuals}
+        self._dirty = {v.name for v in config.virtuals}
+        self._force_static(now)
+
+    def _make_jobs(self, config: Config) -> list[Job]:
+        jobs: dict[tuple[Any, ...], Job] = {}
+        feedback_jobs: dict[tuple[Any, ...], Job] = {}
+        for member in self._members.values():
+            spec = member.real.check
+            if spec.type not in ("on", "off"):
+                target = make_target(member.virtual, member.real)
+                key = _job_key(target, spec)
+                job = jobs.get(key)
+                if job is None:
+                    job = jobs[key] = Job(target, spec, [], self.generation)
+                job.members.append(member)
+            fb = member.virtual.feedback
+            if fb.type is not FeedbackType.NONE:
+                target = replace(make_target(member.virtual, member.real), rport=fb.port)
+                key = (fb, target.rip, spec.interval, spec.timeout)
+                job = feedback_jobs.get(key)
+                if job is None:
+                    job = feedback_jobs[key] = Job(target, spec, [], self.generation,
+                                                   feedback=True)
+                job.members.append(member)
+        all_jobs = [*jobs.values(), *feedback_jobs.values()]
+        # Spread first runs evenly over each job's interval: no thundering herd at start.
+        count = max(len(all_jobs), 1)
+        for index, job in enumerate(all_jobs):
+            job.due = self._interval(job) * index / count
+        return all_jobs
+
+    @staticmethod
+    def _interval(job: Job) -> float:
+        if job.feedback:
+            return job.members[0].virtual.feedback.interval or job.spec.interval
+        return job.spec.interval
+
+    def _force_static(self, now: float) -> None:
+        for member in self._members.values():
+            kind = member.real.check.type
+            if kind in ("on", "off"):
+                up = kind == "on"
+                health, transition = force(member.health, up, f"check type {kind!r}", now)
+                self._update(member, health, transition)
+
+    def reload(self, config: Config) -> None:
+        """Switch to a new, already validated config; unchanged servers keep their state."""
+        self._build(config, carry=True)
+        self._reloaded.set()
+        self._changed.set()
+        self._emit(Event(kind="reload", message=f"configuration reloaded: "
+                         f"{len(config.virtuals)} virtual services, {len(self._members)} "
+                         "real servers"))
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Check and publish until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._publisher)
+            task_status.started()
+            while True:
+                self._reloaded = trio.Event()
+                async with trio.open_nursery() as generation:
+                    generation.start_soon(self._scheduler, generation)
+                    await self._reloaded.wait()
+                    generation.cancel_scope.cancel()
+
+    async def _scheduler(self, nursery: trio.Nursery) -> None:
+        limiter = trio.CapacityLimiter(self.config.checks.concurrency)
+        start = trio.current_time()
+        order = itertools.count()
+        heap = [(start + job.due, next(order), job) for job in self._jobs]
+        heapq.heapify(heap)
+        while heap:
+            due, _, job = heap[0]
+            await trio.sleep_until(due)
+            heapq.heappop(heap)
+            interval = self._interval(job)
+            now = trio.current_time()
+            next_due = due + interval
+            if next_due < now:  # fell a whole interval behind: skip, do not stack up
+                next_due = now + interval
+            heapq.heappush(heap, (next_due, next(order), job))
+            if job.running:
+                self.stats.skipped_busy += 1
+                continue
+            await limiter.acquire_on_behalf_of(job)
+            self.stats.lateness.append(trio.current_time() - due)
+            job.running = True
+            nursery.start_soon(self._run_job, job, limiter)
+
+    async def _run_job(self, job: Job, limiter: trio.CapacityLimiter) -> None:
+        try:
+            if job.feedback:
+                await self._run_feedback(job)
+                return
+            name, timeout = job.next_check()
+            result = await run_check(self.registry, name, job.target, job.spec, timeout)
+            self.stats.checks += 1
+            if job.generation == self.generation:
+                self.record(job.members, result)
+        finally:
+            job.running = False
+            limiter.release_on_behalf_of(job)
+
+    async def _run_feedback(self, job: Job) -> None:
+        fb = job.members[0].virtual.feedback
+        target = job.target
+        with trio.move_on_after(job.spec.timeout):
+            if fb.type is FeedbackType.AGENT:
+                reading = await read_agent(target.rip, fb.port)
+            else:
+                reading = await read_http(target.rip, fb.port, fb.path,
+                                          virtualhost=job.spec.virtualhost)
+            if job.generation != self.generation:
+                return
+            for member in job.members:
+                percent, reason = apply_reading(member.feedback_percent, reading)
+                agent_down = member.agent_down if reading.state is None \
+                    else reading.state == "down"
+                if agent_down != member.agent_down:
+                    self._emit(Event(
+                        kind="feedback", severity=Severity.WARNING if agent_down
+                        else Severity.INFO,
+                        message=f"{member.virtual.name}: feedback agent of {member.real.name} "
+                                f"says {'down' if agent_down else 'up'}"))
+                if percent != member.feedback_percent or agent_down != member.agent_down:
+                    self._dirty.add(member.virtual.name)
+                    self._changed.set()
+                member.feedback_percent, member.feedback_reason = percent, reason
+                member.agent_down = agent_down
+
+    def record(self, members: Iterable[Member], result: CheckResult) -> None:
+        """Feed one check result to the state machine of every member sharing it."""
+        now = trio.current_time()
+        if not result.up:
+            self.stats.failures += 1
+        for member in members:
+            spec = member.real.check
+            health, transition = step(member.health, result.up, result.reason, now,
+                                      spec.failure_count, spec.rise)
+            self._update(member, health, transition)
+
+    def _update(self, member: Member, health: Health, transition: Transition | None) -> None:
+        member.health = health
+        if transition is None:
+            return
+        self._dirty.add(member.virtual.name)
+        self._changed.set()
+        real = member.real
+        severity = Severity.INFO if transition.new == "up" else Severity.WARNING
+        self._emit(RealServerEvent(
+            kind="real-server",
+            message=f"{member.virtual.name}: real server {real.name} is {transition.new}: "
+                    f"{transition.reason}",
+            severity=severity,
+            virtual=member.virtual.name,
+            real=real.name,
+            address=str(real.address),
+            port=real.port,
+            old_state=transition.old,
+            new_state=transition.new,
+            reason=transition.reason,
+        ))
+
+    def _emit(self, event: Event) -> None:
+        self._event(event)
+
+    async def _publisher(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed = trio.Event()
+            self.publish()
+
+    def publish(self) -> DesiredTable:
+        """Recompute the changed virtual services and hand the table to the backends."""
+        if not self._dirty and self.table.generation:
+            return self.table
+        by_virtual: dict[str, list[Member]] = {}
+        for member in self._members.values():
+            if member.virtual.name in self._dirty:
+                by_virtual.setdefault(member.virtual.name, []).append(member)
+        for virtual in self.config.virtuals:
+            if virtual.name not in self._dirty:
+                continue
+            members = by_virtual.get(virtual.name, [])
+            services, used = virtual_services(
+                virtual, [m.view() for m in members], self._fallback_used.get(virtual.name, False))
+            if used != self._fallback_used.get(virtual.name, False):
+                self._emit(Event(kind="fallback", message=f"{virtual.name}: fallback server "
+                                 f"{'in use' if used else 'no longer in use'}",
+                                 severity=Severity.WARNING if used else Severity.INFO))
+            self._fallback_used[virtual.name] = used
+            self._services[virtual.name] = services
+        self._dirty.clear()
+        services = tuple(s for v in self.config.virtuals for s in self._services.get(v.name, ()))
+        self.table = DesiredTable(self.table.generation + 1, services)
+        self._apply(self.table)
+        return self.table
+
+    # ------------------------------------------------------------------ operator actions
+
+    def members_for(self, vip: str | None, rip: str) -> list[Member]:
+        """Members matching a real server (name, address or address:port) in one VIP or all.
+
+        `vip` is a virtual service name or address (None: every VIP holding that server).
+        """
+        virtuals = [v for v in self.config.virtuals
+                    if vip is None or vip in (v.name, str(v.address))]
+        if not virtuals:
+            raise EngineError(f"no virtual service named or addressed {vip!r}")
+        found = [
+            self._members[(v.name, r.name)] for v in virtuals for r in v.reals
+            if rip in (r.name, str(r.address), f"{r.address}:{r.port}")
+        ]
+        if not found:
+            where = f"virtual service {vip!r}" if vip else "any virtual service"
+            raise EngineError(f"no real server {rip!r} in {where}")
+        return found
+
+    def set_admin(self, action: Admin, vip: str | None, rip: str) -> list[tuple[str, str]]:
+        """Drain, halt or bring online; persisted so it survives a restart."""
+        members = self.members_for(vip, rip)
+        for member in members:
+            if member.admin is action:
+                continue
+            member.admin = action
+            self._dirty.add(member.virtual.name)
+            self._emit(Event(kind="admin", message=f"{member.virtual.name}: real server "
+                             f"{member.real.name} set {action} by operator"))
+        self._changed.set()
+        if self._admin_store is not None:
+            self._admin_store.save({m.key: m.admin for m in self._members.values()})
+        return [m.key for m in members]
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        """Everything `lbha status` shows, JSON-ready."""
+        now, wall = trio.current_time(), time.time()
+        weights = {(s.virtual, d.name): d.weight for s in self.table.services
+                   for d in s.destinations}
+        virtuals = []
+        for virtual in self.config.virtuals:
+            reals = []
+            for real in virtual.reals:
+                member = self._members[(virtual.name, real.name)]
+                health = member.health
+                reals.append({
+                    "name": real.name,
+                    "address": str(real.address),
+                    "port": real.port,
+                    "state": health.state if health.checked else f"{health.state} (unchecked)",
+                    "admin": str(member.admin),
+                    "weight": weights.get((virtual.name, real.name)),
+                    "configured_weight": real.weight,
+                    "feedback": member.feedback_percent,
+                    "agent_down": member.agent_down,
+                    "feedback_reason": member.feedback_reason,
+                    "reason": health.reason,
+                    "since": wall - (now - health.since),
+                    "last_check_age": None if health.last_check is None
+                    else now - health.last_check,
+                    "check": real.check.check_name,
+                })
+            fallback = self._fallback_used.get(virtual.name, False)
+            virtuals.append({
+                "name": virtual.name,
+                "address": str(virtual.address) if virtual.address else None,
+                "ports": "*" if virtual.all_ports else ",".join(map(str, virtual.ports)),
+                "protocol": str(virtual.protocol),
+                "layer": virtual.layer,
+                "fallback_in_use": fallback,
+                "reals": reals,
+            })
+        lateness = sorted(self.stats.lateness)
+        return {
+            "generation": self.table.generation,
+            "virtuals": virtuals,
+            "stats": {
+                "checks": self.stats.checks,
+                "failures": self.stats.failures,
+                "skipped_busy": self.stats.skipped_busy,
+                "jobs": len(self._jobs),
+                "lateness_p50": lateness[len(lateness) // 2] if lateness else None,
+                "lateness_p99": lateness[int(len(lateness) * 0.99)] if lateness else None,
+            },
+        }
+

@@ -1,0 +1,249 @@
+"""The engine under trio's MockClock: scheduling, deadlines, sharing, cycles, admin, reload."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+import trio
+import trio.testing
+
+from lbha.admin_state import AdminStore
+from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult
+from lbha.config import load_config_text
+from lbha.desired import DesiredTable
+from lbha.engine import Engine, EngineError
+from lbha.events import Event, RealServerEvent
+from lbha.model import Config
+from lbha.table import Admin
+
+
+@dataclass
+class FakeCheck:
+    """A check whose verdict and duration the test controls per real server address."""
+
+    name: str
+    negotiate: bool = False
+    description: str = "fake"
+    options: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    verdicts: dict[str, bool] = field(default_factory=dict)
+    delays: dict[str, float] = field(default_factory=dict)
+    calls: list[tuple[float, str]] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    crash: bool = False
+
+    async def check(self, request: CheckRequest) -> CheckResult:
+        rip = str(request.target.rip)
+        self.calls.append((trio.current_time(), rip))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await trio.sleep(self.delays.get(rip, 0.01))
+            if self.crash:
+                raise RuntimeError("boom")
+            ok = self.verdicts.get(rip, True)
+            return CheckResult(ok, f"{self.name} {'ok' if ok else 'says no'} on {rip}")
+        finally:
+            self.in_flight -= 1
+
+
+class Harness:
+    def __init__(self, text: str, *checks: FakeCheck, store: AdminStore | None = None) -> None:
+        self.registry = CheckRegistry()
+        for check in checks:
+            self.registry.add(check)
+        self.tables: list[DesiredTable] = []
+        self.events: list[Event] = []
+        self.config = self.load(text)
+        self.engine = Engine(self.config, self.registry, apply=self.tables.append,
+                             event=self.events.append, admin_store=store)
+
+    def load(self, text: str) -> Config:
+        return load_config_text(text, checks=self.registry)
+
+    def weights(self, virtual: str | None = None) -> dict[str, int]:
+        table = self.tables[-1]
+        return {d.name: d.weight for s in table.services
+                if virtual is None or s.virtual == virtual for d in s.destinations}
+
+    def transitions(self) -> list[tuple[str, str, str]]:
+        return [(e.real, e.old_state, e.new_state) for e in self.events
+                if isinstance(e, RealServerEvent)]
+
+
+def config(reals: int = 3, check: str = 'type = "fake"', extra: str = "",
+           checks: str = "") -> str:
+    text = f"[checks]\n{checks}\n[[virtual]]\nname = \"web\"\naddress = \"198.18.0.100\"\n" \
+           f"ports = 80\n{extra}\n[virtual.check]\n{check}\n"
+    for i in range(reals):
+        text += f'[[virtual.real]]\nname = "r{i}"\naddress = "198.18.0.{20 + i}"\n'
+    return text
+
+
+async def run_for(h: Harness, seconds: float, during: Callable[[], None] | None = None) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.engine.run)
+        await trio.sleep(seconds)
+        if during is not None:
+            during()
+        nursery.cancel_scope.cancel()
+
+
+async def test_every_server_checked_every_interval_with_spread_start(
+        autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeCheck("fake")
+    h = Harness(config(reals=10), fake)
+    await run_for(h, 19.9)
+    per_server: dict[str, list[float]] = {}
+    for t, rip in fake.calls:
+        per_server.setdefault(rip, []).append(t)
+    assert len(per_server) == 10
+    for times in per_server.values():
+        assert len(times) == 4
+        assert all(abs((b - a) - 5.0) < 1e-6 for a, b in itertools.pairwise(times))
+    first = sorted(times[0] for times in per_server.values())
+    assert first == pytest.approx([i * 0.5 for i in range(10)])  # spread over the interval
+    assert h.weights() == {f"r{i}": 1 for i in range(10)}
+
+
+async def test_hung_server_times_out_and_delays_no_one(
+        autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeCheck("fake", delays={"198.18.0.20": 1000.0})
+    h = Harness(config(reals=3, checks='timeout = "3s"\nfailure_count = 1'), fake)
+    await run_for(h, 16.0)
+    r0 = h.engine.status()["virtuals"][0]["reals"][0]
+    assert r0["state"] == "down"
+    assert r0["reason"] == "timeout after 3.0 s"
+    r1 = [t for t, rip in fake.calls if rip == "198.18.0.21"]
+    assert r1 == pytest.approx([5 / 3, 5 / 3 + 5, 5 / 3 + 10])  # on schedule, undisturbed
+    assert h.weights() == {"r1": 1, "r2": 1}
+
+
+async def test_concurrency_bounds_checks_in_flight(autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeCheck("fake", delays={f"198.18.0.{20 + i}": 2.0 for i in range(8)})
+    h = Harness(config(reals=8, checks="concurrency = 2"), fake)
+    await run_for(h, 30.0)
+    assert fake.max_in_flight == 2
+    assert len(fake.calls) > 8
+
+
+async def test_shared_server_is_checked_once_per_interval(
+        autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeCheck("fake", verdicts={"198.18.0.20": False})
+    text = config(reals=1) + config(reals=1).replace('name = "web"', 'name = "web2"').replace(
+        "198.18.0.100", "198.18.0.101").split("[checks]\n\n", 1)[1]
+    h = Harness(text, fake)
+    await run_for(h, 10.5)
+    assert len(fake.calls) == 3  # not 6: one job for both VIPs
+    assert sorted(h.transitions()) == [("r0", "unchecked", "down")] * 2
+
+
+async def test_crashing_check_is_a_failure_with_reason(
+        autojump_clock: trio.testing.MockClock) -> None:
+    h = Harness(config(reals=1), FakeCheck("fake", crash=True))
+    await run_for(h, 1.0)
+    reason = h.engine.status()["virtuals"][0]["reals"][0]["reason"]
+    assert reason == "check 'fake' failed: RuntimeError: boom"
+
+
+async def test_n_connects_then_one_negotiate(autojump_clock: trio.testing.MockClock) -> None:
+    connect, http = FakeCheck("connect"), FakeCheck("httpx", negotiate=True)
+    h = Harness(config(reals=1, check='service = "httpx"\nconnects_per_negotiate = 2'),
+                connect, http)
+    await run_for(h, 29.0)
+    order = sorted([(t, "c") for t, _ in connect.calls] + [(t, "n") for t, _ in http.calls])
+    assert "".join(kind for _, kind in order) == "ccnccn"
+
+
+async def test_missing_plugin_is_a_clear_failure(autojump_clock: trio.testing.MockClock) -> None:
+    h = Harness(config(reals=1, check='type = "negotiate"\nservice = "https"'))
+    await run_for(h, 1.0)
+    reason = h.engine.status()["virtuals"][0]["reals"][0]["reason"]
+    assert reason == "no installed plugin provides check 'https'"
+
+
+async def test_on_and_off(autojump_clock: trio.testing.MockClock) -> None:
+    text = config(reals=1, check='type = "on"') + config(reals=1, check='type = "off"').replace(
+        'name = "web"', 'name = "off"').replace("ports = 80", "ports = 81").split(
+        "[checks]\n\n", 1)[1]
+    h = Harness(text)
+    await run_for(h, 1.0)
+    assert h.weights("web") == {"r0": 1}
+    assert h.weights("off") == {}
+
+
+async def test_fallback_enters_and_leaves(autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeCheck("fake", verdicts={"198.18.0.20": False, "198.18.0.21": False})
+    extra = '[virtual.fallback]\naddress = "198.18.0.99"'
+    h = Harness(config(reals=2, extra=extra, checks="failure_count = 1"), fake)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.engine.run)
+        await trio.sleep(6)
+        assert h.weights() == {"fallback": 1}
+        fake.verdicts["198.18.0.21"] = True
+        await trio.sleep(5)
+        assert h.weights() == {"r1": 1}
+        nursery.cancel_scope.cancel()
+    assert [e.message for e in h.events if e.kind == "fallback"] == [
+        "web: fallback server in use", "web: fallback server no longer in use"]
+
+
+async def test_drain_halt_online_persist(tmp_path: Path,
+                                         autojump_clock: trio.testing.MockClock) -> None:
+    store = AdminStore(tmp_path / "state.json")
+    h = Harness(config(reals=3), FakeCheck("fake"), store=store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.engine.run)
+        await trio.sleep(6)
+        h.engine.set_admin(Admin.DRAIN, "web", "r0")
+        h.engine.set_admin(Admin.HALT, "198.18.0.100", "198.18.0.21")
+        await trio.sleep(0.1)
+        assert h.weights() == {"r0": 0, "r2": 1}
+        with pytest.raises(EngineError, match="no real server 'r9' in virtual service 'web'"):
+            h.engine.set_admin(Admin.DRAIN, "web", "r9")
+        with pytest.raises(EngineError, match="no virtual service named or addressed 'nope'"):
+            h.engine.set_admin(Admin.DRAIN, "nope", "r0")
+        nursery.cancel_scope.cancel()
+    # A restarted daemon starts with the operator's actions in force.
+    again = Harness(config(reals=3), FakeCheck("fake"), store=store)
+    await run_for(again, 6.0)
+    assert again.weights() == {"r0": 0, "r2": 1}
+    again.engine.set_admin(Admin.ONLINE, None, "198.18.0.20")
+    assert store.load() == {("web", "r1"): Admin.HALT}
+
+
+async def test_reload_keeps_unchanged_servers(autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeCheck("fake")
+    h = Harness(config(reals=3), fake)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.engine.run)
+        await trio.sleep(6)
+        before = {r["name"]: r for r in h.engine.status()["virtuals"][0]["reals"]}
+        events = len(h.events)
+        # r1 changes address (re-checked from scratch), r2 is removed, r3 is new.
+        new = config(reals=2).replace('address = "198.18.0.21"', 'address = "198.18.0.31"')
+        new += '[[virtual.real]]\nname = "r3"\naddress = "198.18.0.23"\n'
+        h.engine.reload(h.load(new))
+        await trio.sleep(0.01)
+        after = {r["name"]: r for r in h.engine.status()["virtuals"][0]["reals"]}
+        assert after["r0"]["since"] == pytest.approx(before["r0"]["since"], abs=0.5)
+        assert after["r0"]["state"] == "up"
+        assert after["r1"]["state"] == "down (unchecked)"
+        assert "r2" not in after
+        assert after["r3"]["state"] == "down (unchecked)"
+        await trio.sleep(6)
+        assert h.engine.status()["virtuals"][0]["reals"][1]["state"] == "up"
+        assert ("r0", "unchecked", "up") not in h.transitions()[events:]
+        nursery.cancel_scope.cancel()
+
+
+async def test_tables_have_increasing_generations(autojump_clock: trio.testing.MockClock) -> None:
+    h = Harness(config(reals=2), FakeCheck("fake"))
+    await run_for(h, 11.0)
+    generations = [t.generation for t in h.tables]
+    assert generations == sorted(set(generations))
