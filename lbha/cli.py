@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import time
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from lbha import __version__
+import trio
+
+from lbha import __version__, control
+from lbha.checkapi import CheckResult, Transcript
 from lbha.config import DEFAULT_PATH, load_config, load_config_text
 from lbha.config_show import render_config
-from lbha.errors import ConfigError, LbhaError, Problem
-from lbha.logs import LEVELS, setup_logging
-from lbha.plugin_manager import load_plugins
+from lbha.errors import ConfigError, ControlError, LbhaError, Problem
+from lbha.logs import LEVELS, redact_secrets, setup_logging
+from lbha.model import Config, Paths
+from lbha.plugin_manager import PluginManager, load_plugins
 
 log = logging.getLogger("lbha")
 
@@ -122,6 +130,153 @@ def cmd_import(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _config_or_exit(path: Path) -> tuple[Config, PluginManager] | int:
+    plugins = load_plugins()
+    try:
+        return load_config(path, checks=plugins.checks), plugins
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_INVALID
+
+
+def cmd_healthd(args: argparse.Namespace) -> int:
+    from lbha.healthd import Healthd
+
+    loaded = _config_or_exit(args.config)
+    if isinstance(loaded, int):
+        return loaded
+    config, plugins = loaded
+    redact_secrets(config.secrets())
+    trio.run(Healthd(args.config, config, plugins).run)
+    return EXIT_OK
+
+
+def _control(args: argparse.Namespace, cmd: str, **kwargs: Any) -> Any:
+    """Ask healthd; exits with a clear message when it cannot be reached."""
+    paths = _paths(args.config)
+    return control.request(paths.healthd_socket, cmd, **kwargs)
+
+
+def _paths(config_path: Path) -> Paths:
+    """The daemons' paths, read leniently: a config being edited must not hide the socket."""
+    try:
+        paths = tomllib.loads(config_path.read_text()).get("paths", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return Paths()
+    run_dir = paths.get("run_dir") if isinstance(paths, dict) else None
+    return Paths(run_dir=Path(run_dir)) if isinstance(run_dir, str) else Paths()
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    return f"{seconds:.1f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """`lbha status` as an operator reads it: one block per virtual service."""
+    lines = []
+    for virtual in status["virtuals"]:
+        where = f"{virtual['address']}:{virtual['ports']}/{virtual['protocol']}"
+        fallback = "  [fallback in use]" if virtual["fallback_in_use"] else ""
+        lines.append(f"{virtual['name']}  {where}  layer {virtual['layer']}{fallback}")
+        for real in virtual["reals"]:
+            weight = "-" if real["weight"] is None else str(real["weight"])
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(real["since"]))
+            address = real["address"] + (f":{real['port']}" if real["port"] else "")
+            lines.append(
+                f"  {real['name']:<16} {address:<22} {real['state']:<16} {real['admin']:<7}"
+                f" weight {weight:>5}/{real['configured_weight']:<5} since {since}"
+                f"  checked {_age(real['last_check_age'])}: {real['reason']}"
+            )
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        status = _control(args, "status")
+    except ControlError as exc:
+        print(f"lbha status: healthd: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.json:
+        print(json.dumps(status, indent=1))
+    else:
+        print(format_status(status))
+    return EXIT_OK
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    if args.all_vips:
+        if len(args.names) != 1:
+            print(f"lbha {args.command}: with --all-vips give only the real server",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        vip, rip = None, args.names[0]
+    elif len(args.names) == 2:
+        vip, rip = args.names
+    else:
+        print(f"lbha {args.command}: give VIP and RIP, or RIP with --all-vips", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        changed = _control(args, args.command, vip=vip, rip=rip)
+    except ControlError as exc:
+        print(f"lbha {args.command}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    for item in changed:
+        print(f"{args.command}: {item}")
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    try:
+        print(_control(args, "reload"))
+    except ControlError as exc:
+        print(f"lbha reload: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Run the checks of one VIP now, without a daemon; exit 0 when every server is up."""
+    from lbha.engine import make_target, run_check
+
+    loaded = _config_or_exit(args.config_file)
+    if isinstance(loaded, int):
+        return loaded
+    config, plugins = loaded
+    virtuals = [v for v in config.virtuals if args.vip in (v.name, str(v.address))]
+    if not virtuals:
+        print(f"lbha check: no virtual service named or addressed {args.vip!r}", file=sys.stderr)
+        return EXIT_USAGE
+    secrets = config.secrets()
+
+    async def check_all() -> bool:
+        all_up = True
+        for virtual in virtuals:
+            for real in virtual.reals:
+                if args.rip is not None and args.rip not in (real.name, str(real.address)):
+                    continue
+                target = make_target(virtual, real)
+                spec = real.check
+                name = spec.check_name
+                seconds = spec.negotiate_timeout if spec.type == "negotiate" else spec.timeout
+                transcript = Transcript(secrets) if args.verbose else None
+                if spec.type in ("on", "off"):
+                    result = CheckResult(spec.type == "on", f"check type {spec.type!r}")
+                else:
+                    result = await run_check(plugins.checks, name, target, spec, seconds,
+                                             transcript)
+                verdict = "UP" if result.up else "DOWN"
+                print(f"{virtual.name} {real.name} ({target.endpoint}) {name}: {verdict}: "
+                      f"{result.reason}")
+                for line in transcript.lines if transcript else ():
+                    print(f"    {line}")
+                all_up = all_up and result.up
+        return all_up
+
+    return EXIT_OK if trio.run(check_all) else EXIT_INVALID
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lbha", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lbha {__version__}")
@@ -150,6 +305,38 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("-o", "--output", type=Path, help="write the TOML here (default: stdout)")
     imp.add_argument("--authkey-out", type=Path, help="where to write the converted key (0600)")
     imp.set_defaults(func=cmd_import)
+
+    healthd = sub.add_parser("healthd", help="run the health-check daemon")
+    healthd.add_argument("--config", type=Path, default=DEFAULT_PATH)
+    healthd.set_defaults(func=cmd_healthd)
+
+    status = sub.add_parser("status", help="real servers: state, weight, last check and reason")
+    status.add_argument("--config", type=Path, default=DEFAULT_PATH)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    for action, text in (("drain", "weight 0, existing connections continue"),
+                         ("halt", "out of the table, connections dropped"),
+                         ("online", "back to normal")):
+        admin = sub.add_parser(action, help=f"{text} (survives a restart)")
+        admin.add_argument("names", nargs="+", metavar="VIP RIP",
+                           help="virtual service (name or address) and real server")
+        admin.add_argument("--all-vips", action="store_true",
+                           help="every virtual service holding that real server")
+        admin.add_argument("--config", type=Path, default=DEFAULT_PATH)
+        admin.set_defaults(func=cmd_admin)
+
+    reload = sub.add_parser("reload", help="make healthd re-read its config")
+    reload.add_argument("--config", type=Path, default=DEFAULT_PATH)
+    reload.set_defaults(func=cmd_reload)
+
+    check = sub.add_parser("check", help="run the checks of a VIP now, no daemon needed")
+    check.add_argument("config_file", type=Path, metavar="CONFIG")
+    check.add_argument("vip", metavar="VIP")
+    check.add_argument("rip", metavar="RIP", nargs="?")
+    check.add_argument("--once", action="store_true", help="run once (the only mode)")
+    check.add_argument("-v", "--verbose", action="store_true", help="show the exchange")
+    check.set_defaults(func=cmd_check)
     return parser
 
 

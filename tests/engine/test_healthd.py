@@ -1,0 +1,181 @@
+"""`lbha healthd` as a process: real listeners on loopback, the CLI, signals, reload."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+CONFIG = """\
+[paths]
+run_dir = "{tmp}/run"
+state_dir = "{tmp}/state"
+
+[checks]
+interval = "200ms"
+timeout = "150ms"
+failure_count = 1
+
+[[virtual]]
+name = "web"
+address = "198.18.0.100"
+ports = 80
+forwarding = "nat"
+[virtual.check]
+type = "connect"
+{reals}
+"""
+
+
+def real(name: str, port: int) -> str:
+    return f'[[virtual.real]]\nname = "{name}"\naddress = "127.0.0.1"\nport = {port}\n'
+
+
+def listener() -> socket.socket:
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.listen(64)
+    return sock
+
+
+def lbha(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run([sys.executable, "-m", "lbha", *args], capture_output=True, text=True,
+                         timeout=30, check=False)
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def wait_for(predicate: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+class Daemon:
+    def __init__(self, tmp: Path, reals: str) -> None:
+        self.tmp = tmp
+        self.config = tmp / "lbha.toml"
+        self.write(reals)
+        self.log = (tmp / "healthd.log").open("w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lbha", "--log-level", "info", "healthd", "--config",
+             str(self.config)], stderr=self.log, stdout=self.log)
+        wait_for(lambda: (tmp / "run" / "healthd.sock").exists())
+
+    def write(self, reals: str) -> None:
+        self.config.write_text(CONFIG.format(tmp=self.tmp, reals=reals))
+
+    def status(self) -> dict:
+        out = lbha("status", "--json", "--config", str(self.config))
+        return {r["name"]: r for r in json.loads(out.stdout)["virtuals"][0]["reals"]}
+
+    def logs(self) -> str:
+        self.log.flush()
+        return (self.tmp / "healthd.log").read_text()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def servers() -> Iterator[list[socket.socket]]:
+    socks = [listener(), listener()]
+    yield socks
+    for sock in socks:
+        sock.close()
+
+
+def test_healthd_end_to_end(tmp_path: Path, servers: list[socket.socket]) -> None:
+    ports = [s.getsockname()[1] for s in servers]
+    reals = real("a", ports[0]) + real("b", ports[1])
+    daemon = Daemon(tmp_path, reals)
+    try:
+        wait_for(lambda: all(r["state"] == "up" for r in daemon.status().values()))
+        status = daemon.status()
+        assert status["a"]["weight"] == 1
+        assert status["a"]["reason"] == f"connected to 127.0.0.1:{ports[0]}"
+
+        servers[1].close()
+        wait_for(lambda: daemon.status()["b"]["state"] == "down")
+        assert daemon.status()["b"]["reason"] == f"connect to 127.0.0.1:{ports[1]} refused"
+        assert daemon.status()["b"]["weight"] is None
+        assert "real server b is down" in daemon.logs()
+
+        assert lbha("drain", "web", "a", "--config", str(daemon.config)).stdout == "drain: web/a\n"
+        assert daemon.status()["a"]["weight"] == 0
+        state = json.loads((tmp_path / "state" / "healthd-state.json").read_text())
+        assert state["admin"] == [{"virtual": "web", "real": "a", "action": "drain"}]
+        bad = lbha("halt", "web", "zz", "--config", str(daemon.config), check=False)
+        assert bad.returncode == 1
+        assert "no real server 'zz' in virtual service 'web'" in bad.stderr
+
+        text = lbha("status", "--config", str(daemon.config)).stdout
+        assert "web  198.18.0.100:80/tcp  layer 4" in text
+        assert "drain" in text
+
+        # A bad config is refused and the old one keeps running.
+        daemon.config.write_text(daemon.config.read_text().replace('"200ms"', '"fast"'))
+        refused = lbha("reload", "--config", str(daemon.config), check=False)
+        assert refused.returncode == 1
+        assert "reload refused, old config kept running" in refused.stderr
+        assert "checks.interval: expected a duration" in refused.stderr
+        assert set(daemon.status()) == {"a", "b"}
+
+        # SIGHUP with a good config: the new server is checked, unchanged ones keep state.
+        since = daemon.status()["a"]["since"]
+        extra = listener()
+        daemon.write(reals + real("c", extra.getsockname()[1]))
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: daemon.status().get("c", {}).get("state") == "up")
+        assert daemon.status()["a"]["since"] == pytest.approx(since, abs=0.5)
+        assert daemon.status()["a"]["admin"] == "drain"
+        extra.close()
+    finally:
+        assert daemon.stop() == 0
+    assert not (tmp_path / "run" / "healthd.sock").exists()
+    # The operator's drain survives a restart.
+    again = Daemon(tmp_path, reals)
+    try:
+        assert again.status()["a"]["admin"] == "drain"
+    finally:
+        again.stop()
+
+
+def test_lbha_check_once_verbose(tmp_path: Path, servers: list[socket.socket]) -> None:
+    port = servers[0].getsockname()[1]
+    config = tmp_path / "lbha.toml"
+    config.write_text(CONFIG.format(tmp=tmp_path, reals=real("a", port) + real("b", 1)))
+    out = lbha("check", str(config), "web", "--once", "-v", check=False)
+    assert out.returncode == 1  # b is down
+    assert f"web a (127.0.0.1:{port}) connect: UP: connected to 127.0.0.1:{port}" in out.stdout
+    assert "web b (127.0.0.1:1) connect: DOWN: connect to 127.0.0.1:1 refused" in out.stdout
+    assert f"    * TCP connect to 127.0.0.1:{port}" in out.stdout
+    one = lbha("check", str(config), "198.18.0.100", "a", check=False)
+    assert one.returncode == 0, one.stdout
+
+
+def test_status_without_daemon_says_so(tmp_path: Path) -> None:
+    config = tmp_path / "lbha.toml"
+    config.write_text(CONFIG.format(tmp=tmp_path, reals=real("a", 1)))
+    out = lbha("status", "--config", str(config), check=False)
+    assert out.returncode == 1
+    assert "does not exist: is the daemon running?" in out.stderr
+
+
+def test_sigterm_stops_cleanly_within_a_second(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path, real("a", 1))
+    started = time.monotonic()
+    assert daemon.stop() == 0
+    assert time.monotonic() - started < 1.0
