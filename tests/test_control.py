@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +50,24 @@ async def test_requests_and_errors(tmp_path: Path) -> None:
 def test_unreachable_daemon_is_named(tmp_path: Path) -> None:
     with pytest.raises(ControlError, match=r"does not exist: is the daemon running\?"):
         request(tmp_path / "none.sock", "status")
+
+
+async def test_other_users_are_refused_even_if_the_socket_mode_is_loosened() -> None:
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if os.geteuid() != 0 or python is None:
+        pytest.skip("needs root and a system python3 to run a client as another user")
+    # Under /tmp, not pytest's private tmp_path: user nobody must be able to reach it.
+    folder = Path(tempfile.mkdtemp(prefix="lbha-ctl-"))
+    folder.chmod(0o755)
+    path = folder / "ctl.sock"
+    client = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
+              "print(s.recv(999).decode())")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_control, path, handler)
+        path.chmod(0o666)  # an operator's mistake: the credential check still holds
+        out = await trio.run_process(
+            [python, "-c", client, str(path)], capture_stdout=True, check=False,
+            preexec_fn=lambda: os.setuid(65534))
+        nursery.cancel_scope.cancel()
+    folder.rmdir()
+    assert out.stdout.decode().strip() == '{"ok": false, "error": "permission denied"}'
