@@ -243,11 +243,11 @@ def step(settings: Settings, state: State, event: Event) -> tuple[State, list[Ac
 def _expire(settings: Settings, state: State, now: float, actions: list[Action]) -> State:
     t = settings.timers
     for link, last in state.links.items():
-        if now - last >= t.deadtime:
+        if now >= last + t.deadtime:
             actions.append(Notify("link_down", "warning", "up", "down",
                                   f"no keepalive from {settings.peer} on {link} for "
                                   f"{now - last:.3f}s (deadtime {t.deadtime:g}s)"))
-    links = {k: v for k, v in state.links.items() if now - v < t.deadtime}
+    links = {k: v for k, v in state.links.items() if now < v + t.deadtime}
     if len(links) != len(state.links):
         state = replace(state, links=links)
         if not links and state.peer_alive:
@@ -257,7 +257,7 @@ def _expire(settings: Settings, state: State, now: float, actions: list[Action])
             state = replace(state, peer_alive=False, peer_state=None, peer_flags=Flags.NONE,
                             split_brain=False)
     if state.peer_alive and state.last_heard is not None and not state.warned \
-            and now - state.last_heard >= t.warntime:
+            and now >= state.last_heard + t.warntime:
         actions.append(Log("warning", f"late keepalive: nothing from {settings.peer} for "
                                       f"{now - state.last_heard:.3f}s (warntime "
                                       f"{t.warntime:g}s)"))

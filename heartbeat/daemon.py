@@ -1,0 +1,390 @@
+"""The trio driver: feeds frames, timers and commands to the state machine, runs its actions.
+
+`Heartbeat` is the core (no signals, no config files: tests run two of them on a fake network
+under MockClock). `run_daemon` wraps it for `lbha heartbeat`: config and key file, plugins,
+control socket, SIGTERM/SIGINT (one cancel scope) and SIGHUP (reload).
+
+Every state machine step runs under one lock and its actions run in order before the next
+step, so a Release always completes before the frame saying PASSIVE leaves.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import trio
+from lbha.heartbeat import fsm
+from lbha.heartbeat.errors import HeartbeatError
+from lbha.heartbeat.floating_ips import AddressManager, NetlinkAddresses, floating_ips
+from lbha.heartbeat.protocol import Frame, KeyRing, Receiver, Verdict, encode, load_key_file
+from lbha.heartbeat.transport import Transport, UdpTransport
+
+from lbha.config import load_config
+from lbha.control import serve_control
+from lbha.errors import ConfigError, ControlError
+from lbha.events import ClusterEvent, Event, Severity
+from lbha.hookspecs import DaemonContext
+from lbha.logs import redact_secrets
+from lbha.model import ClusterConfig, Config, Role
+from lbha.plugin_manager import PluginManager, load_plugins
+
+log = logging.getLogger(__name__)
+
+#: Bound on the clean-up at stop (release the IPs, say LEAVING), even if netlink hangs.
+STOP_TIMEOUT = 5.0
+
+Emit = Callable[[Event], None]
+
+
+def settings_from(cluster: ClusterConfig) -> fsm.Settings:
+    if len(cluster.peers) != 1:
+        raise HeartbeatError(f"lbha heartbeat manages a pair: expected one peer in "
+                             f"[[cluster.peers]], got {len(cluster.peers)}")
+    return fsm.Settings(
+        node=cluster.node,
+        peer=cluster.peers[0].name,
+        master=cluster.role is Role.MASTER,
+        auto_failback=cluster.auto_failback,
+        timers=fsm.Timers(cluster.keepalive, cluster.warntime, cluster.deadtime,
+                          cluster.initdead),
+    )
+
+
+def load_keys(cluster: ClusterConfig) -> KeyRing | None:
+    """The key ring, or None only when the config says auth = "none"."""
+    if cluster.auth == "none":
+        log.warning("auth = \"none\": heartbeat frames are NOT authenticated (lab use only)")
+        return None
+    if cluster.auth_key_file is None:
+        raise HeartbeatError("no auth_key_file in [cluster] (set auth = \"none\" for a lab)")
+    return load_key_file(cluster.auth_key_file)
+
+
+class Heartbeat:
+    """One node of the pair: state machine + transport + floating IPs."""
+
+    def __init__(self, config: Config, keys: KeyRing | None, transport: Transport,
+                 addresses: AddressManager, emit: Emit) -> None:
+        assert config.cluster is not None
+        cluster = config.cluster
+        self.cluster = cluster
+        self._ips = floating_ips(config)
+        self.settings = settings_from(cluster)
+        self.keys = keys
+        self.transport = transport
+        self.addresses = addresses
+        self.emit = emit
+        self.receiver = Receiver(cluster.cluster_id, cluster.node, {self.settings.peer}, keys)
+        self.generation = time.time_ns() // 1000
+        self.seq = 0
+        self.state = fsm.initial(trio.current_time())
+        self.sent = 0
+        self._lock = trio.Lock()
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._announcing: trio.CancelScope | None = None
+        self._changed = trio.Event()
+        self._started_wall = time.time()
+        self._last_heard_wall: float | None = None
+        self._garp_count = cluster.garp_count
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled; on the way out release the IPs and tell the peer, bounded."""
+        await self.transport.open()
+        try:
+            # A passive start must not leave addresses a crashed run left behind.
+            await self.addresses.release()
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    await nursery.start(self.transport.run, self._on_datagram)
+                    nursery.start_soon(self._clock)
+                    task_status.started()
+            finally:
+                self._nursery = None
+                with trio.move_on_after(STOP_TIMEOUT, shield=True) as scope:
+                    await self._stop()
+                if scope.cancelled_caught:
+                    log.error("stop clean-up did not finish within %gs; floating IPs may "
+                              "remain", STOP_TIMEOUT)
+        finally:
+            self.transport.close()
+
+    async def _stop(self) -> None:
+        if self._announcing is not None:
+            self._announcing.cancel()
+        async with self._lock:
+            await self._step(fsm.Stop(trio.current_time()))
+            await self._send()  # a second LEAVING, in case the first is lost
+
+    def _on_datagram(self, data: bytes, link: str) -> None:
+        verdict, frame = self.receiver.accept(data)
+        if frame is None:
+            log.debug("dropped a frame on %s: %s", link, verdict)
+            return
+        assert self._nursery is not None
+        self._nursery.start_soon(self._handle_frame, frame, link)
+
+    async def _handle_frame(self, frame: Frame, link: str) -> None:
+        self._last_heard_wall = time.time()
+        async with self._lock:
+            await self._step(fsm.Received(trio.current_time(), link, frame.state, frame.flags))
+
+    async def _clock(self) -> None:
+        """Send keepalives every `keepalive` and tick the state machine at its deadlines."""
+        next_send = trio.current_time()
+        while True:
+            deadline = fsm.next_deadline(self.settings, self.state)
+            wake_at = min(next_send, deadline if deadline is not None else math.inf)
+            with trio.move_on_at(wake_at):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            now = trio.current_time()
+            if deadline is not None and now >= deadline:
+                async with self._lock:
+                    await self._step(fsm.Tick(now))
+            if now >= next_send:
+                await self._send()
+                next_send = now + self.settings.timers.keepalive
+
+    # ------------------------------------------------------------------ actions
+
+    async def _step(self, event: fsm.Event) -> list[fsm.Action]:
+        """Apply one event and carry out its actions, in order (caller holds the lock)."""
+        old = self.state
+        self.state, actions = fsm.step(self.settings, self.state, event)
+        for action in actions:
+            await self._do(action)
+        if self.state != old:
+            self._wake.set()
+            self._changed.set()
+            self._changed = trio.Event()
+        return actions
+
+    async def _do(self, action: fsm.Action) -> None:
+        if isinstance(action, fsm.Acquire):
+            try:
+                await self.addresses.acquire()
+            except HeartbeatError as exc:
+                log.error("takeover (%s): %s", action.reason, exc)
+            self._start_announcing(action.reason)
+        elif isinstance(action, fsm.Release):
+            if self._announcing is not None:
+                self._announcing.cancel()
+            try:
+                await self.addresses.release()
+            except HeartbeatError as exc:
+                log.error("release (%s): %s", action.reason, exc)
+        elif isinstance(action, fsm.Announce):
+            self._start_announcing(action.reason)
+        elif isinstance(action, fsm.Send):
+            await self._send()
+        elif isinstance(action, fsm.Notify):
+            self._notify(action)
+        elif isinstance(action, fsm.Log):
+            log.log(logging.getLevelName(action.level.upper()), "%s", action.message)
+
+    def _start_announcing(self, reason: str) -> None:
+        if self._nursery is None or self._garp_count <= 0:
+            return
+        if self._announcing is not None:
+            self._announcing.cancel()
+        scope = trio.CancelScope()
+        self._announcing = scope
+        log.info("announcing floating IPs (%s)", reason)
+        self._nursery.start_soon(self._announce, scope)
+
+    async def _announce(self, scope: trio.CancelScope) -> None:
+        with scope:
+            for i in range(self._garp_count):
+                if i:
+                    await trio.sleep(self.cluster.garp_interval)
+                await self.addresses.announce()
+            while self.cluster.garp_refresh > 0:
+                await trio.sleep(self.cluster.garp_refresh)
+                await self.addresses.announce()
+
+    async def _send(self) -> None:
+        self.seq += 1
+        frame = Frame(
+            cluster_id=self.cluster.cluster_id, node=self.cluster.node,
+            generation=self.generation, seq=self.seq, state=fsm.frame_state(self.state),
+            flags=fsm.frame_flags(self.settings, self.state),
+            deadtime_ms=int(self.settings.timers.deadtime * 1000),
+        )
+        await self.transport.send(encode(frame, self.keys))
+        self.sent += 1
+
+    def _notify(self, action: fsm.Notify) -> None:
+        severity = Severity(action.severity)
+        message = f"{self.cluster.node}: {action.kind.replace('_', ' ')}: {action.reason}"
+        level = {Severity.INFO: logging.INFO, Severity.WARNING: logging.WARNING}.get(
+            severity, logging.ERROR)
+        log.log(level, "%s", message)
+        self.emit(ClusterEvent(
+            kind=action.kind, message=message, severity=severity, node=self.cluster.node,
+            old_state=action.old_state, new_state=action.new_state, peer=self.settings.peer,
+            reason=action.reason,
+        ))
+
+    # ------------------------------------------------------------------ commands
+
+    async def command(self, cmd: str, args: dict[str, Any]) -> Any:
+        """Control socket handler: status, takeover, standby."""
+        if cmd == "status":
+            return await self.status()
+        if cmd in ("takeover", "standby"):
+            return await self._manual(cmd)
+        raise ControlError(f"unknown command {cmd!r} (status, takeover, standby)")
+
+    async def _manual(self, cmd: str) -> dict[str, Any]:
+        event = fsm.Takeover if cmd == "takeover" else fsm.Standby
+        async with self._lock:
+            actions = await self._step(event(trio.current_time()))
+        reply = next((a for a in actions if isinstance(a, fsm.Reply)), None)
+        if reply is not None and not reply.ok:
+            raise ControlError(reply.message)
+        if cmd == "takeover" and reply is None:
+            # Wait (bounded) for the peer to release and for us to take over.
+            with trio.move_on_after(2 * self.settings.timers.deadtime + 1):
+                while not self.state.active:
+                    await self._changed.wait()
+            if not self.state.active:
+                raise ControlError("takeover requested but this node is not active yet; "
+                                   "see `lbha cluster-status`")
+            return {"message": "now active", **await self.status()}
+        return {"message": reply.message if reply else "done", **await self.status()}
+
+    async def status(self) -> dict[str, Any]:
+        s = self.state
+        age = None if s.last_heard is None else trio.current_time() - s.last_heard
+        try:
+            held = await self.addresses.held()
+        except HeartbeatError as exc:
+            held = [f"unknown ({exc})"]
+        return {
+            "node": self.cluster.node,
+            "role": "master" if self.settings.master else "slave",
+            "state": "active" if s.active else "passive",
+            "starting": s.starting,
+            "link": "up" if s.links else "down",
+            "links": sorted(s.links),
+            "peer": self.settings.peer,
+            "peer_state": s.peer_state.name.lower() if s.peer_state is not None else "dead",
+            "last_keepalive_age": age,
+            "floating_ips": held,
+            "takeover_pending": s.takeover_pending,
+            "yielded": s.yielded,
+            "auto_failback": self.settings.auto_failback,
+            "frames_sent": self.sent,
+            "frames_accepted": self.receiver.counts[Verdict.OK],
+            "frames_dropped": self.receiver.dropped(),
+            "uptime": time.time() - self._started_wall,
+        }
+
+    # ------------------------------------------------------------------ reload
+
+    async def reconfigure(self, config: Config, keys: KeyRing | None) -> None:
+        """Apply a reloaded config: timers, failback, keys, floating IPs. Not node/peer/port."""
+        cluster = config.cluster
+        assert cluster is not None
+        new = settings_from(cluster)
+        if (new.node, new.peer, new.master) != (self.settings.node, self.settings.peer,
+                                                self.settings.master) \
+                or (cluster.udp_port, cluster.bind, cluster.peers) != (
+                    self.cluster.udp_port, self.cluster.bind, self.cluster.peers):
+            log.warning("reload: node, role, peer, port and bind changes need a restart of "
+                        "lbha heartbeat; keeping the running values for those")
+            new = replace(new, node=self.settings.node, peer=self.settings.peer,
+                          master=self.settings.master)
+        async with self._lock:
+            self.settings = new
+            self.keys = keys
+            self.receiver.keys = keys
+            self.cluster = replace(cluster, node=self.cluster.node, peers=self.cluster.peers,
+                                   role=self.cluster.role, udp_port=self.cluster.udp_port,
+                                   bind=self.cluster.bind)
+            self._garp_count = cluster.garp_count
+            old_ips = {str(f.address) for f in self._ips}
+            self._ips = floating_ips(config)
+            self.addresses.reconfigure(self._ips)
+            dropped = old_ips - {str(f.address) for f in self._ips}
+            if dropped:
+                await self.addresses.remove(dropped)
+            if self.state.active:
+                await self.addresses.acquire()
+                self._start_announcing("reload")
+            self._wake.set()
+        log.info("reloaded configuration")
+
+
+# ---------------------------------------------------------------------- the process
+
+
+class _Plugins:
+    """Emits events through the plugin manager; a failing plugin never stops the daemon."""
+
+    def __init__(self, manager: PluginManager) -> None:
+        self.manager = manager
+
+    def emit(self, event: Event) -> None:
+        self.manager.call("lbha_event", event=event)
+
+
+def _load(path: Path, manager: PluginManager) -> tuple[Config, KeyRing | None]:
+    config = load_config(path, checks=manager.checks)
+    if config.cluster is None:
+        raise HeartbeatError(f"{path}: no [cluster] section; lbha heartbeat needs one")
+    return config, load_keys(config.cluster)
+
+
+async def run_daemon(
+    path: Path, *, manager: PluginManager | None = None,
+    task_status: trio.TaskStatus[Heartbeat] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """`lbha heartbeat`: run until SIGTERM/SIGINT, reload on SIGHUP. Raises LbhaError subclasses
+    (bad config, unsafe key file, port in use) before anything is changed on the host."""
+    manager = manager if manager is not None else load_plugins()
+    config, keys = _load(path, manager)
+    cluster = config.cluster
+    assert cluster is not None
+    redact_secrets(config.secrets())
+    manager.call("lbha_configure", config=config)
+    plugins = _Plugins(manager)
+    transport = UdpTransport(cluster.peers[0].addresses, cluster.udp_port, cluster.bind)
+    node = Heartbeat(config, keys, transport, NetlinkAddresses(floating_ips(config)),
+                     plugins.emit)
+    context = DaemonContext("heartbeat", config)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            await nursery.start(serve_control, config.paths.heartbeat_socket, node.command)
+            for service in manager.call("lbha_start", context=context):
+                nursery.start_soon(service)
+            log.info("lbha heartbeat %s (%s) started, pid %d, links %s", cluster.node,
+                     cluster.role, os.getpid(), ", ".join(transport.describe()))
+            task_status.started(node)
+            async for signum in signals:
+                if signum != signal.SIGHUP:
+                    log.info("stopping on %s", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+                try:
+                    new_config, new_keys = _load(path, manager)
+                except (ConfigError, HeartbeatError) as exc:
+                    log.error("reload refused, the running configuration stays: %s", exc)
+                    continue
+                redact_secrets(new_config.secrets())
+                manager.call("lbha_configure", config=new_config)
+                await node.reconfigure(new_config, new_keys)
+    manager.call("lbha_stop", context=context)

@@ -1,0 +1,259 @@
+"""Floating IPs: add / remove them with pyroute2 and announce them with GARP / unsolicited NA.
+
+pyroute2 0.9 runs an asyncio loop per thread, so every netlink call happens in a worker thread
+(`trio.to_thread.run_sync` behind a one-slot limiter, never on the trio thread), with an
+IPRoute opened and closed inside that call: no netlink object ever crosses threads.
+
+Placement: an explicit `device` wins; otherwise the interface holding an address whose subnet
+contains the floating IP. A floating IP written without a prefix (/32, /128) takes the prefix
+of that subnet, so it sits as a secondary address beside the primary. IPv4 addresses get a
+label (`DEVICE:hN` unless configured); IPv6 ones are added with NODAD so they answer at once.
+
+Announcements are raw frames: a gratuitous ARP request (sender = target = the VIP) on an
+AF_PACKET socket for IPv4; an unsolicited neighbour advertisement with the Override flag to
+ff02::1 (ICMPv6, hop limit 255) for IPv6. Both update existing neighbour entries at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import trio
+from lbha.heartbeat.errors import FloatingIPError
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from lbha.model import Config, FloatingIP, IPInterface
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+IFA_F_NODAD = 0x02
+_ETH_P_ARP = 0x0806
+_BROADCAST = b"\xff" * 6
+
+
+def floating_ips(config: Config) -> tuple[FloatingIP, ...]:
+    """Every virtual service address plus the cluster's extra floating IPs, each once."""
+    seen: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, FloatingIP] = {}
+    extra = config.cluster.floating_ips if config.cluster is not None else ()
+    for fip in extra:
+        seen.setdefault(fip.address, fip)
+    for virtual in config.virtuals:
+        if virtual.address is not None and virtual.address not in seen:
+            seen[virtual.address] = FloatingIP(ipaddress.ip_interface(virtual.address))
+    return tuple(seen.values())
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one floating IP goes, resolved against the interfaces at hand."""
+
+    interface: IPInterface
+    index: int
+    device: str
+    label: str | None
+    mac: bytes
+
+    @property
+    def address(self) -> str:
+        return str(self.interface.ip)
+
+
+class AddressManager(ABC):
+    """What the daemon needs from the floating-IP layer (tests substitute a fake)."""
+
+    @abstractmethod
+    async def acquire(self) -> None:
+        """Add every floating IP (already present is fine)."""
+
+    @abstractmethod
+    async def release(self) -> None:
+        """Remove every floating IP wherever it is (absent is fine)."""
+
+    @abstractmethod
+    async def remove(self, addresses: Collection[str]) -> None:
+        """Remove these addresses (ones a reload dropped from the config)."""
+
+    @abstractmethod
+    async def held(self) -> list[str]:
+        """The floating IPs present on this host now."""
+
+    @abstractmethod
+    async def announce(self) -> None:
+        """Send one round of GARP / NA for the floating IPs."""
+
+    @abstractmethod
+    def reconfigure(self, ips: Sequence[FloatingIP]) -> None:
+        """Use a new list of floating IPs from now on (after a reload)."""
+
+
+def _default_label(device: str, n: int) -> str | None:
+    label = f"{device}:h{n}"
+    return label if len(label) <= 15 else device
+
+
+def _resolve(ipr: Any, ips: Sequence[FloatingIP]) -> list[Placement]:
+    links = {link["index"]: link for link in ipr.get_links()}
+    names = {link.get("IFLA_IFNAME"): index for index, link in links.items()}
+    ours = {fip.address for fip in ips}
+    subnets = []
+    for msg in ipr.get_addr():
+        address = ipaddress.ip_address(msg.get("IFA_ADDRESS"))
+        if address not in ours and not address.is_link_local:
+            subnets.append((ipaddress.ip_interface(f"{address}/{msg['prefixlen']}"),
+                            msg["index"]))
+    placements = []
+    per_device: dict[str, int] = {}
+    for fip in ips:
+        full = fip.interface.network.prefixlen == fip.interface.max_prefixlen
+        interface = fip.interface
+        if fip.device is not None:
+            index = names.get(fip.device)
+            if index is None:
+                raise FloatingIPError(f"floating IP {fip.address}: device {fip.device!r} "
+                                      "does not exist")
+            if full:
+                interface = next((ipaddress.ip_interface(f"{fip.address}/{net.network.prefixlen}")
+                                  for net, i in subnets
+                                  if i == index and fip.address in net.network), interface)
+        else:
+            match = [(net, i) for net, i in subnets if fip.address in net.network]
+            if not match:
+                raise FloatingIPError(
+                    f"floating IP {fip.address}: no interface has an address in its subnet; "
+                    "configure one or give the floating IP an explicit device")
+            net, index = max(match, key=lambda m: m[0].network.prefixlen)
+            if full:
+                interface = ipaddress.ip_interface(f"{fip.address}/{net.network.prefixlen}")
+        device = links[index].get("IFLA_IFNAME")
+        mac = bytes.fromhex((links[index].get("IFLA_ADDRESS") or "00" * 6).replace(":", ""))
+        label = None
+        if fip.address.version == 4:
+            n = per_device.get(device, 0)
+            per_device[device] = n + 1
+            label = fip.label or _default_label(device, n)
+        placements.append(Placement(interface, index, device, label, mac))
+    return placements
+
+
+def _add(ipr: Any, placements: Sequence[Placement]) -> None:
+    for p in placements:
+        extra: dict[str, Any] = {"label": p.label} if p.label else {"flags": IFA_F_NODAD}
+        try:
+            ipr.addr("add", index=p.index, address=p.address,
+                     prefixlen=p.interface.network.prefixlen, **extra)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise FloatingIPError(f"cannot add {p.interface} to {p.device}: {exc}") from None
+
+
+def _present(ipr: Any, addresses: set[str]) -> list[tuple[int, str, int]]:
+    found = []
+    for msg in ipr.get_addr():
+        address = msg.get("IFA_ADDRESS")
+        if address in addresses:
+            found.append((msg["index"], address, msg["prefixlen"]))
+    return found
+
+
+def _delete(ipr: Any, addresses: set[str]) -> list[str]:
+    removed = []
+    for index, address, prefixlen in _present(ipr, addresses):
+        try:
+            ipr.addr("del", index=index, address=address, prefixlen=prefixlen)
+        except NetlinkError as exc:
+            if exc.code != errno.EADDRNOTAVAIL:
+                raise FloatingIPError(f"cannot remove {address}: {exc}") from None
+        removed.append(address)
+    return removed
+
+
+def garp_frame(mac: bytes, address: ipaddress.IPv4Address) -> bytes:
+    """A gratuitous ARP request: who-has VIP tell VIP, broadcast."""
+    ip = address.packed
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, mac, ip, b"\0" * 6, ip)
+    return _BROADCAST + mac + struct.pack("!H", _ETH_P_ARP) + arp
+
+
+def na_message(mac: bytes, address: ipaddress.IPv6Address) -> bytes:
+    """An unsolicited neighbour advertisement, Override set, with the target link-layer address
+    option; the kernel fills in the ICMPv6 checksum."""
+    return struct.pack("!BBHI16sBB6s", 136, 0, 0, 0x2000_0000, address.packed, 2, 1, mac)
+
+
+def send_garp(device: str, mac: bytes, address: ipaddress.IPv4Address) -> None:
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+        sock.setblocking(False)
+        sock.sendto(garp_frame(mac, address), (device, _ETH_P_ARP))
+
+
+def send_na(index: int, mac: bytes, address: ipaddress.IPv6Address) -> None:
+    with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as sock:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+        sock.bind((str(address), 0, 0, index))
+        sock.sendto(na_message(mac, address), ("ff02::1", 0, 0, index))
+
+
+class NetlinkAddresses(AddressManager):
+    """The real thing: pyroute2 in one worker thread, raw sockets for the announcements."""
+
+    def __init__(self, ips: Sequence[FloatingIP]) -> None:
+        self._ips = tuple(ips)
+        self._placements: list[Placement] = []
+        self._limiter = trio.CapacityLimiter(1)
+
+    def reconfigure(self, ips: Sequence[FloatingIP]) -> None:
+        self._ips = tuple(ips)
+        self._placements = []
+
+    async def _netlink(self, work: Callable[[Any], T]) -> T:
+        def call() -> T:
+            with IPRoute() as ipr:
+                return work(ipr)
+
+        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+
+    async def acquire(self) -> None:
+        ips = self._ips
+
+        def work(ipr: Any) -> list[Placement]:
+            placements = _resolve(ipr, ips)
+            _add(ipr, placements)
+            return placements
+
+        self._placements = await self._netlink(work)
+
+    async def release(self) -> None:
+        await self.remove({str(fip.address) for fip in self._ips})
+
+    async def remove(self, addresses: Collection[str]) -> None:
+        wanted = set(addresses)
+        removed = await self._netlink(lambda ipr: _delete(ipr, wanted))
+        if removed:
+            log.info("removed floating IPs %s", ", ".join(removed))
+
+    async def held(self) -> list[str]:
+        addresses = {str(fip.address) for fip in self._ips}
+        present = await self._netlink(lambda ipr: _present(ipr, addresses))
+        return sorted({address for _index, address, _prefixlen in present})
+
+    async def announce(self) -> None:
+        for p in self._placements:
+            try:
+                if isinstance(p.interface, ipaddress.IPv4Interface):
+                    send_garp(p.device, p.mac, p.interface.ip)
+                else:
+                    send_na(p.index, p.mac, p.interface.ip)
+            except OSError as exc:
+                log.warning("cannot announce %s on %s: %s", p.address, p.device, exc)

@@ -1,0 +1,320 @@
+"""Two heartbeat daemons on a fake network under trio's MockClock: no sockets, no netlink."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+import trio.testing
+from lbha.heartbeat.daemon import Heartbeat
+from lbha.heartbeat.floating_ips import AddressManager
+from lbha.heartbeat.protocol import Flags, Frame, KeyRing, PeerState, Verdict, encode
+from lbha.heartbeat.transport import UdpTransport
+
+from lbha.config import load_config_text
+from lbha.errors import ControlError
+from lbha.events import ClusterEvent, Event
+from lbha.model import FloatingIP
+
+from .fakenet import FakeNet
+
+KEYS = KeyRing({1: b"0123456789abcdef0123"}, 1)
+ADDR = {"lb1": "198.18.0.1", "lb2": "198.18.0.2"}
+KEEPALIVE, DEADTIME = 0.05, 0.3
+
+
+def config_text(node: str, auto_failback: bool = True) -> str:
+    peer = "lb2" if node == "lb1" else "lb1"
+    return f"""
+[cluster]
+node = "{node}"
+role = "{'master' if node == 'lb1' else 'slave'}"
+bind = ["{ADDR[node]}"]
+keepalive = "50ms"
+warntime = "150ms"
+deadtime = "300ms"
+initdead = "1s"
+auth = "none"
+auto_failback = {str(auto_failback).lower()}
+garp_count = 3
+garp_interval = "100ms"
+floating_ips = ["198.18.0.10/24"]
+[[cluster.peers]]
+name = "{peer}"
+addresses = ["{ADDR[peer]}"]
+"""
+
+
+@dataclass
+class World:
+    """Who holds the floating IP, over (virtual) time; checks there is never an overlap."""
+
+    holders: set[str] = field(default_factory=set)
+    overlaps: list[float] = field(default_factory=list)
+    history: list[tuple[float, str, str]] = field(default_factory=list)
+    #: Nodes cut off from the LAN: what they hold is invisible to clients.
+    ignore: set[str] = field(default_factory=set)
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    async def until_held_by(self, node: str) -> float:
+        """Wait until `node` holds the IP; return the time it took."""
+        start = trio.current_time()
+        while node not in self.holders:
+            await self.changed.wait()
+        return trio.current_time() - start
+
+    def record(self, node: str, what: str) -> None:
+        self.history.append((trio.current_time(), node, what))
+        if node in self.ignore:
+            return
+        if what == "acquire":
+            self.holders.add(node)
+        elif what == "release":
+            self.holders.discard(node)
+        if len(self.holders) > 1:
+            self.overlaps.append(trio.current_time())
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class FakeAddresses(AddressManager):
+    def __init__(self, node: str, world: World) -> None:
+        self.node = node
+        self.world = world
+        self.announcements: list[float] = []
+
+    async def acquire(self) -> None:
+        await trio.sleep(0.001)  # netlink takes a moment
+        self.world.record(self.node, "acquire")
+
+    async def release(self) -> None:
+        await trio.sleep(0.001)
+        self.world.record(self.node, "release")
+
+    async def remove(self, addresses: Collection[str]) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def held(self) -> list[str]:
+        await trio.lowlevel.checkpoint()
+        return ["198.18.0.10"] if self.node in self.world.holders else []
+
+    async def announce(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.announcements.append(trio.current_time())
+        self.world.record(self.node, "announce")
+
+    def reconfigure(self, ips: Sequence[FloatingIP]) -> None:
+        pass
+
+
+class Cluster:
+    def __init__(self, nursery: trio.Nursery, net: FakeNet, auto_failback: bool = True) -> None:
+        self.nursery = nursery
+        self.net = net
+        self.world = World()
+        self.auto_failback = auto_failback
+        self.nodes: dict[str, Heartbeat] = {}
+        self.scopes: dict[str, trio.CancelScope] = {}
+        self.events: list[ClusterEvent] = []
+        self.addresses: dict[str, FakeAddresses] = {}
+
+    async def start(self, name: str) -> Heartbeat:
+        config = load_config_text(config_text(name, self.auto_failback))
+        assert config.cluster is not None
+        cluster = config.cluster
+        transport = UdpTransport(cluster.peers[0].addresses, cluster.udp_port, cluster.bind)
+        self.addresses[name] = FakeAddresses(name, self.world)
+
+        def emit(event: Event) -> None:
+            assert isinstance(event, ClusterEvent)
+            self.events.append(event)
+
+        node = Heartbeat(config, None, transport, self.addresses[name], emit)
+        scope = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await node.run(task_status=task_status)
+
+        await self.nursery.start(run)
+        self.nodes[name], self.scopes[name] = node, scope
+        return node
+
+    async def stop(self, name: str) -> None:
+        self.scopes[name].cancel()
+        await trio.sleep(0.05)
+
+    def active(self) -> set[str]:
+        return {name for name, node in self.nodes.items() if node.state.active
+                and not self.scopes[name].cancel_called}
+
+    def kinds(self, node: str) -> list[str]:
+        return [e.kind for e in self.events if e.node == node]
+
+
+@asynccontextmanager
+async def cluster(seed: int = 0, auto_failback: bool = True,
+                  **faults: object) -> AsyncIterator[Cluster]:
+    net = FakeNet(seed, **faults)  # type: ignore[arg-type]
+    net.install()
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, net, auto_failback)
+        yield c
+        nursery.cancel_scope.cancel()
+    assert not c.world.overlaps, f"both nodes held the floating IP at {c.world.overlaps}"
+
+
+async def test_startup_master_takes_the_ips(autojump_clock: trio.testing.MockClock) -> None:
+    async with cluster() as c:
+        await c.start("lb1")
+        await c.start("lb2")
+        await trio.sleep(0.5)
+        assert c.active() == {"lb1"}
+        assert "takeover" in c.kinds("lb1")
+        status = await c.nodes["lb2"].command("status", {})
+        assert status["state"] == "passive"
+        assert status["link"] == "up"
+        assert status["peer_state"] == "active"
+        assert status["last_keepalive_age"] <= KEEPALIVE
+
+
+async def test_lone_node_waits_initdead(autojump_clock: trio.testing.MockClock) -> None:
+    async with cluster() as c:
+        await c.start("lb2")
+        await trio.sleep(0.99)
+        assert c.active() == set()
+        await trio.sleep(0.02)
+        assert c.active() == {"lb2"}
+        assert c.kinds("lb2") == ["peer_dead", "failover"]
+
+
+async def test_peer_death_takeover_within_deadtime(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with cluster() as c:
+        await c.start("lb1")
+        await c.start("lb2")
+        await trio.sleep(0.5)
+        # Cut lb1 off entirely (daemon killed + link down, as lb2 sees it).
+        c.net.partition(ADDR["lb1"], ADDR["lb2"])
+        c.world.ignore.add("lb1")
+        c.world.holders.discard("lb1")
+        outage = await c.world.until_held_by("lb2")
+        assert DEADTIME - KEEPALIVE <= outage <= DEADTIME + 0.01
+        event = next(e for e in c.events if e.node == "lb2" and e.kind == "failover")
+        assert "lb1" in event.reason
+        assert event.old_state == "passive"
+        assert event.new_state == "active"
+        assert c.kinds("lb2")[-3:] == ["link_down", "peer_dead", "failover"]
+
+
+async def test_graceful_stop_hands_over_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    async with cluster() as c:
+        await c.start("lb1")
+        await c.start("lb2")
+        await trio.sleep(0.5)
+        c.scopes["lb1"].cancel()
+        assert await c.world.until_held_by("lb2") < 0.01
+        assert "lb1" not in c.world.holders
+
+
+@pytest.mark.parametrize("auto_failback", [True, False])
+async def test_master_comes_back(autojump_clock: trio.testing.MockClock,
+                                 auto_failback: bool) -> None:
+    async with cluster(auto_failback=auto_failback) as c:
+        await c.start("lb1")
+        await c.start("lb2")
+        await trio.sleep(0.5)
+        await c.stop("lb1")
+        assert c.active() == {"lb2"}
+        await c.start("lb1")
+        await trio.sleep(0.5)
+        assert c.active() == ({"lb1"} if auto_failback else {"lb2"})
+
+
+async def test_manual_takeover_and_standby(autojump_clock: trio.testing.MockClock) -> None:
+    async with cluster() as c:
+        await c.start("lb1")
+        await c.start("lb2")
+        await trio.sleep(0.5)
+        reply = await c.nodes["lb2"].command("takeover", {})
+        assert reply["message"] == "now active"
+        assert c.active() == {"lb2"}
+        await trio.sleep(1.0)
+        assert c.active() == {"lb2"}  # lb1 yielded: no failback
+        reply = await c.nodes["lb2"].command("standby", {})
+        await trio.sleep(0.1)
+        assert c.active() == {"lb1"}
+        with pytest.raises(ControlError, match="unknown command"):
+            await c.nodes["lb1"].command("dance", {})
+
+
+async def test_partition_heal_one_steps_down_keeper_announces(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with cluster() as c:
+        await c.start("lb1")
+        await c.start("lb2")
+        await trio.sleep(0.5)
+        c.net.partition(ADDR["lb1"], ADDR["lb2"])
+        c.world.ignore.add("lb2")  # each side holds it in its own half of the LAN
+        await trio.sleep(15)
+        assert c.active() == {"lb1", "lb2"}
+        c.world.ignore.clear()
+        before = len(c.addresses["lb1"].announcements)
+        c.net.heal()
+        healed = trio.current_time()
+        releases_lb1 = [h for h in c.world.history if h[1:] == ("lb1", "release")]
+        await trio.sleep(0.5)
+        assert c.active() == {"lb1"}
+        assert [h for h in c.world.history if h[1:] == ("lb1", "release")] == releases_lb1
+        first = c.addresses["lb1"].announcements[before]
+        assert first - healed <= KEEPALIVE + 0.002
+        assert "split_brain" in c.kinds("lb2") or "split_brain" in c.kinds("lb1")
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_no_false_failover_on_a_terrible_network(
+    autojump_clock: trio.testing.MockClock, seed: int,
+) -> None:
+    async with cluster(seed, drop=0.1, duplicate=0.1, delay=(0.0, 0.03)) as c:
+        await c.start("lb1")
+        await c.start("lb2")
+        await trio.sleep(60)
+        assert c.active() == {"lb1"}
+        assert "failover" not in c.kinds("lb2")
+        dropped = c.nodes["lb2"].receiver.counts
+        assert dropped[Verdict.REPLAY] > 0  # duplicates and reordered frames were refused
+        assert c.net.dropped > 0
+
+
+async def test_forged_and_replayed_frames_change_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with cluster() as c:
+        await c.start("lb1")
+        node2 = await c.start("lb2")
+        await trio.sleep(0.5)
+        node2.keys = node2.receiver.keys = KEYS
+        c.nodes["lb1"].keys = c.nodes["lb1"].receiver.keys = KEYS
+        await trio.sleep(0.2)
+        attacker = ("198.18.0.66", 6694)
+        target = (ADDR["lb2"], 6694)
+        evil = Frame("lbha", "lb1", 1, 10**9, PeerState.LEAVING, Flags.MASTER)
+        forged = encode(evil, KeyRing({1: b"guessed-key-000000000"}, 1))
+        replay = encode(Frame("lbha", "lb1", c.nodes["lb1"].generation, 1, PeerState.LEAVING),
+                        KEYS)
+        for i in range(100):
+            c.net.inject(attacker, target, forged)
+            c.net.inject(attacker, target, replay)
+            c.net.inject(attacker, target, bytes([i]) * 40)
+            await trio.sleep(0.01)
+        assert c.active() == {"lb1"}
+        counts = node2.receiver.counts
+        assert counts[Verdict.BAD_MAC] == 100
+        assert counts[Verdict.REPLAY] == 100
+        assert counts[Verdict.MALFORMED] == 100
+        assert (await node2.command("status", {}))["frames_dropped"]["bad_mac"] == 100
