@@ -94,6 +94,7 @@ class Member:
     feedback_reason: str | None = None
     #: The feedback agent said "down" / "maint" (HAProxy agent words) and not "up" since.
     agent_down: bool = False
+    last_check: float | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -189,6 +190,9 @@ class Engine:
         self._dirty: set[str] = set()
         self._changed = trio.Event()
         self._reloaded = trio.Event()
+        # Checks in flight, bounded by `concurrency`; only the scheduler waits for a slot.
+        self._in_flight = 0
+        self._slot_free = trio.Event()
         self.config = config
         self._build(config, carry=False)
 
@@ -295,7 +299,6 @@ class Engine:
                     generation.cancel_scope.cancel()
 
     async def _scheduler(self, nursery: trio.Nursery) -> None:
-        limiter = trio.CapacityLimiter(self.config.checks.concurrency)
         start = trio.current_time()
         order = itertools.count()
         heap = [(start + job.due, next(order), job) for job in self._jobs]
@@ -316,12 +319,15 @@ class Engine:
                 if job.running:
                     self.stats.skipped_busy += 1
                     continue
-                await limiter.acquire_on_behalf_of(job)
+                while self._in_flight >= self.config.checks.concurrency:
+                    self._slot_free = trio.Event()
+                    await self._slot_free.wait()
                 self.stats.lateness.append(trio.current_time() - due)
                 job.running = True
-                nursery.start_soon(self._run_job, job, limiter)
+                self._in_flight += 1
+                nursery.start_soon(self._run_job, job)
 
-    async def _run_job(self, job: Job, limiter: trio.CapacityLimiter) -> None:
+    async def _run_job(self, job: Job) -> None:
         try:
             if job.feedback:
                 await self._run_feedback(job)
@@ -333,7 +339,8 @@ class Engine:
                 self.record(job.members, result)
         finally:
             job.running = False
-            limiter.release_on_behalf_of(job)
+            self._in_flight -= 1
+            self._slot_free.set()
 
     async def _run_feedback(self, job: Job) -> None:
         fb = job.members[0].virtual.feedback
@@ -371,6 +378,7 @@ class Engine:
             spec = member.real.check
             health, transition = step(member.health, result.up, result.reason, now,
                                       spec.failure_count, spec.rise)
+            member.last_check = now
             self._update(member, health, transition)
 
     def _update(self, member: Member, health: Health, transition: Transition | None) -> None:
@@ -485,8 +493,8 @@ class Engine:
                     "feedback_reason": member.feedback_reason,
                     "reason": health.reason,
                     "since": wall - (now - health.since),
-                    "last_check_age": None if health.last_check is None
-                    else now - health.last_check,
+                    "last_check_age": None if member.last_check is None
+                    else now - member.last_check,
                     "check": real.check.check_name,
                 })
             fallback = self._fallback_used.get(virtual.name, False)

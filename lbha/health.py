@@ -20,7 +20,6 @@ class Health:
     successes: int = 0
     reason: str = "not checked yet"
     since: float = 0.0
-    last_check: float | None = None
 
     @property
     def state(self) -> str:
@@ -51,13 +50,16 @@ def step(
 ) -> tuple[Health, Transition | None]:
     """Apply one check result; return the new health and the transition, if any."""
     if ok:
+        if health.up and health.checked and not health.failures and reason == health.reason:
+            # The steady state of thousands of servers: nothing to remember but the time.
+            return health, None
         new = replace(health, checked=True, failures=0, successes=health.successes + 1,
-                      reason=reason, last_check=now)
+                      reason=reason)
         if not health.checked or (not health.up and new.successes >= rise):
             return _settle(health, new, True, now)
         return new, None
     new = replace(health, checked=True, failures=health.failures + 1, successes=0,
-                  reason=reason, last_check=now)
+                  reason=reason)
     if (health.up and new.failures >= failure_count) or not (health.up or health.checked):
         return _settle(health, new, False, now)
     return new, None
@@ -65,7 +67,7 @@ def step(
 
 def force(health: Health, up: bool, reason: str, now: float) -> tuple[Health, Transition | None]:
     """Set health without a check (check types `on` and `off`)."""
-    new = replace(health, checked=True, failures=0, successes=0, reason=reason, last_check=now)
+    new = replace(health, checked=True, failures=0, successes=0, reason=reason)
     if health.checked and health.up == up:
         return new, None
     return _settle(health, new, up, now)
