@@ -277,6 +277,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK if trio.run(check_all) else EXIT_INVALID
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lbha.demo import main as demo
+
+    demo(load_plugins().checks)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lbha", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lbha {__version__}")
@@ -305,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("-o", "--output", type=Path, help="write the TOML here (default: stdout)")
     imp.add_argument("--authkey-out", type=Path, help="where to write the converted key (0600)")
     imp.set_defaults(func=cmd_import)
+
+    demo = sub.add_parser("demo", help="watch the engine check servers on loopback (~10 s)")
+    demo.set_defaults(func=cmd_demo)
 
     healthd = sub.add_parser("healthd", help="run the health-check daemon")
     healthd.add_argument("--config", type=Path, default=DEFAULT_PATH)

@@ -289,6 +289,7 @@ class Engine:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Check and publish until cancelled."""
         async with trio.open_nursery() as nursery:
+            self._changed.set()  # backends get the starting table at once, before any check
             nursery.start_soon(self._publisher)
             task_status.started()
             while True:
