@@ -89,6 +89,7 @@ class Heartbeat:
         self.sent = 0
         self._lock = trio.Lock()
         self._wake = trio.Event()
+        self._wake_at = -math.inf
         self._nursery: trio.Nursery | None = None
         self._announcing: trio.CancelScope | None = None
         self._changed = trio.Event()
@@ -127,15 +128,11 @@ class Heartbeat:
             await self._step(fsm.Stop(trio.current_time()))
             await self._send()  # a second LEAVING, in case the first is lost
 
-    def _on_datagram(self, data: bytes, link: str) -> None:
+    async def _on_datagram(self, data: bytes, link: str) -> None:
         verdict, frame = self.receiver.accept(data)
         if frame is None:
             log.debug("dropped a frame on %s: %s", link, verdict)
             return
-        assert self._nursery is not None
-        self._nursery.start_soon(self._handle_frame, frame, link)
-
-    async def _handle_frame(self, frame: Frame, link: str) -> None:
         self._last_heard_wall = time.time()
         async with self._lock:
             await self._step(fsm.Received(trio.current_time(), link, frame.state, frame.flags))
@@ -145,8 +142,8 @@ class Heartbeat:
         next_send = trio.current_time()
         while True:
             deadline = fsm.next_deadline(self.settings, self.state)
-            wake_at = min(next_send, deadline if deadline is not None else math.inf)
-            with trio.move_on_at(wake_at):
+            self._wake_at = min(next_send, deadline if deadline is not None else math.inf)
+            with trio.move_on_at(self._wake_at):
                 await self._wake.wait()
             self._wake = trio.Event()
             now = trio.current_time()
@@ -166,7 +163,10 @@ class Heartbeat:
         for action in actions:
             await self._do(action)
         if self.state != old:
-            self._wake.set()
+            # Most frames only push deadlines later: wake the clock only when one came closer.
+            deadline = fsm.next_deadline(self.settings, self.state)
+            if deadline is not None and deadline < self._wake_at:
+                self._wake.set()
             self._changed.set()
             self._changed = trio.Event()
         return actions

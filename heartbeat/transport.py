@@ -13,7 +13,7 @@ import ipaddress
 import logging
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 from lbha.heartbeat.errors import TransportError
@@ -23,8 +23,8 @@ from lbha.model import IPAddress
 
 log = logging.getLogger(__name__)
 
-#: Called with (frame bytes, link name) for every datagram received.
-Deliver = Callable[[bytes, str], None]
+#: Awaited with (frame bytes, link name) for every datagram received, before the next receive.
+Deliver = Callable[[bytes, str], Awaitable[None]]
 
 #: DSCP CS6 (network control), so a busy LAN queues keepalives ahead of bulk traffic.
 _TOS_CS6 = 0xC0
@@ -141,7 +141,7 @@ class UdpTransport(Transport):
                 # ICMP errors from an earlier send surface here (ECONNREFUSED): not fatal.
                 log.debug("heartbeat receive: %s", exc)
                 continue
-            deliver(data, f"udp:{address[0]}")
+            await deliver(data, f"udp:{address[0]}")
 
     async def send(self, frame: bytes) -> None:
         for peer in self.peers:

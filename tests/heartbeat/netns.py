@@ -3,8 +3,8 @@
 Nothing touches the root namespace: each veth pair is created inside the switch namespace with
 its far end moved straight into the host's namespace. Names carry a per-run prefix, so parallel
 runs never collide, and clean-up deletes exactly the namespaces and processes this lab made.
-The bridge has MAC ageing 0 (a hub): a sniffer on any port sees all traffic, as on a real LAN
-with a mirror port. Addresses: 198.18.0.0/24 and 2001:db8::/64.
+With `hub=True` the bridge floods every frame to every port, so a sniffer in any namespace sees
+all traffic (a mirror port on a real LAN). Addresses: 198.18.0.0/24 and 2001:db8::/64.
 """
 
 from __future__ import annotations
@@ -52,15 +52,16 @@ def wait_for(check: Callable[[], bool], timeout: float, interval: float = 0.005)
 
 
 class Lab:
-    def __init__(self) -> None:
+    def __init__(self, hub: bool = False) -> None:
         self.prefix = f"lbha{os.getpid()}x{random.randrange(16**4):04x}"
         self.switch = f"{self.prefix}sw"
         self.namespaces: list[str] = []
         self.processes: list[subprocess.Popen[bytes]] = []
         self._netlink: dict[str, IPRoute] = {}
         self._add_namespace(self.switch)
-        self.ip("-n", self.switch, "link", "add", "br0", "type", "bridge", "ageing_time", "0",
-                "stp_state", "0")
+        # A hub (MAC ageing 0) floods every frame to every port, so a sniffer sees it all.
+        self.ip("-n", self.switch, "link", "add", "br0", "type", "bridge", "ageing_time",
+                "0" if hub else "30000", "stp_state", "0")
         self.ip("-n", self.switch, "link", "set", "br0", "up")
 
     def ns(self, host: str) -> str:

@@ -19,13 +19,15 @@ KEY = "1 " + "5e" * 24 + "\n"
 
 
 def config_text(node: str, tmp: Path, *, auto_failback: bool, keepalive: str, warntime: str,
-                deadtime: str, initdead: str, extra: str = "") -> str:
+                deadtime: str, initdead: str, extra: str = "", ipv6_link: bool = True) -> str:
+    """Both nodes keep alive over IPv4 and (with `ipv6_link`) IPv6 too: two links."""
     peer = "lb2" if node == "lb1" else "lb1"
+    links = 2 if ipv6_link else 1
     return f"""
 [cluster]
 node = "{node}"
 role = "{'master' if node == 'lb1' else 'slave'}"
-bind = {json.dumps(list(NODES[node]))}
+bind = {json.dumps(list(NODES[node][:links]))}
 keepalive = "{keepalive}"
 warntime = "{warntime}"
 deadtime = "{deadtime}"
@@ -38,7 +40,7 @@ floating_ips = ["{VIP4}", "{VIP6}"]
 {extra}
 [[cluster.peers]]
 name = "{peer}"
-addresses = {json.dumps(list(NODES[peer]))}
+addresses = {json.dumps(list(NODES[peer][:links]))}
 
 [paths]
 run_dir = "{tmp / node / 'run'}"
@@ -51,9 +53,10 @@ class Pair:
 
     def __init__(self, tmp: Path, *, auto_failback: bool = True, keepalive: str = "50ms",
                  warntime: str = "150ms", deadtime: str = "300ms", initdead: str = "1s",
-                 extra: str = "", log_level: str = "info") -> None:
+                 extra: str = "", log_level: str = "info", hub: bool = False,
+                 ipv6_link: bool = True) -> None:
         self.tmp = tmp
-        self.lab = Lab()
+        self.lab = Lab(hub=hub)
         self.log_level = log_level
         keys = tmp / "authkeys"
         keys.write_text(KEY)
@@ -65,7 +68,8 @@ class Pair:
             path = tmp / node / "lbha.toml"
             path.write_text(config_text(node, tmp, auto_failback=auto_failback,
                                         keepalive=keepalive, warntime=warntime,
-                                        deadtime=deadtime, initdead=initdead, extra=extra))
+                                        deadtime=deadtime, initdead=initdead, extra=extra,
+                                        ipv6_link=ipv6_link))
             self.configs[node] = path
         self.lab.add_host("client", [f"{CLIENT[0]}/24", f"{CLIENT[1]}/64"])
         self.lab.add_host("attacker", [f"{ATTACKER[0]}/24", f"{ATTACKER[1]}/64"])
