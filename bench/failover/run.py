@@ -1,0 +1,282 @@
+"""Failover benchmark: client-visible outage of the VIP in a namespace lab (see bench/README.md).
+
+A client namespace probes the VIP over UDP every 10 ms; each load-balancer namespace runs a
+responder bound to the VIP (IP_FREEBIND, so it answers as soon as the address arrives). The
+outage of a run is the largest gap between two consecutive replies around the event (10 ms =
+nothing lost), the anchors' definition. Every run builds a fresh lab and tears it down.
+
+    sudo .venv/bin/python bench/failover/run.py [--runs 5] [--timers fast,slow] [--soak 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.heartbeat.netns import PYTHON, unavailable, wait_for  # noqa: E402
+from tests.heartbeat.pair import VIP4, Pair  # noqa: E402
+
+PORT = 7777
+INTERVAL = 0.01
+
+TIMERS = {
+    "slow": dict(keepalive="1s", warntime="5s", deadtime="10s", initdead="10s"),
+    "fast": dict(keepalive="20ms", warntime="60ms", deadtime="100ms", initdead="1s"),
+}
+DEADTIME = {"slow": 10.0, "fast": 0.1}
+#: Pair options for every lab; --ipv6-link adds a second heartbeat link over IPv6.
+LAB: dict[str, bool] = {"ipv6_link": False}
+
+RESPONDER = f"""
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND: bind before the VIP is here
+s.bind(("{VIP4}", {PORT}))
+while True:
+    data, peer = s.recvfrom(64)
+    try:
+        s.sendto(data, peer)
+    except OSError:
+        pass
+"""
+
+PROBER = f"""
+import json, select, socket, struct, sys, time
+duration, out = float(sys.argv[1]), sys.argv[2]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setblocking(False)
+replies = []
+start = time.monotonic()
+seq = 0
+next_send = start
+while True:
+    now = time.monotonic()
+    if now - start > duration:
+        break
+    if now >= next_send:
+        try:
+            s.sendto(struct.pack("!I", seq), ("{VIP4}", {PORT}))
+        except OSError:
+            pass
+        seq += 1
+        next_send += {INTERVAL}
+    ready, _, _ = select.select([s], [], [], max(0.0, next_send - time.monotonic()))
+    while ready:
+        try:
+            data = s.recv(64)
+        except BlockingIOError:
+            break
+        replies.append((struct.unpack("!I", data[:4])[0], time.monotonic()))
+json.dump({{"sent": seq, "start": start, "replies": replies}}, open(out, "w"))
+"""
+
+
+class Run:
+    """One lab, both daemons, responders on both nodes and the client prober."""
+
+    def __init__(self, tmp: Path, timers: str, duration: float) -> None:
+        self.tmp = tmp
+        self.pair = Pair(tmp, auto_failback=True, **TIMERS[timers], **LAB)
+        self.pair.start("lb1")
+        self.pair.start("lb2")
+        if not wait_for(lambda: self.pair.holders() == {"lb1"}, 15, 0.01):
+            raise RuntimeError(f"lb1 never became active: {self.pair.holders()}")
+        for node in ("lb1", "lb2"):
+            self.pair.lab.start(node, [PYTHON, "-c", RESPONDER], tmp / f"responder-{node}.log")
+        self.out = tmp / "probes.json"
+        self.prober = self.pair.lab.start("client", [PYTHON, "-c", PROBER, str(duration),
+                                                      str(self.out)], tmp / "prober.log")
+        time.sleep(1.0)  # steady state: the client's ARP entry points at lb1
+
+    def finish(self) -> tuple[list[float], int]:
+        self.prober.wait(timeout=600)
+        data = json.loads(self.out.read_text())
+        replied = {seq for seq, _t in data["replies"]}
+        times = sorted(t for _seq, t in data["replies"])
+        return times, data["sent"] - len(replied)
+
+    def close(self) -> None:
+        self.pair.close()
+
+
+def max_gap(times: list[float], start: float, end: float) -> float:
+    """Largest gap between consecutive replies overlapping [start, end], in ms."""
+    before = [t for t in times if t < start]
+    inside = [t for t in times if start <= t <= end]
+    points = before[-1:] + inside
+    if len(points) < 2:
+        return float("inf")
+    return max(b - a for a, b in itertools.pairwise(points)) * 1000
+
+
+def lost_between(times: list[float], start: float, end: float) -> int:
+    expected = int((end - start) / INTERVAL)
+    got = sum(1 for t in times if start <= t <= end)
+    return max(0, expected - got)
+
+
+def scenario_death(run: Run, timers: str) -> dict[str, float]:
+    t0 = time.monotonic()
+    run.pair.kill("lb1")
+    run.pair.link("lb1", up=False)
+    wait_for(lambda: run.pair.holds("lb2"), DEADTIME[timers] * 2 + 2, 0.005)
+    time.sleep(1.0)
+    times, _ = run.finish()
+    return {"outage_ms": max_gap(times, t0, t0 + DEADTIME[timers] + 1.5)}
+
+
+def scenario_partition(run: Run, timers: str) -> dict[str, float]:
+    t0 = time.monotonic()
+    run.pair.detach("lb1")
+    wait_for(lambda: run.pair.holders() == {"lb1", "lb2"}, DEADTIME[timers] * 2 + 2, 0.005)
+    time.sleep(max(1.0, DEADTIME[timers] * 0.2))
+    t1 = time.monotonic()
+    run.pair.attach("lb1")
+    wait_for(lambda: run.pair.holders() == {"lb1"}, 5, 0.005)
+    time.sleep(1.0)
+    times, _ = run.finish()
+    return {"outage_ms": max_gap(times, t0, t1 - 0.05),
+            "heal_extra_ms": max_gap(times, t1, t1 + 1.0),
+            "heal_lost": lost_between(times, t1, t1 + 1.0)}
+
+
+def scenario_takeover(run: Run, timers: str) -> dict[str, float]:
+    t0 = time.monotonic()
+    result = run.pair.cli("lb2", "takeover")
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr)
+    time.sleep(1.0)
+    times, _ = run.finish()
+    return {"outage_ms": max_gap(times, t0, t0 + 1.0), "lost": lost_between(times, t0, t0 + 1.0)}
+
+
+def scenario_stop(run: Run, timers: str) -> dict[str, float]:
+    t0 = time.monotonic()
+    run.pair.stop("lb1")
+    wait_for(lambda: run.pair.holds("lb2"), 5, 0.005)
+    time.sleep(1.0)
+    times, _ = run.finish()
+    return {"outage_ms": max_gap(times, t0, t0 + 1.0), "lost": lost_between(times, t0, t0 + 1.0)}
+
+
+SCENARIOS: dict[str, tuple[Callable[[Run, str], dict[str, float]], dict[str, float]]] = {
+    "node death": (scenario_death, {"slow": 14, "fast": 4}),
+    "silent partition + heal": (scenario_partition, {"slow": 16, "fast": 5}),
+    "manual takeover": (scenario_takeover, {"slow": 3, "fast": 3}),
+    "graceful stop": (scenario_stop, {"slow": 3, "fast": 3}),
+}
+
+
+def idle(timers: str, seconds: float) -> dict[str, float]:
+    """CPU (% of one core) and RSS (MB) of each daemon, idle in steady state."""
+    with tempfile.TemporaryDirectory(prefix="lbha-bench-") as tmp:
+        pair = Pair(Path(tmp), **TIMERS[timers], **LAB)
+        try:
+            pair.start("lb1")
+            pair.start("lb2")
+            wait_for(lambda: pair.holders() == {"lb1"}, 15, 0.01)
+            time.sleep(1.0)
+            ticks = os.sysconf("SC_CLK_TCK")
+
+            def cpu(pid: int) -> float:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / ticks
+
+            pids = {n: p.pid for n, p in pair.daemons.items()}
+            before = {n: cpu(pid) for n, pid in pids.items()}
+            time.sleep(seconds)
+            out: dict[str, float] = {}
+            for n, pid in pids.items():
+                out[f"{n}_cpu_pct"] = (cpu(pid) - before[n]) / seconds * 100
+                status = Path(f"/proc/{pid}/status").read_text()
+                rss = next(line for line in status.splitlines() if line.startswith("VmRSS"))
+                out[f"{n}_rss_mb"] = int(rss.split()[1]) / 1024
+            return out
+        finally:
+            pair.close()
+
+
+def soak(seconds: float) -> dict[str, float]:
+    """Fast timers, the other core kept busy: count false failovers over `seconds`."""
+    with tempfile.TemporaryDirectory(prefix="lbha-bench-") as tmp:
+        pair = Pair(Path(tmp), **TIMERS["fast"], **LAB)
+        burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            pair.start("lb1")
+            pair.start("lb2")
+            wait_for(lambda: pair.holders() == {"lb1"}, 15, 0.01)
+            time.sleep(seconds)
+            log = pair.log("lb2")
+            return {"seconds": seconds, "false_failovers": log.count("failover:"),
+                    "late_keepalive_warnings": log.count("late keepalive")}
+        finally:
+            burner.send_signal(signal.SIGKILL)
+            burner.wait()
+            pair.close()
+
+
+def summarize(values: list[float]) -> str:
+    return f"{statistics.median(values):.0f} [{min(values):.0f}-{max(values):.0f}]"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--slow-runs", type=int, help="runs with the 1 s / 10 s timers")
+    parser.add_argument("--timers", default="fast,slow")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--idle", type=float, default=20.0, help="seconds of idle measurement")
+    parser.add_argument("--soak", type=float, default=0.0, help="seconds; 0 = skip")
+    parser.add_argument("--json", type=Path, help="write raw results here")
+    parser.add_argument("--ipv6-link", action="store_true",
+                        help="keepalives over IPv4 and IPv6 (two links) instead of IPv4 only")
+    args = parser.parse_args()
+    LAB["ipv6_link"] = args.ipv6_link
+    reason = unavailable()
+    if reason:
+        print(f"cannot run: {reason}", file=sys.stderr)
+        return 2
+    results: dict[str, object] = {}
+    for timers in args.timers.split(","):
+        runs = args.slow_runs if timers == "slow" and args.slow_runs else args.runs
+        for name in args.scenarios.split(","):
+            func, duration = SCENARIOS[name]
+            rows = []
+            for i in range(runs):
+                with tempfile.TemporaryDirectory(prefix="lbha-bench-") as tmp:
+                    run = Run(Path(tmp), timers, duration[timers])
+                    try:
+                        rows.append(func(run, timers))
+                    finally:
+                        run.close()
+                print(f"{timers:<4} {name:<24} run {i + 1}: {rows[-1]}", flush=True)
+            results[f"{timers}/{name}"] = rows
+            keys = rows[0].keys()
+            print(f"== {timers} {name}: " + ", ".join(
+                f"{k} {summarize([r[k] for r in rows])}" for k in keys), flush=True)
+        if args.idle:
+            results[f"{timers}/idle"] = idle(timers, args.idle)
+            print(f"== {timers} idle: {results[f'{timers}/idle']}", flush=True)
+    if args.soak:
+        results["soak"] = soak(args.soak)
+        print(f"== soak: {results['soak']}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
