@@ -1,4 +1,4 @@
-"""The `lbha` command line: config, plugins, import (daemon commands join as they land)."""
+"""The `lbha` command line: both daemons, their operator commands, config and import tools."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from lbha.checkapi import CheckResult, Transcript
 from lbha.config import DEFAULT_PATH, load_config, load_config_text
 from lbha.config_show import render_config
 from lbha.errors import ConfigError, ControlError, LbhaError, Problem
+from lbha.heartbeat.cli import add_commands as add_heartbeat_commands
 from lbha.logs import LEVELS, redact_secrets, setup_logging
 from lbha.model import Config, Paths
 from lbha.plugin_manager import PluginManager, load_plugins
@@ -193,16 +194,34 @@ def format_status(status: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Both daemons: the pair's state (when [cluster] is configured), then the real servers."""
+    from lbha.heartbeat.cli import cluster_status_json
+    from lbha.heartbeat.cli import format_status as format_cluster
+
+    result: dict[str, Any] = {}
+    failed = False
     try:
-        status = _control(args, "status")
+        config: Config | None = load_config(args.config)
+    except ConfigError:
+        config = None
+    if config is not None and config.cluster is not None:
+        try:
+            result["cluster"] = cluster_status_json(config)
+            if not args.json:
+                print(format_cluster(result["cluster"]))
+        except ControlError as exc:
+            result["cluster"], failed = {"error": str(exc)}, True
+            print(f"lbha status: heartbeat: {exc}", file=sys.stderr)
+    try:
+        result["healthd"] = _control(args, "status")
+        if not args.json:
+            print(format_status(result["healthd"]))
     except ControlError as exc:
+        result["healthd"], failed = {"error": str(exc)}, True
         print(f"lbha status: healthd: {exc}", file=sys.stderr)
-        return EXIT_INVALID
     if args.json:
-        print(json.dumps(status, indent=1))
-    else:
-        print(format_status(status))
-    return EXIT_OK
+        print(json.dumps(result, indent=1))
+    return EXIT_INVALID if failed else EXIT_OK
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
@@ -313,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--authkey-out", type=Path, help="where to write the converted key (0600)")
     imp.set_defaults(func=cmd_import)
 
+    add_heartbeat_commands(sub)
+
     demo = sub.add_parser("demo", help="watch the engine check servers on loopback (~10 s)")
     demo.set_defaults(func=cmd_demo)
 
@@ -320,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     healthd.add_argument("--config", type=Path, default=DEFAULT_PATH)
     healthd.set_defaults(func=cmd_healthd)
 
-    status = sub.add_parser("status", help="real servers: state, weight, last check and reason")
+    status = sub.add_parser("status", help="the pair (Master|Slave Active|Passive Link) and "
+                            "every real server: state, weight, last check and reason")
     status.add_argument("--config", type=Path, default=DEFAULT_PATH)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)

@@ -77,7 +77,7 @@ class Daemon:
 
     def status(self) -> dict:
         out = lbha("status", "--json", "--config", str(self.config))
-        return {r["name"]: r for r in json.loads(out.stdout)["virtuals"][0]["reals"]}
+        return {r["name"]: r for r in json.loads(out.stdout)["healthd"]["virtuals"][0]["reals"]}
 
     def logs(self) -> str:
         self.log.flush()
