@@ -82,7 +82,8 @@ class Heartbeat:
         self.transport = transport
         self.addresses = addresses
         self.emit = emit
-        self.receiver = Receiver(cluster.cluster_id, cluster.node, {self.settings.peer}, keys)
+        self.receiver = Receiver(cluster.cluster_id, cluster.node, {self.settings.peer}, keys,
+                                 transport.links())
         self.generation = time.time_ns() // 1000
         self.seq = 0
         self.state = fsm.initial(trio.current_time())
@@ -129,7 +130,7 @@ class Heartbeat:
             await self._send()  # a second LEAVING, in case the first is lost
 
     async def _on_datagram(self, data: bytes, link: str) -> None:
-        verdict, frame = self.receiver.accept(data)
+        verdict, frame = self.receiver.accept(data, link)
         if frame is None:
             log.debug("dropped a frame on %s: %s", link, verdict)
             return

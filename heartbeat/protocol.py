@@ -22,9 +22,14 @@ Keys: the key file holds lines `ID KEY` (ID 1..255, KEY one token of at least 16
 are SENT WITH THE FIRST KEY LISTED. Rotation without downtime: append the new key on both
 nodes and reload, then move it to the first line on both and reload, then drop the old one.
 
-Anti-replay: per peer, a frame must carry the newest generation seen, and within it a sequence
-number above the last accepted one. Replayed, reordered and duplicated frames are dropped and
-counted; a newer generation (the peer restarted) resets the sequence.
+Anti-replay: a frame must carry the peer's newest generation seen, and within it a sequence
+number above the last one accepted on the same link (a sender puts one frame, one sequence
+number, on every link; each link must see it once) and at most REPLAY_WINDOW behind the newest
+from that peer. Replayed, reordered and duplicated frames are dropped and counted; a newer
+generation (the peer restarted) resets the sequence. A frame that is valid but older than the
+newest (a slower link) only proves its link alive: it carries the newest frame's state and
+flags, so the state machine never sees the peer's state go backwards. Links are named by the
+transport ("udp:ADDRESS"); a valid frame on a link that is not configured is refused.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import os
 import stat
 import struct
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lbha.heartbeat.errors import KeyFileError
@@ -47,6 +52,7 @@ AUTH_NONE = 0
 AUTH_HMAC_SHA256 = 1
 MAC_SIZE = 32
 MIN_KEY_LENGTH = 16
+REPLAY_WINDOW = 64
 
 _HEADER = struct.Struct(">2sBBBBBBQQI")
 MAX_FRAME = _HEADER.size + 2 * 256 + MAC_SIZE
@@ -84,6 +90,7 @@ class Verdict(enum.StrEnum):
     REPLAY = "replay"
     OWN_FRAME = "own_frame"
     UNKNOWN_NODE = "unknown_node"
+    UNKNOWN_LINK = "unknown_link"
 
 
 @dataclass(frozen=True)
@@ -221,40 +228,57 @@ def decode(data: bytes, keys: KeyRing | None) -> tuple[Verdict, Frame | None]:
 
 
 class Receiver:
-    """Authenticates frames for one cluster and drops replays; counts every verdict."""
+    """Authenticates frames for one cluster and drops replays; counts every verdict.
 
-    def __init__(self, cluster_id: str, node: str, peers: set[str], keys: KeyRing | None) -> None:
+    `links`: the link names frames may arrive on (None: any, for transports without
+    addresses). The MAC is checked first, so forged frames count as forged wherever they
+    come from.
+    """
+
+    def __init__(self, cluster_id: str, node: str, peers: set[str], keys: KeyRing | None,
+                 links: set[str] | None = None) -> None:
         self.cluster_id = cluster_id
         self.node = node
         self.peers = peers
         self.keys = keys
+        self.links = links
         self.counts: Counter[Verdict] = Counter()
-        #: Per peer: (generation, last accepted sequence number).
-        self._last: dict[str, tuple[int, int]] = {}
+        #: Per peer: its newest frame.
+        self._newest: dict[str, Frame] = {}
+        #: Per (peer, link): (generation, last accepted sequence number).
+        self._last: dict[tuple[str, str], tuple[int, int]] = {}
 
-    def accept(self, data: bytes) -> tuple[Verdict, Frame | None]:
+    def accept(self, data: bytes, link: str = "") -> tuple[Verdict, Frame | None]:
         verdict, frame = decode(data, self.keys)
         if frame is not None:
-            verdict = self._check(frame)
+            verdict, frame = self._check(frame, link)
         self.counts[verdict] += 1
         return verdict, frame if verdict is Verdict.OK else None
 
-    def _check(self, frame: Frame) -> Verdict:
+    def _check(self, frame: Frame, link: str) -> tuple[Verdict, Frame]:
         if frame.cluster_id != self.cluster_id:
-            return Verdict.OTHER_CLUSTER
+            return Verdict.OTHER_CLUSTER, frame
         if frame.node == self.node:
-            return Verdict.OWN_FRAME
+            return Verdict.OWN_FRAME, frame
         if frame.node not in self.peers:
-            return Verdict.UNKNOWN_NODE
-        last = self._last.get(frame.node)
-        if last is not None:
-            generation, seq = last
-            if frame.generation < generation:
-                return Verdict.STALE_GENERATION
-            if frame.generation == generation and frame.seq <= seq:
-                return Verdict.REPLAY
-        self._last[frame.node] = (frame.generation, frame.seq)
-        return Verdict.OK
+            return Verdict.UNKNOWN_NODE, frame
+        if self.links is not None and link not in self.links:
+            return Verdict.UNKNOWN_LINK, frame
+        newest = self._newest.get(frame.node)
+        if newest is not None and frame.generation < newest.generation:
+            return Verdict.STALE_GENERATION, frame
+        last = self._last.get((frame.node, link))
+        if last is not None and last[0] == frame.generation and frame.seq <= last[1]:
+            return Verdict.REPLAY, frame
+        if newest is not None and frame.generation == newest.generation:
+            if frame.seq + REPLAY_WINDOW < newest.seq:
+                return Verdict.REPLAY, frame
+            if frame.seq <= newest.seq:
+                self._last[(frame.node, link)] = (frame.generation, frame.seq)
+                return Verdict.OK, replace(frame, state=newest.state, flags=newest.flags)
+        self._newest[frame.node] = frame
+        self._last[(frame.node, link)] = (frame.generation, frame.seq)
+        return Verdict.OK, frame
 
     def dropped(self) -> dict[str, int]:
         return {str(v): n for v, n in sorted(self.counts.items()) if v is not Verdict.OK}

@@ -55,6 +55,10 @@ class Transport(ABC):
     def describe(self) -> list[str]:
         """Human-readable path names, for status output."""
 
+    @abstractmethod
+    def links(self) -> set[str] | None:
+        """The link names frames may legitimately arrive on (None: any)."""
+
 
 class UdpTransport(Transport):
     """UDP unicast to each peer address, from the matching local (bind) address.
@@ -87,6 +91,9 @@ class UdpTransport(Transport):
 
     def describe(self) -> list[str]:
         return [f"udp:{p} port {self.port}" for p in self.peers]
+
+    def links(self) -> set[str] | None:
+        return {f"udp:{p}" for p in self.peers}
 
     async def _open_one(self, local: IPAddress) -> trio.socket.SocketType:
         family = socket.AF_INET if local.version == 4 else socket.AF_INET6

@@ -302,6 +302,7 @@ async def test_forged_and_replayed_frames_change_nothing(
         c.nodes["lb1"].keys = c.nodes["lb1"].receiver.keys = KEYS
         await trio.sleep(0.2)
         attacker = ("198.18.0.66", 6694)
+        spoofed = (ADDR["lb1"], 6694)  # the attacker forges lb1's source address
         target = (ADDR["lb2"], 6694)
         evil = Frame("lbha", "lb1", 1, 10**9, PeerState.LEAVING, Flags.MASTER)
         forged = encode(evil, KeyRing({1: b"guessed-key-000000000"}, 1))
@@ -309,6 +310,7 @@ async def test_forged_and_replayed_frames_change_nothing(
                         KEYS)
         for i in range(100):
             c.net.inject(attacker, target, forged)
+            c.net.inject(spoofed, target, replay)
             c.net.inject(attacker, target, replay)
             c.net.inject(attacker, target, bytes([i]) * 40)
             await trio.sleep(0.01)
@@ -316,5 +318,6 @@ async def test_forged_and_replayed_frames_change_nothing(
         counts = node2.receiver.counts
         assert counts[Verdict.BAD_MAC] == 100
         assert counts[Verdict.REPLAY] == 100
+        assert counts[Verdict.UNKNOWN_LINK] == 100
         assert counts[Verdict.MALFORMED] == 100
         assert (await node2.command("status", {}))["frames_dropped"]["bad_mac"] == 100

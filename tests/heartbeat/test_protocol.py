@@ -102,6 +102,33 @@ def test_replay_reorder_and_generation() -> None:
                             "stale_generation": 1, "unknown_node": 1}
 
 
+def test_late_copy_refreshes_link_but_not_state() -> None:
+    rx = Receiver("lbha", "lb1", {"lb2"}, RING, {"udp:a", "udp:b"})
+    assert rx.accept(encode(frame(seq=5, state=PeerState.PASSIVE), RING), "udp:a")[1] \
+        == frame(seq=5, state=PeerState.PASSIVE, key_id=1)
+    old_copy = rx.accept(encode(frame(seq=4, state=PeerState.ACTIVE), RING), "udp:b")
+    assert old_copy[0] is Verdict.OK
+    assert old_copy[1] is not None
+    assert old_copy[1].state is PeerState.PASSIVE  # the newest state, never an older one
+    assert rx.accept(encode(frame(seq=200), RING), "udp:a")[0] is Verdict.OK
+    assert rx.accept(encode(frame(seq=100), RING), "udp:b")[0] is Verdict.REPLAY  # too old
+    assert rx.accept(encode(frame(seq=300), RING), "udp:evil")[0] is Verdict.UNKNOWN_LINK
+    assert rx.accept(b"junk", "udp:evil")[0] is Verdict.MALFORMED
+
+
+def test_one_frame_counts_once_per_link() -> None:
+    rx = receiver()
+    data = encode(frame(seq=3), RING)
+    assert rx.accept(data, "udp:198.18.0.2")[0] is Verdict.OK
+    assert rx.accept(data, "udp:2001:db8::2")[0] is Verdict.OK
+    assert rx.accept(data, "udp:2001:db8::2")[0] is Verdict.REPLAY
+    # A new generation seen on one link makes the old one stale on every link.
+    assert rx.accept(encode(frame(generation=2000, seq=1), RING), "udp:198.18.0.2")[0] \
+        is Verdict.OK
+    assert rx.accept(encode(frame(seq=9), RING), "udp:2001:db8::2")[0] \
+        is Verdict.STALE_GENERATION
+
+
 @settings(max_examples=2000)
 @given(st.binary(max_size=MAX_FRAME + 10))
 def test_decoder_never_raises_on_noise(data: bytes) -> None:
