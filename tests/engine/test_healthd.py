@@ -20,8 +20,8 @@ state_dir = "{tmp}/state"
 
 [checks]
 interval = "200ms"
-timeout = "150ms"
-failure_count = 1
+timeout = "1s"
+failure_count = 2
 
 [[virtual]]
 name = "web"
