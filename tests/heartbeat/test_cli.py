@@ -1,0 +1,109 @@
+"""Heartbeat CLI commands: parsing, status text, errors when the daemon is away."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from lbha.heartbeat.cli import add_commands, cluster_status_text, format_status
+
+from lbha.config import load_config_text
+from lbha.errors import ControlError
+
+STATUS = {
+    "node": "lb2", "role": "slave", "state": "passive", "link": "up", "peer": "lb1",
+    "peer_state": "active", "last_keepalive_age": 0.0123, "floating_ips": [],
+    "frames_dropped": {"bad_mac": 3},
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    p.add_argument("--log-level", default="info")
+    add_commands(p.add_subparsers(dest="command", required=True))
+    return p
+
+
+def test_commands_parse() -> None:
+    args = parser().parse_args(["cluster-status", "--json", "--config", "x.toml"])
+    assert args.json
+    assert args.config == Path("x.toml")
+    for command in ("heartbeat", "takeover", "standby"):
+        assert callable(parser().parse_args([command]).func)
+
+
+def test_status_text() -> None:
+    text = format_status(STATUS)
+    assert text.splitlines()[0] == "Slave  Passive  Link up"
+    assert "peer lb1 (active), last keepalive 0.012s ago" in text
+    assert "floating IPs held: none" in text
+    assert "bad_mac 3" in text
+    active = format_status({**STATUS, "role": "master", "state": "active",
+                            "floating_ips": ["198.18.0.10"], "last_keepalive_age": None})
+    assert active.startswith("Master  Active  Link up")
+    assert "198.18.0.10" in active
+    assert "last keepalive never" in active
+
+
+def test_status_without_daemon(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = f"""
+[cluster]
+node = "lb1"
+role = "master"
+auth = "none"
+[[cluster.peers]]
+name = "lb2"
+addresses = ["198.18.0.2"]
+[paths]
+run_dir = "{tmp_path}"
+"""
+    with pytest.raises(ControlError, match="is the daemon running"):
+        cluster_status_text(load_config_text(text))
+    config = tmp_path / "lbha.toml"
+    config.write_text(text)
+    args = parser().parse_args(["cluster-status", "--config", str(config)])
+    assert args.func(args) == 1
+    assert "is the daemon running" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("timers", "message"),
+    [('keepalive = "200ms"\nwarntime = "100ms"\ndeadtime = "1s"', "keepalive < warntime"),
+     ('keepalive = "50ms"\nwarntime = "400ms"\ndeadtime = "300ms"', "keepalive < warntime"),
+     ('keepalive = "50ms"\nwarntime = "150ms"\ndeadtime = "300ms"\ninitdead = "100ms"',
+      "initdead")],
+)
+def test_timer_order_is_enforced_by_config(timers: str, message: str) -> None:
+    from lbha.errors import ConfigError
+
+    text = f"""
+[cluster]
+node = "lb1"
+role = "master"
+auth = "none"
+{timers}
+[[cluster.peers]]
+name = "lb2"
+addresses = ["198.18.0.2"]
+"""
+    with pytest.raises(ConfigError, match=message):
+        load_config_text(text)
+
+
+def test_sub_second_timers_load() -> None:
+    config = load_config_text("""
+[cluster]
+node = "lb1"
+role = "master"
+auth = "none"
+keepalive = "20ms"
+warntime = "60ms"
+deadtime = "100ms"
+initdead = "1s"
+[[cluster.peers]]
+name = "lb2"
+addresses = ["198.18.0.2"]
+""")
+    assert config.cluster is not None
+    assert (config.cluster.keepalive, config.cluster.deadtime) == (0.02, 0.1)

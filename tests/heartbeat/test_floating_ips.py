@@ -1,0 +1,117 @@
+"""Floating-IP placement (pure, against a fake netlink view) and the GARP / NA frames."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import Any
+
+import pytest
+from lbha.heartbeat.errors import FloatingIPError
+from lbha.heartbeat.floating_ips import _resolve, floating_ips, garp_frame, na_message
+
+from lbha.config import load_config_text
+from lbha.model import FloatingIP
+
+MAC = bytes.fromhex("020000000001")
+
+
+class FakeIPRoute:
+    """Answers get_links / get_addr like pyroute2 does, from a small table."""
+
+    def __init__(self, links: dict[int, str], addrs: list[tuple[int, str, int]]) -> None:
+        self.links = links
+        self.addrs = addrs
+
+    def get_links(self) -> list[dict[str, Any]]:
+        return [_Msg(index=i, IFLA_IFNAME=name, IFLA_ADDRESS="02:00:00:00:00:01")
+                for i, name in self.links.items()]
+
+    def get_addr(self) -> list[dict[str, Any]]:
+        return [_Msg(index=i, IFA_ADDRESS=a, prefixlen=p) for i, a, p in self.addrs]
+
+
+class _Msg(dict[str, Any]):
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(key, default)
+
+
+IPR = FakeIPRoute({1: "lo", 2: "eth0", 3: "a-very-long-nam"},
+                  [(1, "127.0.0.1", 8), (2, "198.18.0.1", 24), (2, "2001:db8::1", 64),
+                   (3, "198.18.7.1", 24), (2, "198.18.0.10", 32)])
+
+
+def fip(text: str, device: str | None = None, label: str | None = None) -> FloatingIP:
+    return FloatingIP(ipaddress.ip_interface(text), device, label)
+
+
+def test_placement_by_subnet_inherits_prefix_and_gets_a_label() -> None:
+    placements = _resolve(IPR, [fip("198.18.0.10"), fip("198.18.0.11/32", label="eth0:web"),
+                                fip("2001:db8::10"), fip("198.18.7.9")])
+    assert [(str(p.interface), p.device, p.label) for p in placements] == [
+        ("198.18.0.10/24", "eth0", "eth0:h0"),  # its own stale /32 copy is not its subnet
+        ("198.18.0.11/24", "eth0", "eth0:web"),
+        ("2001:db8::10/64", "eth0", None),
+        ("198.18.7.9/24", "a-very-long-nam", "a-very-long-nam"),  # no room for a suffix
+    ]
+    assert placements[0].mac == MAC
+
+
+def test_explicit_device_and_prefix_win() -> None:
+    (p,) = _resolve(IPR, [fip("203.0.113.5/28", device="eth0")])
+    assert (str(p.interface), p.device, p.index) == ("203.0.113.5/28", "eth0", 2)
+
+
+@pytest.mark.parametrize(
+    ("ip", "message"),
+    [(fip("203.0.113.5"), "no interface has an address in its subnet"),
+     (fip("198.18.0.10", device="eth9"), "device 'eth9' does not exist")],
+)
+def test_unplaceable(ip: FloatingIP, message: str) -> None:
+    with pytest.raises(FloatingIPError, match=message):
+        _resolve(IPR, [ip])
+
+
+def test_every_vip_plus_extra_floating_ips_once() -> None:
+    config = load_config_text("""
+[cluster]
+node = "lb1"
+role = "master"
+auth = "none"
+floating_ips = ["198.18.0.20/24", { address = "198.18.0.10/24", device = "eth0" }]
+[[cluster.peers]]
+name = "lb2"
+addresses = ["198.18.0.2"]
+[[virtual]]
+address = "198.18.0.10"
+ports = [80]
+[[virtual]]
+address = "2001:db8::10"
+ports = [443]
+""")
+    assert [str(f.interface) for f in floating_ips(config)] == [
+        "198.18.0.20/24", "198.18.0.10/24", "2001:db8::10/128"]
+    assert floating_ips(config)[1].device == "eth0"
+
+
+def test_garp_frame_layout() -> None:
+    frame = garp_frame(MAC, ipaddress.IPv4Address("198.18.0.10"))
+    assert len(frame) == 42
+    assert frame[:6] == b"\xff" * 6
+    assert frame[6:12] == MAC
+    htype, ptype, hlen, plen, op, sha, spa, tha, tpa = struct.unpack(
+        "!HHBBH6s4s6s4s", frame[14:])
+    assert (htype, ptype, hlen, plen, op) == (1, 0x0800, 6, 4, 1)
+    assert sha == MAC
+    assert spa == tpa == bytes([198, 18, 0, 10])  # gratuitous: sender = target
+    assert tha == b"\0" * 6
+
+
+def test_unsolicited_na_has_override_and_target_lladdr() -> None:
+    address = ipaddress.IPv6Address("2001:db8::10")
+    message = na_message(MAC, address)
+    icmp_type, code, _checksum, flags = struct.unpack("!BBHI", message[:8])
+    assert (icmp_type, code) == (136, 0)
+    assert flags == 0x2000_0000  # Override only: not a router, not solicited
+    assert message[8:24] == address.packed
+    assert message[24:] == bytes([2, 1]) + MAC
