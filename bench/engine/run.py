@@ -103,11 +103,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                                   checks=plugins.checks)
         loaded = time.monotonic() - started
         downs: dict[str, float] = {}
+        all_down = trio.Event()
         tables: list[DesiredTable] = []
 
         def on_event(event: Event) -> None:
             if isinstance(event, RealServerEvent) and event.new_state == "down":
                 downs.setdefault(f"{event.virtual}/{event.real}", trio.current_time())
+                if len(downs) >= VICTIMS:
+                    all_down.set()
 
         engine = Engine(config, plugins.checks, apply=tables.append, event=on_event)
         async with trio.open_nursery() as nursery:
@@ -127,8 +130,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             victim.kill()
             victim.wait()
             with trio.move_on_after(float(args.interval.rstrip("s")) * 3 + 5):
-                while len(downs) < VICTIMS:
-                    await trio.sleep(0.05)
+                await all_down.wait()
             detection = [t - gone_at for t in downs.values()]
             nursery.cancel_scope.cancel()
     finally:
