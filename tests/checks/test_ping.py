@@ -281,9 +281,10 @@ async def test_cancelled_pings_leak_no_socket(make_request) -> None:
 
 
 # ------------------------------------------------------------------ private netns
+# One namespace and one interpreter for every phase below: starting Python dominates the cost.
 
 _NETNS_SCRIPT = textwrap.dedent("""
-    import json, sys, trio
+    import json, subprocess, sys, trio
     sys.path.insert(0, sys.argv[1])
     from conftest import _make_request
     from lbha.checkapi import Transcript
@@ -291,30 +292,64 @@ _NETNS_SCRIPT = textwrap.dedent("""
 
     async def main():
         out = {}
-        for name, rip, options, timeout in json.loads(sys.argv[2]):
-            transcript = Transcript()
-            request = _make_request(rip, check_type="ping", options=options,
-                                    timeout=timeout, transcript=transcript)
-            result = await PingCheck().check(request)
-            out[name] = [result.up, result.reason, transcript.lines]
+        for phase, setup, cases in json.loads(sys.argv[2]):
+            subprocess.run(["sh", "-ec", setup], check=True)
+            for name, rip, options, timeout in cases:
+                transcript = Transcript()
+                request = _make_request(rip, check_type="ping", options=options,
+                                        timeout=timeout, transcript=transcript)
+                result = await PingCheck().check(request)
+                out[f"{phase}/{name}"] = [result.up, result.reason, transcript.lines]
         print(json.dumps(out))
 
     trio.run(main)
 """)
 
+ALLOW_PING_SOCKETS = "echo '0 2147483647' > /proc/sys/net/ipv4/ping_group_range"
+DENY_PING_SOCKETS = "echo '1 0' > /proc/sys/net/ipv4/ping_group_range"
 
-def run_in_private_netns(setup: str, cases: list[tuple[str, str, dict, float]]) -> dict:
-    """Run ping checks in a fresh network namespace prepared by the shell `setup`."""
+#: (phase, shell setup, cases); each phase builds on the state the previous one left.
+PHASES = [
+    ("allowed", ALLOW_PING_SOCKETS, [
+        ("v4 dgram", "127.0.0.1", {"socket": "dgram"}, 1.0),
+        ("v4 auto", "127.0.0.1", {}, 1.0),
+        ("v6 dgram", "::1", {"socket": "dgram"}, 1.0),
+        ("v4 raw", "127.0.0.1", {"socket": "raw"}, 1.0),
+    ]),
+    ("denied", DENY_PING_SOCKETS, [
+        ("dgram", "127.0.0.1", {"socket": "dgram"}, 1.0),
+        ("auto", "127.0.0.1", {}, 1.0),
+    ]),
+    # The loopback ignores echo requests: nothing ever answers.
+    ("silent", f"{ALLOW_PING_SOCKETS}; echo 1 > /proc/sys/net/ipv4/icmp_echo_ignore_all", [
+        ("dgram", "127.0.0.1", {"socket": "dgram", "count": 3}, 0.3),
+        ("raw", "127.0.0.1", {"socket": "raw"}, 0.3),
+    ]),
+    # Policy rules ahead of the local table: 127.0.0.1 unreachable, ::1 prohibited.
+    ("refused", (
+        "ip rule add pref 100 lookup local; ip rule del pref 0; "
+        "ip rule add to 127.0.0.1 unreachable pref 10; "
+        "ip -6 rule add pref 100 lookup local; ip -6 rule del pref 0; "
+        "ip -6 rule add to ::1 prohibit pref 10"
+    ), [
+        ("v4 dgram", "127.0.0.1", {"socket": "dgram"}, 0.5),
+        ("v4 raw", "127.0.0.1", {"socket": "raw"}, 0.5),
+        ("v6 dgram", "::1", {"socket": "dgram"}, 0.5),
+        ("v6 raw", "::1", {"socket": "raw"}, 0.5),
+    ]),
+]
+
+
+@pytest.fixture(scope="module")
+def netns() -> dict[str, list]:
+    """Results of PHASES, run in a fresh network namespace whose only link is loopback."""
     if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
         pytest.skip("needs root, unshare and ip for a private network namespace")
-    command = (
-        f"ip link set lo up && {setup} && "
-        f'exec "{sys.executable}" -c "$0" "$1" "$2"'
-    )
+    command = f'ip link set lo up && exec "{sys.executable}" -c "$0" "$1" "$2"'
     proc = subprocess.run(
         ["unshare", "--net", "sh", "-c", command, _NETNS_SCRIPT,
-         str(Path(__file__).parent), json.dumps(cases)],
-        capture_output=True, text=True, timeout=20, check=False,
+         str(Path(__file__).parent), json.dumps(PHASES)],
+        capture_output=True, text=True, timeout=30, check=False,
     )
     if proc.returncode != 0 and "unshare" in proc.stderr:
         pytest.skip(f"cannot create a network namespace: {proc.stderr.strip()}")
@@ -322,74 +357,38 @@ def run_in_private_netns(setup: str, cases: list[tuple[str, str, dict, float]]) 
     return json.loads(proc.stdout)
 
 
-ALLOW_PING_SOCKETS = "echo '0 2147483647' > /proc/sys/net/ipv4/ping_group_range"
-
-
-def test_datagram_socket_path_ipv4_and_ipv6() -> None:
-    cases = [
-        ("v4 dgram", "127.0.0.1", {"socket": "dgram"}, 1.0),
-        ("v4 auto", "127.0.0.1", {}, 1.0),
-        ("v6 dgram", "::1", {"socket": "dgram"}, 1.0),
-        ("v4 raw", "127.0.0.1", {"socket": "raw"}, 1.0),
-    ]
-    results = run_in_private_netns(ALLOW_PING_SOCKETS, cases)
+def test_datagram_socket_path_ipv4_and_ipv6(netns) -> None:
     for name in ("v4 dgram", "v4 auto", "v6 dgram", "v4 raw"):
-        up, reason, _ = results[name]
+        up, reason, _ = netns[f"allowed/{name}"]
         assert up, (name, reason)
-    assert results["v4 dgram"][2][0].startswith("* datagram ICMP socket, id ")
-    assert results["v4 auto"][2][0].startswith("* datagram ICMP socket, id ")
-    assert results["v6 dgram"][2][0].startswith("* datagram ICMPv6 socket, id ")
-    assert results["v4 raw"][2][0].startswith("* raw ICMP socket, id ")
+    assert netns["allowed/v4 dgram"][2][0].startswith("* datagram ICMP socket, id ")
+    assert netns["allowed/v4 auto"][2][0].startswith("* datagram ICMP socket, id ")
+    assert netns["allowed/v6 dgram"][2][0].startswith("* datagram ICMPv6 socket, id ")
+    assert netns["allowed/v4 raw"][2][0].startswith("* raw ICMP socket, id ")
 
 
-def test_datagram_socket_refused_by_sysctl_falls_back_or_says_why() -> None:
-    cases = [
-        ("dgram", "127.0.0.1", {"socket": "dgram"}, 1.0),
-        ("auto", "127.0.0.1", {}, 1.0),
-    ]
-    results = run_in_private_netns("echo '1 0' > /proc/sys/net/ipv4/ping_group_range", cases)
-    assert results["dgram"][:2] == [
+def test_datagram_socket_refused_by_sysctl_falls_back_or_says_why(netns) -> None:
+    assert netns["denied/dgram"][:2] == [
         False,
         "cannot ping 127.0.0.1: datagram ICMP socket not allowed (Permission denied; "
         "see net.ipv4.ping_group_range)",
     ]
-    assert results["auto"][0]
-    assert results["auto"][2][0].startswith("* raw ICMP socket")
+    assert netns["denied/auto"][0]
+    assert netns["denied/auto"][2][0].startswith("* raw ICMP socket")
 
 
-def test_silence_is_down_after_every_attempt() -> None:
-    # The namespace's loopback ignores echo requests: nothing ever answers.
-    setup = f"{ALLOW_PING_SOCKETS} && echo 1 > /proc/sys/net/ipv4/icmp_echo_ignore_all"
-    cases = [
-        ("dgram", "127.0.0.1", {"socket": "dgram", "count": 3}, 0.5),
-        ("raw", "127.0.0.1", {"socket": "raw"}, 0.5),
-    ]
-    results = run_in_private_netns(setup, cases)
-    up, reason, lines = results["dgram"]
+def test_silence_is_down_after_every_attempt(netns) -> None:
+    up, reason, lines = netns["silent/dgram"]
     assert not up
-    assert reason == "no echo reply from 127.0.0.1 to 3 requests in 0.45 s"
+    assert reason == "no echo reply from 127.0.0.1 to 3 requests in 0.27 s"
     assert [line.split(" id ")[0] for line in lines[1:]] == ["> echo request to 127.0.0.1"] * 3
-    assert results["raw"][:2] == [False, "no echo reply from 127.0.0.1 to 1 request in 0.45 s"]
+    assert netns["silent/raw"][:2] == [False, "no echo reply from 127.0.0.1 to 1 request in 0.27 s"]
 
 
-def test_local_routing_refusal_is_down_with_the_reason() -> None:
-    # Policy rules ahead of the local table: 127.0.0.1 unreachable, ::1 prohibited.
-    setup = (
-        f"{ALLOW_PING_SOCKETS} && ip rule add pref 100 lookup local && ip rule del pref 0 && "
-        "ip rule add to 127.0.0.1 unreachable pref 10 && "
-        "ip -6 rule add pref 100 lookup local && ip -6 rule del pref 0 && "
-        "ip -6 rule add to ::1 prohibit pref 10"
-    )
-    cases = [
-        ("v4 dgram", "127.0.0.1", {"socket": "dgram"}, 0.5),
-        ("v4 raw", "127.0.0.1", {"socket": "raw"}, 0.5),
-        ("v6 dgram", "::1", {"socket": "dgram"}, 0.5),
-        ("v6 raw", "::1", {"socket": "raw"}, 0.5),
-    ]
-    results = run_in_private_netns(setup, cases)
+def test_local_routing_refusal_is_down_with_the_reason(netns) -> None:
     for name in ("v4 dgram", "v4 raw"):
-        assert results[name][:2] == [False, "ping 127.0.0.1: network unreachable"], name
+        assert netns[f"refused/{name}"][:2] == [False, "ping 127.0.0.1: network unreachable"]
     for name in ("v6 dgram", "v6 raw"):
-        assert results[name][:2] == [
+        assert netns[f"refused/{name}"][:2] == [
             False, "ping ::1: prohibited by a local route or firewall rule",
-        ], name
+        ]
