@@ -252,7 +252,7 @@ def main() -> int:
     results: dict[str, object] = {}
     for timers in args.timers.split(","):
         runs = args.slow_runs if timers == "slow" and args.slow_runs else args.runs
-        for name in args.scenarios.split(","):
+        for name in args.scenarios.split(",") if runs else ():
             func, duration = SCENARIOS[name]
             rows = []
             for i in range(runs):
