@@ -3,6 +3,7 @@ without overlap, hostile frames, and a silent partition healed without an outage
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import threading
@@ -220,3 +221,20 @@ def test_port_in_use_is_reported(pair: Pair) -> None:
     assert result.returncode == 1
     assert "another process" in result.stderr
     assert socket.AF_INET  # the message names the address family-independent cause
+
+
+def test_sighup_reload_applies_floating_ips_and_refuses_bad_config(pair: Pair) -> None:
+    start_both(pair)
+    config = pair.configs["lb1"]
+    good = config.read_text()
+    config.write_text(good.replace(f'floating_ips = ["{VIP4}", "{VIP6}"]',
+                                   f'floating_ips = ["198.18.0.11", "{VIP6}"]'))
+    pair.daemons["lb1"].send_signal(signal.SIGHUP)
+    assert wait_for(lambda: pair.holds("lb1", "198.18.0.11") and not pair.holds("lb1"), 3)
+    assert pair.holds("lb1", VIP6)
+    config.write_text("[cluster\n")
+    pair.daemons["lb1"].send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "reload refused" in pair.log("lb1"), 3)
+    assert pair.holds("lb1", "198.18.0.11")
+    config.write_text(good)  # the CLI reads the file too, to find the control socket
+    assert pair.status("lb1")["state"] == "active"
