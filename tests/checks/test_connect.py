@@ -9,9 +9,9 @@ from contextlib import contextmanager
 
 import pytest
 import trio
-from lbha.checks.connect import ConnectCheck
 
 from lbha.checkapi import Transcript
+from lbha.checks.connect import ConnectCheck
 from lbha.plugin_manager import PluginManager
 
 CHECK = ConnectCheck()

@@ -7,9 +7,9 @@ import textwrap
 from pathlib import Path
 
 import trio
-from lbha.checks.external import OUTPUT_LIMIT, ExternalCheck
 
 from lbha.checkapi import CheckResult, Transcript
+from lbha.checks.external import OUTPUT_LIMIT, ExternalCheck
 from lbha.plugin_manager import PluginManager
 
 CHECK = ExternalCheck()

@@ -21,6 +21,8 @@ import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
+
+from lbha.checkapi import Transcript
 from lbha.checks.ping import (
     PingCheck,
     Verdict,
@@ -28,8 +30,6 @@ from lbha.checks.ping import (
     echo_request,
     parse_reply,
 )
-
-from lbha.checkapi import Transcript
 from lbha.plugin_manager import PluginManager
 
 CHECK = PingCheck()
