@@ -95,7 +95,6 @@ class Heartbeat:
         self._announcing: trio.CancelScope | None = None
         self._changed = trio.Event()
         self._started_wall = time.time()
-        self._last_heard_wall: float | None = None
         self._garp_count = cluster.garp_count
 
     # ------------------------------------------------------------------ lifecycle
@@ -134,7 +133,6 @@ class Heartbeat:
         if frame is None:
             log.debug("dropped a frame on %s: %s", link, verdict)
             return
-        self._last_heard_wall = time.time()
         async with self._lock:
             await self._step(fsm.Received(trio.current_time(), link, frame.state, frame.flags))
 
@@ -320,11 +318,14 @@ class Heartbeat:
             self._ips = floating_ips(config)
             self.addresses.reconfigure(self._ips)
             dropped = old_ips - {str(f.address) for f in self._ips}
-            if dropped:
-                await self.addresses.remove(dropped)
-            if self.state.active:
-                await self.addresses.acquire()
-                self._start_announcing("reload")
+            try:
+                if dropped:
+                    await self.addresses.remove(dropped)
+                if self.state.active:
+                    await self.addresses.acquire()
+                    self._start_announcing("reload")
+            except HeartbeatError as exc:
+                log.error("reload: floating IPs not fully applied: %s", exc)
             self._wake.set()
         log.info("reloaded configuration")
 
