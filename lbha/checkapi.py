@@ -28,6 +28,11 @@ class OptionSpec:
     required: bool = False
     secret: bool = False
     help: str = ""
+    #: Allowed values (checked at config load), e.g. ("auto", "dgram", "raw").
+    choices: tuple[Any, ...] | None = None
+    #: Inclusive bounds for int, float and duration options.
+    minimum: float | None = None
+    maximum: float | None = None
 
     def __post_init__(self) -> None:
         if self.type not in OPTION_TYPES:
@@ -50,6 +55,8 @@ class Target:
     protocol: str
     rip: IPAddress
     rport: int | None
+    #: Firewall mark of a fwmark service (its VIP is then None).
+    mark: int | None = None
 
     @property
     def endpoint(self) -> str:

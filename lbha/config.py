@@ -561,10 +561,21 @@ def _plugin_options(t: _Table, name: str) -> MappingProxyType[str, Any]:
             values[key] = option.default
             continue
         values[key] = _option_value(ot, key, option)
+        _option_bounds(ot, key, option, values[key])
         if option.secret and isinstance(values[key], str) and values[key]:
             t.ctx.secrets.add(values[key])
     ot.finish()
     return MappingProxyType(values)
+
+
+def _option_bounds(ot: _Table, key: str, option: OptionSpec, value: Any) -> None:
+    if option.choices is not None and value not in option.choices:
+        ot.error(key, f"{value!r} is not one of {', '.join(map(repr, option.choices))}")
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        if option.minimum is not None and value < option.minimum:
+            ot.error(key, f"{value!r} is below the minimum {option.minimum:g}")
+        elif option.maximum is not None and value > option.maximum:
+            ot.error(key, f"{value!r} is above the maximum {option.maximum:g}")
 
 
 def _option_value(ot: _Table, key: str, option: OptionSpec) -> Any:

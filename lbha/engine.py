@@ -71,6 +71,7 @@ def make_target(virtual: VirtualService, real: RealServer) -> Target:
         protocol=protocol,
         rip=real.address,
         rport=check_port(virtual, real, real.check),
+        mark=virtual.mark,
     )
 
 

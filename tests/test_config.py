@@ -170,7 +170,8 @@ class RedisCheck:
         "db": OptionSpec("int", default=0),
         "token": OptionSpec("str", secret=True),
         "grace": OptionSpec("duration", default=1.0),
-        "mode": OptionSpec("str", required=True),
+        "mode": OptionSpec("str", required=True, choices=("x", "y")),
+        "count": OptionSpec("int", default=1, minimum=1, maximum=10),
     })
 
     async def check(self, request: CheckRequest) -> CheckResult:
@@ -202,7 +203,7 @@ def test_plugin_options_validated_against_schema() -> None:
     config = load_config_text(text, checks=registry_with_redis())
     options = config.virtuals[0].check.options
     assert options == {"expect": "+PONG", "db": 3, "token": "tok-123", "grace": 0.25,
-                       "mode": "x"}
+                       "mode": "x", "count": 1}
     assert "tok-123" in config.secrets()
     assert "tok-123" not in render_config(config, registry_with_redis())
 
@@ -212,6 +213,9 @@ def test_plugin_options_validated_against_schema() -> None:
     ('mode = "x"\ndb = "one"', "check.options.db: expected int, got a string 'one'"),
     ('db = 1', "check 'redis' needs option 'mode'"),
     ('mode = "x"\ngrace = "soon"', "check.options.grace: expected a duration"),
+    ('mode = "z"', "check.options.mode: 'z' is not one of 'x', 'y'"),
+    ('mode = "x"\ncount = 0', "check.options.count: 0 is below the minimum 1"),
+    ('mode = "x"\ncount = 11', "check.options.count: 11 is above the maximum 10"),
 ])
 def test_bad_plugin_options(options: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
