@@ -50,8 +50,8 @@ def command_environment(target: Target, timeout: float) -> dict[str, str]:
 def command_arguments(target: Target) -> tuple[str, str, str, str]:
     """VIP VPORT RIP RPORT as ldirectord passes them: a missing port is "0"."""
     return (
-        # A fwmark service has no address; the Target does not carry the mark.
-        "" if target.vip is None else str(target.vip),
+        # A fwmark service has no address: ldirectord passes the mark in its place.
+        str(target.vip) if target.vip is not None else str(target.mark or ""),
         str(target.vport or 0),
         str(target.rip),
         str(target.rport or 0),

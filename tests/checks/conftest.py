@@ -23,6 +23,7 @@ def _make_request(
     protocol: str = "tcp",
     vip: str | None = "127.0.0.1",
     vport: int | None = 80,
+    mark: int | None = None,
     command: tuple[str, ...] = (),
     options: Mapping[str, Any] | None = None,
     timeout: float = 3.0,
@@ -37,7 +38,7 @@ def _make_request(
     )
     target = Target(
         virtual="test", vip=None if vip is None else ipaddress.ip_address(vip), vport=vport,
-        protocol=protocol, rip=ipaddress.ip_address(rip), rport=rport,
+        protocol=protocol, rip=ipaddress.ip_address(rip), rport=rport, mark=mark,
     )
     return CheckRequest(target, spec, spec.options, timeout, transcript)
 

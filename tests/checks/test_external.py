@@ -109,9 +109,9 @@ async def test_arguments_and_environment(make_request, tmp_path) -> None:
 async def test_fwmark_service_and_missing_ports(make_request, tmp_path) -> None:
     out = tmp_path / "seen"
     command = script(tmp_path, f'echo "[$1] [$2] [$3] [$4]" > {out}\n')
-    request = make_request("::1", None, vip=None, vport=None, command=(command,))
+    request = make_request("::1", None, vip=None, vport=None, mark=7, command=(command,))
     assert (await CHECK.check(request)).up
-    assert out.read_text() == "[] [0] [::1] [0]\n"
+    assert out.read_text() == "[7] [0] [::1] [0]\n"  # the mark stands in for the VIP
 
 
 async def test_no_shell_interprets_anything(make_request, tmp_path) -> None:
