@@ -1,0 +1,478 @@
+"""Built-in IPVS backend: reconciles the kernel's IPVS table with the desired table.
+
+Reconciliation, not replay: at start, after every new desired table and every
+`[ipvs] reconcile_interval` the plugin reads the kernel table over netlink (pyroute2), diffs
+it with the desired layer-4 services (`lbha.plugins.ipvs_table`) and applies only the
+difference. After a new desired table only the services that changed are read and diffed; the
+periodic pass reads everything, which is what repairs manual `ipvsadm` changes.
+
+Ownership: services in the config, and services recorded in `<state_dir>/ipvs-services.json`
+(those lbha created), are lbha's; every other service in the kernel is left alone. A service
+whose config was deleted is removed because it is still recorded. `cleanstop` decides whether
+lbha's services are removed when healthd stops.
+
+pyroute2 runs an asyncio loop per thread and binds its socket to the thread that opened it,
+so every netlink call runs in one dedicated worker thread that owns the socket; the trio
+thread only waits for that thread's results (trio's own worker threads are not pinned, so
+`trio.to_thread` cannot promise "always the same thread").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from lbha import hookimpl
+from lbha.desired import DesiredService, DesiredTable
+from lbha.hookspecs import DaemonContext
+from lbha.hookspecs import Service as DaemonService
+from lbha.model import Config, IpvsConfig
+from lbha.plugins.ipvs_table import (
+    AddDest,
+    AddService,
+    DeleteDest,
+    DeleteService,
+    EditDest,
+    EditService,
+    Operation,
+    Service,
+    ServiceKey,
+    desired_service,
+    dest_fields,
+    diff,
+    is_drift,
+    parse_dest,
+    parse_service,
+    service_fields,
+    service_key_fields,
+)
+
+log = logging.getLogger("lbha.ipvs")
+
+STATE_FILE = "ipvs-services.json"
+#: How long a stop may spend removing lbha's services (cleanstop) before giving up.
+CLEANUP_SECONDS = 5.0
+#: Retry delays while netlink is unavailable: doubling from the first to the last.
+RETRY_FIRST = 1.0
+RETRY_MAX = 30.0
+
+T = TypeVar("T")
+
+
+class IpvsUnavailable(Exception):
+    """The kernel's IPVS cannot be reached over netlink (module, permission)."""
+
+
+def _explain(exc: BaseException) -> str:
+    """An operator-actionable text for a netlink failure."""
+    code = getattr(exc, "code", None)
+    if code in (errno.EPERM, errno.EACCES):
+        return f"{exc} (lbha needs root or CAP_NET_ADMIN to change IPVS)"
+    if code == errno.ENOENT:
+        return f"{exc} (is the ip_vs kernel module available? try `modprobe ip_vs`)"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _op_error(op: Operation, exc: BaseException) -> str:
+    code = getattr(exc, "code", None)
+    if isinstance(op, AddService | EditService) and code == errno.ENOENT:
+        return (f"scheduler {op.settings.scheduler!r} is not available in this kernel "
+                f"(no ip_vs_{op.settings.scheduler} module)")
+    return os.strerror(code) if isinstance(code, int) else f"{type(exc).__name__}: {exc}"
+
+
+# ------------------------------------------------------------------ kernel side (worker thread)
+
+
+class KernelIpvs:
+    """The kernel IPVS table over one pyroute2 socket. Use from one thread only."""
+
+    def __init__(self) -> None:
+        self._sock: Any = None
+
+    def _socket(self) -> Any:
+        if self._sock is None:
+            try:
+                # Imported here: pyroute2 is slow to import and only healthd needs it.
+                from pyroute2 import IPVS
+
+                self._sock = IPVS()
+            except Exception as exc:  # whatever fails, the reason is reported
+                raise IpvsUnavailable(f"cannot open the IPVS netlink socket: "
+                                      f"{_explain(exc)}") from exc
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def read(self, scope: Iterable[ServiceKey] | None = None) -> dict[ServiceKey, Service]:
+        """The kernel's services (all, or those of `scope` that exist) with destinations."""
+        from pyroute2 import IPVSService
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        sock = self._socket()
+        try:
+            if scope is None:
+                found = [parse_service(dict(m.get_attr("IPVS_CMD_ATTR_SERVICE")["attrs"]))
+                         for m in sock.service("dump")]
+            else:
+                found = []
+                for key in scope:
+                    try:
+                        reply = sock.service("get", service=IPVSService(
+                            **service_key_fields(key)))
+                    except NetlinkError as exc:
+                        if exc.code == errno.ESRCH:
+                            continue
+                        raise
+                    for m in reply:
+                        found.append(parse_service(
+                            dict(m.get_attr("IPVS_CMD_ATTR_SERVICE")["attrs"])))
+            table: dict[ServiceKey, Service] = {}
+            for key, settings in found:
+                dests = dict(
+                    parse_dest(dict(d.get_attr("IPVS_CMD_ATTR_DEST")["attrs"]))
+                    for d in sock.dest("dump", service=IPVSService(**service_key_fields(key)))
+                )
+                table[key] = Service(key, settings, dests)
+            return table
+        except Exception as exc:  # a broken socket is re-opened next time
+            self.close()
+            raise IpvsUnavailable(f"cannot read the IPVS table: {_explain(exc)}") from exc
+
+    def apply(self, ops: Iterable[Operation]) -> list[tuple[Operation, str]]:
+        """Apply operations in order; returns those that failed, with the reason."""
+        from pyroute2 import IPVSDest, IPVSService
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        sock = self._socket()
+        failures: list[tuple[Operation, str]] = []
+        broken: set[ServiceKey] = set()
+        for op in ops:
+            if op.service in broken:
+                failures.append((op, "skipped: its service could not be set up"))
+                continue
+            try:
+                match op:
+                    case AddService() | EditService():
+                        sock.service("add" if isinstance(op, AddService) else "set",
+                                     service=IPVSService(**service_fields(op.service,
+                                                                          op.settings)))
+                    case DeleteService():
+                        sock.service("del", service=IPVSService(
+                            **service_key_fields(op.service)))
+                    case AddDest() | EditDest():
+                        # The full spec every time: IPVSDest's defaults would turn the
+                        # destination into DR with no thresholds.
+                        sock.dest("add" if isinstance(op, AddDest) else "set",
+                                  service=IPVSService(**service_key_fields(op.service)),
+                                  dest=IPVSDest(**dest_fields(op.dest, op.settings)))
+                    case DeleteDest():
+                        sock.dest("del", service=IPVSService(**service_key_fields(op.service)),
+                                  dest=IPVSDest(addr=op.dest.address, port=op.dest.port))
+            except NetlinkError as exc:
+                if isinstance(op, DeleteService) and exc.code == errno.ESRCH:
+                    continue  # already gone: that is what we wanted
+                failures.append((op, _op_error(op, exc)))
+                if isinstance(op, AddService | EditService):
+                    broken.add(op.service)
+            except Exception as exc:  # the socket itself broke: re-open it on the next pass
+                self.close()
+                raise IpvsUnavailable(f"cannot {op}: {_explain(exc)}") from exc
+        return failures
+
+    def delete(self, keys: Iterable[ServiceKey]) -> list[tuple[Operation, str]]:
+        return self.apply([DeleteService(key) for key in keys])
+
+
+class NetlinkWorker:
+    """One dedicated thread for every netlink call; trio awaits results without blocking."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lbha-ipvs")
+        self.kernel = KernelIpvs()
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+
+        def wake(_: Future[T]) -> None:
+            # After the trio run ended nobody waits for this result.
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        future = self._executor.submit(fn, *args)
+        future.add_done_callback(wake)
+        await done.wait()
+        return future.result()
+
+    def close(self) -> None:
+        """Close the socket in its own thread, then let the thread go."""
+        self._executor.submit(self.kernel.close)
+        self._executor.shutdown(wait=False)
+
+
+# ------------------------------------------------------------------ ownership record
+
+
+def load_owned(path: Path) -> set[ServiceKey]:
+    """The services recorded as lbha's; a missing file is none, a broken one is reported."""
+    try:
+        data = json.loads(path.read_text())
+        return {ServiceKey.from_json(item) for item in data["services"]}
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.error("cannot read %s (%s): IPVS services lbha created before and no longer "
+                  "configured will be left in the kernel; remove them with ipvsadm -D", path,
+                  exc)
+        return set()
+
+
+def save_owned(path: Path, owned: Iterable[ServiceKey]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"version": 1, "services": [
+        key.to_json() for key in sorted(owned)]}, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ the backend
+
+
+@dataclass
+class ReconcileResult:
+    """What one reconcile pass did (for logs, tests and the benchmark)."""
+
+    full: bool
+    operations: list[Operation] = field(default_factory=list)
+    drift: list[Operation] = field(default_factory=list)
+    failures: list[tuple[Operation, str]] = field(default_factory=list)
+
+
+class IpvsBackend:
+    """Keeps the kernel's IPVS table equal to the desired layer-4 services."""
+
+    def __init__(self, settings: IpvsConfig, state_dir: Path) -> None:
+        self.settings = settings
+        self.state_path = state_dir / STATE_FILE
+        self.worker = NetlinkWorker()
+        self._table: DesiredTable | None = None
+        self._have_table = trio.Event()
+        self._wake = trio.Event()
+        self._cache: dict[int, tuple[DesiredService, Service]] = {}
+        self._desired: dict[ServiceKey, Service] = {}
+        self._desired_generation = -1
+        #: The desired state lbha last put into the kernel, per service.
+        self.applied: dict[ServiceKey, Service] = {}
+        self.owned: set[ServiceKey] = load_owned(self.state_path)
+        self._reported: set[str] = set()
+
+    def configure(self, config: Config) -> None:
+        self.settings = config.ipvs
+        self.state_path = config.paths.state_dir / STATE_FILE
+
+    def apply(self, table: DesiredTable) -> None:
+        """Remember the newest table and wake the service; never blocks."""
+        self._table = table
+        self._have_table.set()
+        self._wake.set()
+
+    def desired(self) -> dict[ServiceKey, Service]:
+        """The newest desired table as IPVS services, converting only services that changed.
+
+        The engine rebuilds only the virtual services that changed and reuses the other
+        DesiredService objects, so identity tells what is new.
+        """
+        table = self._table
+        if table is None or table.generation == self._desired_generation:
+            return self._desired
+        cache: dict[int, tuple[DesiredService, Service]] = {}
+        desired: dict[ServiceKey, Service] = {}
+        for service in table.services:
+            if service.layer != 4:
+                continue
+            hit = self._cache.get(id(service))
+            converted = hit[1] if hit is not None and hit[0] is service else \
+                desired_service(service)
+            cache[id(service)] = (service, converted)
+            desired.setdefault(converted.key, converted)
+        self._cache, self._desired = cache, desired
+        self._desired_generation = table.generation
+        return desired
+
+    async def reconcile(self, full: bool = True) -> ReconcileResult:
+        """Read the kernel (all of it, or the services that changed), apply the difference.
+
+        Raises IpvsUnavailable when netlink cannot be used at all.
+        """
+        desired = self.desired()
+        result = ReconcileResult(full)
+        if full:
+            scope = None
+        else:
+            scope = {key for key in desired.keys() | self.applied.keys()
+                     if desired.get(key) is not self.applied.get(key)
+                     and desired.get(key) != self.applied.get(key)}
+            if not scope:
+                return result
+        kernel = await self.worker.call(self.worker.kernel.read,
+                                        None if scope is None else sorted(scope))
+        # Record ownership before anything is created, so a crash cannot orphan a service.
+        if not desired.keys() <= self.owned:
+            self.owned |= desired.keys()
+            save_owned(self.state_path, self.owned)
+        ops = diff(kernel, desired, self.owned, scope)
+        if ops:
+            result.failures = await self.worker.call(self.worker.kernel.apply, ops)
+        result.operations = ops
+        failed = {op.service for op, _ in result.failures}
+        for op in ops:
+            if is_drift(op, self.applied, desired):
+                result.drift.append(op)
+        self._log(result)
+        considered = desired.keys() | self.applied.keys() if scope is None else scope
+        for key in considered:
+            if key in failed:
+                self.applied.pop(key, None)
+            elif key in desired:
+                self.applied[key] = desired[key]
+            else:
+                self.applied.pop(key, None)
+        still_owned = desired.keys() | {op.service for op, _ in result.failures
+                                        if isinstance(op, DeleteService)}
+        if scope is not None:
+            still_owned |= self.owned - scope
+        if still_owned != self.owned:
+            self.owned = still_owned
+            save_owned(self.state_path, self.owned)
+        return result
+
+    def _log(self, result: ReconcileResult) -> None:
+        drift = set(map(id, result.drift))
+        for op in result.operations:
+            if id(op) in drift:
+                log.warning("IPVS %s changed outside lbha (ipvsadm?); repairing: %s",
+                            op.service, op)
+            else:
+                log.info("IPVS %s", op)
+        reported = set()
+        for op, reason in result.failures:
+            message = f"IPVS: cannot {op}: {reason}"
+            reported.add(message)
+            if message not in self._reported:
+                log.error("%s; retrying at every reconcile", message)
+        if result.full:
+            self._reported = reported
+        else:
+            self._reported |= reported
+
+    async def clean_stop(self) -> None:
+        """Remove lbha's services when `cleanstop` is set; otherwise leave them running."""
+        if not self.owned:
+            return
+        if not self.settings.cleanstop:
+            log.info("IPVS: leaving %d services in the kernel (cleanstop = false)",
+                     len(self.owned))
+            return
+        failures = await self.worker.call(self.worker.kernel.delete, sorted(self.owned))
+        for op, reason in failures:
+            log.error("IPVS: cannot %s on stop: %s", op, reason)
+        self.owned = {op.service for op, _ in failures}
+        save_owned(self.state_path, self.owned)
+        log.info("IPVS: removed lbha's services (cleanstop)")
+
+    async def run(self) -> None:
+        """Reconcile at start, on every change and periodically, until cancelled."""
+        try:
+            # Nothing is touched before the engine's first table: reconciling against an
+            # empty table would remove every service a previous run left (cleanstop = false).
+            await self._have_table.wait()
+            await self._loop()
+        finally:
+            with trio.move_on_after(CLEANUP_SECONDS, shield=True) as scope:
+                try:
+                    await self.clean_stop()
+                except IpvsUnavailable as exc:
+                    log.error("IPVS: cannot clean up on stop: %s", exc)
+            if scope.cancelled_caught:
+                log.error("IPVS: clean-up on stop took more than %.0f s; gave up",
+                          CLEANUP_SECONDS)
+            self.worker.close()
+
+    async def _loop(self) -> None:
+        next_full = trio.current_time()
+        retry = RETRY_FIRST
+        unavailable = False
+        while True:
+            full = trio.current_time() >= next_full
+            self._wake = trio.Event()
+            try:
+                await self.reconcile(full=full)
+            except (IpvsUnavailable, OSError) as exc:
+                # OSError: the ownership record cannot be written, so nothing may be created.
+                if not unavailable:
+                    log.error("IPVS: %s; retrying (backing off up to %.0f s)", exc, RETRY_MAX)
+                unavailable = True
+                next_full = trio.current_time() + retry
+                retry = min(retry * 2, RETRY_MAX)
+            else:
+                if unavailable:
+                    log.info("IPVS: netlink works again; table reconciled")
+                unavailable = False
+                retry = RETRY_FIRST
+                if full:
+                    next_full = trio.current_time() + self.settings.reconcile_interval
+            if unavailable:
+                # Back off: new tables are picked up by the next retry, which is a full pass.
+                await trio.sleep_until(next_full)
+            else:
+                with trio.move_on_at(next_full):
+                    await self._wake.wait()
+
+
+# ------------------------------------------------------------------ hooks
+
+_config: Config | None = None
+_backend: IpvsBackend | None = None
+
+
+@hookimpl
+def lbha_configure(config: Config) -> None:
+    global _config
+    _config = config
+    if _backend is not None:
+        _backend.configure(config)
+
+
+@hookimpl
+def lbha_start(context: DaemonContext) -> DaemonService | None:
+    global _backend
+    if context.daemon != "healthd":
+        return None
+    config = _config or context.config
+    _backend = IpvsBackend(config.ipvs, config.paths.state_dir)
+    return _backend.run
+
+
+@hookimpl
+def lbha_apply(desired: DesiredTable) -> None:
+    if _backend is not None:
+        _backend.apply(desired)
+
+
+def current_backend() -> IpvsBackend | None:
+    """The backend of the running healthd (status, tests)."""
+    return _backend

@@ -1,0 +1,383 @@
+"""IPVS tables as plain values, and the diff "kernel table -> desired table" as operations.
+
+No I/O: the IPVS plugin reads the kernel into a `Table`, builds the desired `Table` from the
+engine's DesiredTable, and applies what `diff` returns. The netlink attribute dicts are built
+here too, so the pyroute2 pitfalls (a "set" sends every field; IPVSDest defaults to DR) are
+handled, and tested, in one place: every request carries the full, explicit spec.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import socket
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lbha.desired import DesiredService, DesiredTable
+from lbha.model import Forwarding
+
+#: IPVS service flags lbha manages; the kernel adds HASHED (0x2) and we leave the sh-* flags.
+FLAG_PERSISTENT = 0x1
+FLAG_ONEPACKET = 0x4
+MANAGED_FLAGS = FLAG_PERSISTENT | FLAG_ONEPACKET
+
+#: IPVS forwarding methods (IP_VS_CONN_F_*), as the kernel and ipvsadm number them.
+FWD_MASQ = 0
+FWD_TUNNEL = 2
+FWD_ROUTE = 3
+FORWARDING_CODES: Mapping[Forwarding, int] = {
+    Forwarding.NAT: FWD_MASQ, Forwarding.TUN: FWD_TUNNEL, Forwarding.DR: FWD_ROUTE,
+}
+_FWD_NAMES = {FWD_MASQ: "masq", FWD_TUNNEL: "tunnel", FWD_ROUTE: "route", 1: "local"}
+
+_PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+_PROTOCOL_NAMES = {number: name for name, number in _PROTOCOLS.items()}
+_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+_FAMILY = {af: version for version, af in _AF.items()}
+
+
+@dataclass(frozen=True, order=True)
+class ServiceKey:
+    """What identifies an IPVS virtual service: protocol + address + port, or a fwmark."""
+
+    family: int
+    protocol: str
+    address: str | None = None
+    port: int = 0
+    fwmark: int = 0
+
+    def __str__(self) -> str:
+        if self.protocol == "fwmark":
+            return f"FWM {self.fwmark} IPv{self.family}"
+        host = f"[{self.address}]" if self.family == 6 else self.address
+        return f"{self.protocol.upper()} {host}:{self.port}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"family": self.family, "protocol": self.protocol, "address": self.address,
+                "port": self.port, "fwmark": self.fwmark}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ServiceKey:
+        return cls(int(data["family"]), str(data["protocol"]), data.get("address"),
+                   int(data.get("port", 0)), int(data.get("fwmark", 0)))
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    scheduler: str
+    persistent: bool = False
+    one_packet: bool = False
+    #: Persistence timeout in seconds (0 unless persistent).
+    timeout: int = 0
+    #: Persistence netmask (IPv4: dotted; IPv6: a prefix length, as ipvsadm prints them);
+    #: "" unless persistent.
+    netmask: str = ""
+
+    def __str__(self) -> str:
+        text = self.scheduler
+        if self.persistent:
+            text += f" persistent {self.timeout} mask {self.netmask}"
+        if self.one_packet:
+            text += " ops"
+        return text
+
+
+@dataclass(frozen=True, order=True)
+class DestKey:
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class DestSettings:
+    forwarding: int
+    weight: int
+    upper: int = 0
+    lower: int = 0
+
+    def __str__(self) -> str:
+        text = f"{_FWD_NAMES.get(self.forwarding, self.forwarding)} weight {self.weight}"
+        if self.upper or self.lower:
+            text += f" thresholds {self.upper}/{self.lower}"
+        return text
+
+
+@dataclass(frozen=True)
+class Service:
+    key: ServiceKey
+    settings: ServiceSettings
+    dests: Mapping[DestKey, DestSettings] = field(default_factory=dict)
+
+
+Table = Mapping[ServiceKey, Service]
+
+
+# ------------------------------------------------------------------ operations
+
+
+@dataclass(frozen=True)
+class AddService:
+    service: ServiceKey
+    settings: ServiceSettings
+
+    def __str__(self) -> str:
+        return f"add service {self.service} {self.settings}"
+
+
+@dataclass(frozen=True)
+class EditService:
+    service: ServiceKey
+    settings: ServiceSettings
+    old: ServiceSettings
+
+    def __str__(self) -> str:
+        return f"edit service {self.service}: {self.old} -> {self.settings}"
+
+
+@dataclass(frozen=True)
+class DeleteService:
+    service: ServiceKey
+
+    def __str__(self) -> str:
+        return f"delete service {self.service}"
+
+
+@dataclass(frozen=True)
+class AddDest:
+    service: ServiceKey
+    dest: DestKey
+    settings: DestSettings
+
+    def __str__(self) -> str:
+        return f"add {self.service} -> {self.dest} {self.settings}"
+
+
+@dataclass(frozen=True)
+class EditDest:
+    service: ServiceKey
+    dest: DestKey
+    settings: DestSettings
+    old: DestSettings
+
+    def __str__(self) -> str:
+        return f"edit {self.service} -> {self.dest}: {self.old} -> {self.settings}"
+
+
+@dataclass(frozen=True)
+class DeleteDest:
+    service: ServiceKey
+    dest: DestKey
+
+    def __str__(self) -> str:
+        return f"delete {self.service} -> {self.dest}"
+
+
+Operation = AddService | EditService | DeleteService | AddDest | EditDest | DeleteDest
+
+
+def diff(kernel: Table, desired: Table, owned: Iterable[ServiceKey],
+         scope: Iterable[ServiceKey] | None = None) -> list[Operation]:
+    """The operations that turn `kernel` into `desired` for the services lbha manages.
+
+    lbha manages the desired services and those in `owned` (created by it earlier); a service
+    in neither is foreign and never touched. Inside a managed service every destination is
+    lbha's. `scope` limits the diff to some services (None: all). Deletions of services come
+    first so that nothing else waits behind them.
+    """
+    managed = set(desired) | set(owned)
+    keys = managed if scope is None else managed & set(scope)
+    ops: list[Operation] = []
+    for key in sorted(keys - set(desired)):
+        if key in kernel:
+            ops.append(DeleteService(key))
+    for key in sorted(keys & set(desired)):
+        want = desired[key]
+        have = kernel.get(key)
+        if have is None:
+            ops.append(AddService(key, want.settings))
+            ops.extend(AddDest(key, d, want.dests[d]) for d in sorted(want.dests))
+            continue
+        if have.settings != want.settings:
+            ops.append(EditService(key, want.settings, have.settings))
+        ops.extend(DeleteDest(key, d) for d in sorted(set(have.dests) - set(want.dests)))
+        for dest in sorted(want.dests):
+            old = have.dests.get(dest)
+            if old is None:
+                ops.append(AddDest(key, dest, want.dests[dest]))
+            elif old != want.dests[dest]:
+                ops.append(EditDest(key, dest, want.dests[dest], old))
+    return ops
+
+
+def is_drift(op: Operation, applied: Table, desired: Table) -> bool:
+    """True when `op` repairs the kernel rather than carrying a new desired state.
+
+    `applied` is the desired table lbha last put into the kernel: a service whose desired
+    state has not changed since then but still needs an operation was changed behind lbha's
+    back (ipvsadm, another tool).
+    """
+    key = op.service
+    return key in applied and applied.get(key) == desired.get(key)
+
+
+# ------------------------------------------------------------------ desired side
+
+
+def _family(service: DesiredService) -> int:
+    if service.address is not None:
+        return service.address.version
+    # A fwmark service has no address; its real servers tell the family.
+    return service.destinations[0].address.version if service.destinations else 4
+
+
+def service_key(service: DesiredService) -> ServiceKey:
+    family = _family(service)
+    if service.protocol == "fwmark":
+        return ServiceKey(family, "fwmark", fwmark=service.mark or 0)
+    assert service.address is not None, "a tcp/udp service has an address"
+    return ServiceKey(family, service.protocol, service.address.compressed, service.port)
+
+
+def default_netmask(family: int) -> str:
+    return "128" if family == 6 else "255.255.255.255"
+
+
+def desired_service(service: DesiredService) -> Service:
+    """One layer-4 DesiredService as the IPVS entry it must become."""
+    key = service_key(service)
+    persistent = service.persistence is not None
+    settings = ServiceSettings(
+        scheduler=service.scheduler,
+        persistent=persistent,
+        one_packet=service.one_packet,
+        timeout=max(1, math.ceil(service.persistence)) if service.persistence else 0,
+        netmask=(service.persistence_netmask or default_netmask(key.family)) if persistent
+        else "",
+    )
+    dests: dict[DestKey, DestSettings] = {}
+    for dest in service.destinations:
+        dest_key = DestKey(dest.address.compressed, dest.port)
+        # The same address:port twice (a real server that is also the fallback) is one entry.
+        dests.setdefault(dest_key, DestSettings(
+            forwarding=FORWARDING_CODES[dest.forwarding],
+            weight=dest.weight,
+            upper=dest.max_connections,
+            lower=dest.min_connections,
+        ))
+    return Service(key, settings, dests)
+
+
+def desired_table(table: DesiredTable) -> dict[ServiceKey, Service]:
+    """The IPVS part (layer 4) of the engine's desired table."""
+    services: dict[ServiceKey, Service] = {}
+    for service in table.services:
+        if service.layer != 4:
+            continue
+        wanted = desired_service(service)
+        services.setdefault(wanted.key, wanted)
+    return services
+
+
+# ------------------------------------------------------------------ netlink attributes
+
+
+def encode_netmask(family: int, netmask: str) -> str:
+    """The netmask attribute as pyroute2 sends it (an IPv4 address field).
+
+    For IPv6 the kernel reads the 32-bit field as a prefix length in host byte order, the
+    way ipvsadm fills it.
+    """
+    if family == 6:
+        return socket.inet_ntoa(struct.pack("=I", int(netmask)))
+    return netmask
+
+
+def decode_netmask(family: int, value: str) -> str:
+    if family == 6:
+        return str(struct.unpack("=I", socket.inet_aton(value))[0])
+    return value
+
+
+def service_key_fields(key: ServiceKey) -> dict[str, Any]:
+    """The fields that identify a service in a request."""
+    fields: dict[str, Any] = {"af": _AF[key.family]}
+    if key.protocol == "fwmark":
+        fields["fwmark"] = key.fwmark
+    else:
+        fields.update(protocol=_PROTOCOLS[key.protocol], addr=key.address, port=key.port)
+    return fields
+
+
+def service_fields(key: ServiceKey, settings: ServiceSettings) -> dict[str, Any]:
+    """Every field of a service add/set request: never rely on pyroute2's defaults."""
+    flags = (FLAG_PERSISTENT if settings.persistent else 0) | (
+        FLAG_ONEPACKET if settings.one_packet else 0)
+    return {
+        **service_key_fields(key),
+        "sched_name": settings.scheduler,
+        "flags": {"flags": flags, "mask": MANAGED_FLAGS},
+        "timeout": settings.timeout if settings.persistent else 0,
+        "netmask": encode_netmask(key.family, settings.netmask if settings.persistent
+                                  else default_netmask(key.family)),
+    }
+
+
+def dest_fields(dest: DestKey, settings: DestSettings) -> dict[str, Any]:
+    """Every field of a destination add/set request (IPVSDest defaults to DR otherwise)."""
+    return {
+        "addr": dest.address,
+        "port": dest.port,
+        "addr_family": _AF[ipaddress.ip_address(dest.address).version],
+        "fwd_method": settings.forwarding,
+        "weight": settings.weight,
+        "u_thresh": settings.upper,
+        "l_thresh": settings.lower,
+        "tun_type": 0,
+        "tun_port": 0,
+        "tun_flags": 0,
+    }
+
+
+def parse_service(attrs: Mapping[str, Any]) -> tuple[ServiceKey, ServiceSettings]:
+    """A service from the kernel's IPVS_SVC_ATTR_* attributes."""
+    family = _FAMILY[attrs["IPVS_SVC_ATTR_AF"]]
+    fwmark = attrs.get("IPVS_SVC_ATTR_FWMARK") or 0
+    if fwmark:
+        key = ServiceKey(family, "fwmark", fwmark=fwmark)
+    else:
+        protocol = attrs["IPVS_SVC_ATTR_PROTOCOL"]
+        key = ServiceKey(family, _PROTOCOL_NAMES.get(protocol, str(protocol)),
+                         ipaddress.ip_address(attrs["IPVS_SVC_ATTR_ADDR"]).compressed,
+                         attrs["IPVS_SVC_ATTR_PORT"])
+    flags = attrs.get("IPVS_SVC_ATTR_FLAGS", {}).get("flags", 0)
+    persistent = bool(flags & FLAG_PERSISTENT)
+    # Timeout and netmask mean nothing without persistence; compare them only with it.
+    settings = ServiceSettings(
+        scheduler=attrs.get("IPVS_SVC_ATTR_SCHED_NAME", ""),
+        persistent=persistent,
+        one_packet=bool(flags & FLAG_ONEPACKET),
+        timeout=attrs.get("IPVS_SVC_ATTR_TIMEOUT", 0) if persistent else 0,
+        netmask=(decode_netmask(family, attrs.get("IPVS_SVC_ATTR_NETMASK", "0.0.0.0"))
+                 if persistent else ""),
+    )
+    return key, settings
+
+
+def parse_dest(attrs: Mapping[str, Any]) -> tuple[DestKey, DestSettings]:
+    """A destination from the kernel's IPVS_DEST_ATTR_* attributes."""
+    key = DestKey(ipaddress.ip_address(attrs["IPVS_DEST_ATTR_ADDR"]).compressed,
+                  attrs["IPVS_DEST_ATTR_PORT"])
+    settings = DestSettings(
+        forwarding=attrs.get("IPVS_DEST_ATTR_FWD_METHOD", FWD_ROUTE),
+        weight=attrs.get("IPVS_DEST_ATTR_WEIGHT", 0),
+        upper=attrs.get("IPVS_DEST_ATTR_U_THRESH", 0),
+        lower=attrs.get("IPVS_DEST_ATTR_L_THRESH", 0),
+    )
+    return key, settings
