@@ -23,7 +23,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lbha.checkapi import CheckResult, Transcript
+from lbha.checkapi import CheckRequest, CheckResult, Transcript
 from lbha.checks.dns import (
     DnsCheck,
     Ignored,
@@ -34,7 +34,7 @@ from lbha.checks.dns import (
     receive_matcher,
 )
 from lbha.plugin_manager import PluginManager
-from lbha.testing import run_check_now
+from lbha.testing import check_spec, run_check_now, target
 
 DEADLINE = 0.5
 #: What the issue allows past the deadline for a verdict.
@@ -358,14 +358,29 @@ def truncated(wire: bytes) -> list[bytes]:
 TcpServer = Callable[[trio.SocketStream], Awaitable[None]]
 
 
+async def udp_and_tcp_on_one_port() -> tuple[trio.socket.SocketType, trio.socket.SocketType,
+                                             int]:
+    """A bound UDP socket and a listening TCP socket on the same free port."""
+    for _ in range(50):
+        udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tcp = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            await udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            await tcp.bind(("127.0.0.1", port))
+        except OSError:
+            udp.close()
+            tcp.close()
+            continue
+        tcp.listen(8)
+        return udp, tcp, port
+    raise RuntimeError("no port free for both UDP and TCP on 127.0.0.1")
+
+
 async def tc_then_tcp(tcp_handler: TcpServer) -> tuple[CheckResult, float, Transcript]:
     """UDP answers TC; TCP on the same port runs `tcp_handler`."""
-    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, \
-            trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-        await udp.bind(("127.0.0.1", 0))
-        port = udp.getsockname()[1]
-        await tcp.bind(("127.0.0.1", port))
-        tcp.listen(8)
+    udp, tcp, port = await udp_and_tcp_on_one_port()
+    with udp, tcp:
 
         async def udp_loop() -> None:
             while True:
@@ -589,3 +604,22 @@ def test_lbha_check_once_verbose_shows_the_exchange(dnsmasq: Dnsmasq, tmp_path: 
         "unreachable (ICMP port unreachable)" in out.stdout
     assert f"A www.example.test (UDP to 127.0.0.1:{dnsmasq.port})" in out.stdout
     assert "IN A 192.0.2.10" in out.stdout
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.binary(max_size=300), max_size=4), st.booleans())
+async def test_fuzz_end_to_end_no_exception_escapes(datagrams: list[bytes],
+                                                   our_id: bool) -> None:
+    """The check itself (not the engine's safety net) turns any datagrams into a verdict."""
+    def answer(wire: bytes) -> list[bytes]:
+        return [wire[:2] + d[2:] if our_id else d for d in datagrams]
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_udp, answer)
+        spec = check_spec("dns", request="www.example.test")
+        request = CheckRequest(target(rport=port, protocol="udp"), spec, spec.options, 0.1,
+                               Transcript())
+        result = await DnsCheck().check(request)
+        nursery.cancel_scope.cancel()
+    assert isinstance(result, CheckResult)
+    assert result.reason

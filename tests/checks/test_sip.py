@@ -18,7 +18,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lbha.checkapi import CheckResult, Transcript
+from lbha.checkapi import CheckRequest, CheckResult, Transcript
 from lbha.checks.sip import (
     MAX_HEAD,
     Ignored,
@@ -32,7 +32,7 @@ from lbha.checks.sip import (
     split_message,
 )
 from lbha.plugin_manager import PluginManager
-from lbha.testing import run_check_now
+from lbha.testing import check_spec, run_check_now, target
 
 DEADLINE = 0.5
 #: What the issue allows past the deadline for a verdict.
@@ -658,3 +658,20 @@ def test_lbha_check_once_verbose_shows_the_exchange(sipp_udp: Sipp, tmp_path: Pa
     assert f"OPTIONS sip:{USER} SIP/2.0" in out.stdout
     assert "< SIP/2.0 100 Trying" in out.stdout
     assert "< SIP/2.0 200 OK" in out.stdout
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.one_of(st.binary(max_size=300),
+                          st.sampled_from([GOOD, GOOD[:50], b"SIP/2.0 100 Trying\r\n\r\n"])),
+                max_size=4))
+async def test_fuzz_end_to_end_no_exception_escapes(datagrams: list[bytes]) -> None:
+    """The check itself (not the engine's safety net) turns any datagrams into a verdict."""
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_udp, lambda request: datagrams)
+        spec = check_spec("sip", login=USER)
+        request = CheckRequest(target(rport=port, protocol="udp"), spec, spec.options, 0.1,
+                               Transcript())
+        result = await SipCheck().check(request)
+        nursery.cancel_scope.cancel()
+    assert isinstance(result, CheckResult)
+    assert result.reason
