@@ -6,7 +6,6 @@ import argparse
 import sys
 
 from lbha.heartbeat.cli import add_commands
-
 from lbha.logs import LEVELS
 
 

@@ -21,16 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from lbha.heartbeat import fsm
-from lbha.heartbeat.errors import HeartbeatError
-from lbha.heartbeat.floating_ips import AddressManager, NetlinkAddresses, floating_ips
-from lbha.heartbeat.protocol import Frame, KeyRing, Receiver, Verdict, encode, load_key_file
-from lbha.heartbeat.transport import Transport, UdpTransport
 
 from lbha.config import load_config
 from lbha.control import serve_control
 from lbha.errors import ConfigError, ControlError
 from lbha.events import ClusterEvent, Event, Severity
+from lbha.heartbeat import fsm
+from lbha.heartbeat.errors import HeartbeatError
+from lbha.heartbeat.floating_ips import AddressManager, NetlinkAddresses, floating_ips
+from lbha.heartbeat.protocol import Frame, KeyRing, Receiver, Verdict, encode, load_key_file
+from lbha.heartbeat.transport import Transport, UdpTransport
 from lbha.hookspecs import DaemonContext
 from lbha.logs import redact_secrets
 from lbha.model import ClusterConfig, Config, Role

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import trio
-from lbha.heartbeat.errors import FloatingIPError
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from lbha.heartbeat.errors import FloatingIPError
 from lbha.model import Config, FloatingIP, IPInterface
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
+
 from lbha.heartbeat.errors import TransportError
 from lbha.heartbeat.protocol import MAX_FRAME
-
 from lbha.model import IPAddress
 
 log = logging.getLogger(__name__)

@@ -6,10 +6,10 @@ import argparse
 from pathlib import Path
 
 import pytest
-from lbha.heartbeat.cli import add_commands, cluster_status_text, format_status
 
 from lbha.config import load_config_text
 from lbha.errors import ControlError
+from lbha.heartbeat.cli import add_commands, cluster_status_text, format_status
 
 STATUS = {
     "node": "lb2", "role": "slave", "state": "passive", "link": "up", "peer": "lb1",

@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 import trio.testing
-from lbha.heartbeat.daemon import Heartbeat
-from lbha.heartbeat.floating_ips import AddressManager
-from lbha.heartbeat.protocol import Flags, Frame, KeyRing, PeerState, Verdict, encode
-from lbha.heartbeat.transport import UdpTransport
 
 from lbha.config import load_config_text
 from lbha.errors import ControlError
 from lbha.events import ClusterEvent, Event
+from lbha.heartbeat.daemon import Heartbeat
+from lbha.heartbeat.floating_ips import AddressManager
+from lbha.heartbeat.protocol import Flags, Frame, KeyRing, PeerState, Verdict, encode
+from lbha.heartbeat.transport import UdpTransport
 from lbha.model import FloatingIP
 
 from .fakenet import FakeNet

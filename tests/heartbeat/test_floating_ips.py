@@ -7,10 +7,10 @@ import struct
 from typing import Any
 
 import pytest
-from lbha.heartbeat.errors import FloatingIPError
-from lbha.heartbeat.floating_ips import _resolve, floating_ips, garp_frame, na_message
 
 from lbha.config import load_config_text
+from lbha.heartbeat.errors import FloatingIPError
+from lbha.heartbeat.floating_ips import _resolve, floating_ips, garp_frame, na_message
 from lbha.model import FloatingIP
 
 MAC = bytes.fromhex("020000000001")

@@ -6,6 +6,7 @@ import itertools
 from dataclasses import replace
 
 import pytest
+
 from lbha.heartbeat import fsm
 from lbha.heartbeat.fsm import (
     Acquire,

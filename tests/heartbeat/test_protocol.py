@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from lbha.heartbeat.errors import KeyFileError
 from lbha.heartbeat.protocol import (
     MAX_FRAME,
