@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 import trio
+
+from lbha import __version__, hookimpl
+from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec, Transcript
 from lbha.checks.tcpclient import (
     RECEIVE_SIZE,
     CheckFailed,
@@ -30,9 +33,6 @@ from lbha.checks.tcpclient import (
     start_tls,
     tls_context,
 )
-
-from lbha import __version__, hookimpl
-from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec, Transcript
 from lbha.model import CheckSpec, HttpMethod
 
 #: Status line plus headers (all interim 1xx responses included).
@@ -44,7 +44,7 @@ _CHUNK_LINE_LIMIT = 4096
 USER_AGENT = f"lbha/{__version__} health check"
 #: Request-target characters sent as they are; everything else is percent-encoded.
 _SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
-_STATUS_LINE = re.compile(rb"HTTP/(\d)\.(\d) (\d{3})(?: ([^\r\n]*))?\r?")
+_STATUS_LINE = re.compile(rb"HTTP/(\d)\.(\d) (\d{3})(?: [^\r\n]*)?\r\n")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _HOST = re.compile(r"[A-Za-z0-9.\-_~%!$&'()*+,;=:\[\]]+")
 #: Response header lines shown by `lbha check -v`.

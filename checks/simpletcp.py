@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 from types import MappingProxyType
 
+from lbha import hookimpl
+from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec
 from lbha.checks.tcpclient import (
     RECEIVE_SIZE,
     CheckFailed,
@@ -22,9 +24,6 @@ from lbha.checks.tcpclient import (
     quote,
     run_exchange,
 )
-
-from lbha import hookimpl
-from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec
 
 #: Bytes read before giving up on finding a matching line.
 READ_LIMIT = 64 * 1024

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import ipaddress
 import os
 import re
 import socket
@@ -20,9 +21,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
-from lbha.checks.connect import describe_error
 
 from lbha.checkapi import CheckRequest, CheckResult, Target, Transcript
+from lbha.checks.connect import describe_error
 
 #: l_onoff=1, l_linger=0: close() resets the connection, so checks leave no TIME_WAIT
 #: sockets on the director (as the connect check and HAProxy's checks do).
@@ -59,8 +60,8 @@ class Progress:
 
 
 def budget(timeout: float) -> float:
-    """The check's own time limit: 5 % (at most 0.25 s) before the engine's deadline."""
-    return timeout - min(timeout * 0.05, _MAX_MARGIN)
+    """The check's own time limit: 10 % (at most 0.25 s) before the engine's deadline."""
+    return timeout - min(timeout * 0.1, _MAX_MARGIN)
 
 
 async def run_exchange(
@@ -156,9 +157,18 @@ async def start_tls(stream: trio.SocketStream, context: ssl.SSLContext,
         version = tls.version()
         cipher = tls.cipher()
         verified = "verified" if context.verify_mode == ssl.CERT_REQUIRED else "not verified"
+        sni = server_hostname if server_hostname and not _is_ip(server_hostname) else None
         transcript.note(f"TLS {version} {cipher[0] if cipher else ''}, "
-                        f"SNI {server_hostname or '(none)'}, certificate {verified}")
+                        f"SNI {sni or '(none)'}, certificate {verified}")
     return tls
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 _contexts: dict[tuple[bool, str, int], ssl.SSLContext] = {}
