@@ -61,6 +61,8 @@ MAX_WEIGHT = 256
 RETRY_INTERVAL = 1.0
 #: How often every socket is asked which worker answers, to catch reloads early.
 RELOAD_PROBE_INTERVAL = 1.0
+#: Above this many backends to read, one unfiltered `show servers state` is cheaper.
+BULK_READ = 16
 #: Bound on one whole session (connect, state reads, commands).
 SESSION_TIMEOUT = 5.0
 
@@ -176,21 +178,83 @@ def owned_servers(config: Config) -> dict[BackendKey, frozenset[str]]:
     return {key: frozenset(names) for key, names in owned.items()}
 
 
-def desired_backends(table: DesiredTable) -> dict[BackendKey, dict[str, DesiredDestination]]:
-    """The layer-7 services of a desired table by (socket, backend)."""
-    result: dict[BackendKey, dict[str, DesiredDestination]] = {}
-    for service in table.services:
-        if not _is_layer7(service):
-            continue
-        key = (service.haproxy_socket or "", service.haproxy_backend or "")
-        dests = result.setdefault(key, {})
+Wanted = dict[BackendKey, dict[str, DesiredDestination]]
+
+
+class DesiredView:
+    """The layer-7 part of the latest desired table by (socket, backend).
+
+    Updating costs O(changed services): the engine hands unchanged services over as the same
+    objects, so only backends whose services are new objects are rebuilt.
+    """
+
+    def __init__(self) -> None:
+        self._services: tuple[DesiredService, ...] = ()
+        self._members: dict[BackendKey, list[int]] = {}
+        self.wanted: Wanted = {}
+
+    def update(self, table: DesiredTable) -> tuple[set[BackendKey], bool]:
+        """Switch to `table`; return the backends rebuilt and whether the set of backends
+        changed."""
+        old, new = self._services, table.services
+        self._services = new
+        if len(old) == len(new):
+            touched = [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a is not b]
+            if all(_key(old[i]) == _key(new[i]) for i in touched):
+                keys = {key for i in touched if (key := _key(new[i])) is not None}
+                for key in keys:
+                    self.wanted[key] = _destinations(new[i] for i in self._members[key])
+                return keys, False
+        before = set(self.wanted)
+        self._members = {}
+        for index, service in enumerate(new):
+            if (key := _key(service)) is not None:
+                self._members.setdefault(key, []).append(index)
+        self.wanted = {key: _destinations(new[i] for i in members)
+                       for key, members in self._members.items()}
+        return before | set(self.wanted), before != set(self.wanted)
+
+
+def _key(service: DesiredService) -> BackendKey | None:
+    if service.layer != 7 or not service.haproxy_backend or not service.haproxy_socket:
+        return None
+    return (service.haproxy_socket, service.haproxy_backend)
+
+
+def _destinations(services: Iterable[DesiredService]) -> dict[str, DesiredDestination]:
+    dests: dict[str, DesiredDestination] = {}
+    for service in services:
         for dest in service.destinations:
             dests.setdefault(dest.name, dest)
-    return result
+    return dests
 
 
-def _is_layer7(service: DesiredService) -> bool:
-    return service.layer == 7 and bool(service.haproxy_backend and service.haproxy_socket)
+async def read_states(
+    session: Session, names: list[str], *, info: bool = False, bulk: bool = True,
+) -> tuple[str, dict[str, dict[str, ServerState] | str]]:
+    """`show info` (when asked) and the servers of each backend in `names`, or the
+    error HAProxy gave for it. Many backends are read with one unfiltered command."""
+    bulk = bulk and len(names) > BULK_READ
+    reads = ["show servers state"] if bulk else [f"show servers state {b}" for b in names]
+    replies = await session.execute((["show info"] if info else []) + reads)
+    info_text = replies.pop(0) if info else ""
+    states: dict[str, dict[str, ServerState] | str] = {}
+    if bulk:
+        try:
+            everything = parse_servers_state(replies[0])
+        except ServersStateError as exc:
+            raise RuntimeApiError(f"unreadable `show servers state`: {exc}") from None
+        states = {b: everything[b] for b in names if b in everything}
+        # A backend without server lines: its own reply says whether it exists at all.
+        missing = [b for b in names if b not in everything]
+        states.update((await read_states(session, missing, bulk=False))[1])
+        return info_text, states
+    for backend, body in zip(names, replies, strict=True):
+        try:
+            states[backend] = parse_servers_state(body).get(backend, {})
+        except ServersStateError:
+            states[backend] = body
+    return info_text, states
 
 
 class HaproxyBackendPlugin:
@@ -200,10 +264,15 @@ class HaproxyBackendPlugin:
         self.reconcile_interval = 10.0
         self._owned_by_config: dict[BackendKey, frozenset[str]] | None = None
         self._seen: dict[BackendKey, set[str]] = {}
+        self._view = DesiredView()
         self._desired: DesiredTable | None = None
+        self._viewed: DesiredTable | None = None
         self._wake = trio.Event()
-        #: What each backend was last reconciled to without an error.
-        self._applied: dict[BackendKey, dict[str, DesiredDestination]] = {}
+        #: Backends whose desired state changed and was not yet reconciled without error.
+        self._pending: set[BackendKey] = set()
+        #: Socket -> its backends (from the desired table and the config); None: recompute.
+        self._layout: dict[str, list[str]] | None = None
+        self._all_pending = False
         #: The HAProxy worker (pid, start time) each socket answered from last time.
         self._identity: dict[str, tuple[str, str]] = {}
         self._problems: dict[tuple[str, ...], Problem] = {}
@@ -218,7 +287,8 @@ class HaproxyBackendPlugin:
     def configure(self, config: Config) -> None:
         self.reconcile_interval = config.haproxy.reconcile_interval
         self._owned_by_config = owned_servers(config)
-        self._applied.clear()  # ownership may have changed: look at everything again
+        self._layout = None
+        self._all_pending = True  # ownership may have changed: look at everything again
         self._wake.set()
 
     def apply(self, desired: DesiredTable) -> None:
@@ -239,15 +309,14 @@ class HaproxyBackendPlugin:
         """Reconcile on every change, periodically, after a problem, and probe for reloads."""
         next_full = next_probe = last_pass = -math.inf
         while True:
-            deadline = min(next_full, next_probe)
+            # Before the engine's first table there is nothing to reconcile to: just wait.
+            deadline = math.inf if self._desired is None else min(next_full, next_probe)
             if self._has_errors():
                 deadline = min(deadline, last_pass + RETRY_INTERVAL)
             with trio.move_on_at(deadline):
                 await self._wake.wait()
             self._wake = trio.Event()
             if self._desired is None:
-                # Nothing to reconcile to before the engine's first table.
-                next_full = next_probe = math.inf
                 continue
             now = trio.current_time()
             full = now >= next_full or (self._has_errors() and now >= last_pass + RETRY_INTERVAL)
@@ -265,16 +334,27 @@ class HaproxyBackendPlugin:
         desired = self._desired
         if desired is None:
             return
-        wanted = desired_backends(desired)
-        for key, dests in wanted.items():
-            self._seen.setdefault(key, set()).update(dests)
-        by_socket: dict[str, list[str]] = {}
-        for socket, backend in sorted(set(wanted) | set(self._owned_by_config or {})):
-            by_socket.setdefault(socket, []).append(backend)
+        if desired is not self._viewed:
+            rebuilt, keys_changed = self._view.update(desired)
+            self._viewed = desired
+            self._pending |= rebuilt
+            if keys_changed:
+                self._layout = None
+            if self._owned_by_config is None:
+                for key in rebuilt & set(self._view.wanted):
+                    self._seen.setdefault(key, set()).update(self._view.wanted[key])
+        layout = self._layout_now()
+        if self._all_pending:
+            self._pending = {(socket, b) for socket, backends in layout.items()
+                             for b in backends}
+            self._all_pending = False
+        pending: dict[str, list[str]] = {}
+        for socket, backend in sorted(self._pending):
+            pending.setdefault(socket, []).append(backend)
+        wanted = self._view.wanted
         async with trio.open_nursery() as nursery:
-            for socket, backends in by_socket.items():
-                changed = [b for b in backends if full
-                           or self._applied.get((socket, b)) != wanted.get((socket, b), {})]
+            for socket, backends in layout.items():
+                changed = backends if full else pending.get(socket, [])
                 if changed or probe:
                     nursery.start_soon(self._reconcile_socket, socket, backends, changed,
                                        wanted)
@@ -288,6 +368,16 @@ class HaproxyBackendPlugin:
         while self.reconciled_generation < generation:
             await self._passed.wait()
 
+    def _layout_now(self) -> dict[str, list[str]]:
+        if self._layout is None:
+            self._layout = {}
+            for socket, backend in sorted(set(self._view.wanted)
+                                          | set(self._owned_by_config or {})):
+                self._layout.setdefault(socket, []).append(backend)
+            known = {(s, b) for s, backends in self._layout.items() for b in backends}
+            self._pending &= known
+        return self._layout
+
     def _owned(self, key: BackendKey) -> frozenset[str]:
         if self._owned_by_config is not None:
             return self._owned_by_config.get(key, frozenset())
@@ -295,10 +385,10 @@ class HaproxyBackendPlugin:
 
     async def _reconcile_socket(
         self, socket: str, backends: list[str], changed: list[str],
-        wanted: dict[BackendKey, dict[str, DesiredDestination]],
+        wanted: Wanted,
     ) -> None:
         problems: dict[tuple[str, ...], Problem] = {}
-        done: dict[BackendKey, dict[str, DesiredDestination]] = {}
+        done: Wanted = {}
         looked_at: list[str] = []
         try:
             address = parse_address(socket)
@@ -315,14 +405,14 @@ class HaproxyBackendPlugin:
         if (socket,) in problems:
             self._identity.pop(socket, None)  # when it answers again, look at everything
         else:
-            self._applied.update(done)
+            self._pending.difference_update(done)
         self._report(socket, backends, looked_at, problems)
 
     async def _session_pass(
         self, session: Session, socket: str, backends: list[str], changed: list[str],
-        wanted: dict[BackendKey, dict[str, DesiredDestination]],
+        wanted: Wanted,
         problems: dict[tuple[str, ...], Problem],
-        done: dict[BackendKey, dict[str, DesiredDestination]],
+        done: Wanted,
     ) -> list[str]:
         """Read, diff and fix over one session; returns the backends looked at."""
         for backend in changed:
@@ -331,25 +421,20 @@ class HaproxyBackendPlugin:
                     logging.ERROR, f"{backend!r} cannot be a HAProxy backend name (socket "
                     f"{socket}); fix [virtual.haproxy] backend")
         names = [b for b in changed if valid_name(b)]
-        replies = await session.execute(["show info",
-                                         *(f"show servers state {b}" for b in names)])
-        identity = process_identity(replies[0])
-        states = dict(zip(names, replies[1:], strict=True))
+        info, states = await read_states(session, names, info=True)
+        identity = process_identity(info)
         previous = self._identity.get(socket)
         if identity != previous:
             if previous is not None:
                 log.warning("HAProxy at %s restarted or reloaded (worker pid %s -> %s): "
                             "reconciling all its backends", socket, previous[0], identity[0])
             rest = [b for b in backends if b not in states and valid_name(b)]
-            states.update(zip(rest, await session.execute(
-                [f"show servers state {b}" for b in rest]), strict=True))
+            states.update((await read_states(session, rest))[1])
         commands: list[tuple[str, str, str]] = []  # (backend, server, command)
-        for backend, body in states.items():
+        for backend, current in states.items():
             key = (socket, backend)
-            try:
-                current = parse_servers_state(body).get(backend, {})
-            except ServersStateError:
-                why = body.strip()[:200] or "empty reply"
+            if isinstance(current, str):
+                why = current.strip()[:200] or "empty reply"
                 problems[key] = Problem(logging.ERROR, f"HAProxy at {socket} has no backend "
                                         f"{backend!r} ({why}); fix [virtual.haproxy] backend "
                                         "or haproxy.cfg")
@@ -412,5 +497,4 @@ def lbha_apply(desired: DesiredTable) -> None:
 def lbha_start(context: DaemonContext) -> Service | None:
     if context.daemon != "healthd":
         return None
-    plugin.configure(context.config)
     return plugin.run

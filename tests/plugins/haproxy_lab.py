@@ -59,6 +59,7 @@ class HaproxyLab:
         self.backends = backends
         self.config = workdir / "haproxy.cfg"
         self.log = workdir / "haproxy.log"
+        self.master_sock = workdir / "master.sock"
         self.process: subprocess.Popen[bytes] | None = None
         self.write_config()
 
@@ -98,6 +99,7 @@ class HaproxyLab:
                 self._start_once()
                 return
             except RuntimeError as exc:
+                self.stop()
                 if "Address already in use" not in str(exc) or attempt == attempts - 1:
                     raise
                 self.tcp_port, self.frontend_port = free_port(), free_port()
@@ -109,16 +111,26 @@ class HaproxyLab:
         if check.returncode != 0:
             raise RuntimeError(f"generated haproxy.cfg is invalid: {check.stderr}")
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen([HAPROXY, "-W", "-db", "-f", str(self.config)],
-                                            stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [HAPROXY, "-W", "-db", "-S", str(self.master_sock), "-f", str(self.config)],
+                stdout=log, stderr=subprocess.STDOUT)
         self.wait_ready()
+        self._wait_master()
+
+    def _wait_master(self, timeout: float = 10.0) -> None:
+        """The master handles SIGUSR2 only once its CLI loop runs, after the worker answers."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._master_answers():
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"haproxy master CLI did not answer within {timeout} s")
 
     def wait_ready(self, previous_pid: str | None = None, timeout: float = 10.0) -> str:
         """Wait until a worker (other than `previous_pid`) answers; return its PID."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                self.process = None
                 raise RuntimeError(f"haproxy exited: {self.log.read_text()[-2000:]}")
             try:
                 pid = self.worker_pid()
@@ -129,6 +141,23 @@ class HaproxyLab:
             time.sleep(0.02)
         raise RuntimeError(f"haproxy did not answer within {timeout} s: "
                            f"{self.log.read_text()[-2000:]}")
+
+    def _master_answers(self) -> bool:
+        # The 2.6 master CLI keeps the connection open after answering: read until the
+        # end of the `show proc` listing instead of until EOF.
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(2)
+                s.connect(str(self.master_sock))
+                s.sendall(b"show proc\n")
+                data = b""
+                for _ in range(100):
+                    data += s.recv(65536)
+                    if b"# programs" in data:
+                        return b"worker" in data
+        except OSError:
+            return False
+        return False
 
     def worker_pid(self) -> str:
         for line in self.admin("show info").splitlines():
@@ -141,7 +170,9 @@ class HaproxyLab:
         assert self.process is not None
         old = self.worker_pid()
         self.process.send_signal(signal.SIGUSR2)
-        return self.wait_ready(previous_pid=old)
+        pid = self.wait_ready(previous_pid=old)
+        self._wait_master()
+        return pid
 
     def stop(self) -> None:
         if self.process is None:

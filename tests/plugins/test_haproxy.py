@@ -321,6 +321,8 @@ async def test_reload_while_running_restores_runtime_state(lab: HaproxyLab) -> N
     plugin = make_plugin(str(lab.admin_sock), interval="1h")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(plugin.run)
+        await trio.sleep(0.1)  # the service waits for the engine's first table
+        assert plugin.passes == 0
         plugin.apply(table(1, str(lab.admin_sock), {"s1": ("up", 7), "s2": ("drain", 0)}))
         await plugin.wait_reconciled(1)
         want = {"s1": (0, 7), "s2": (8, 10), "s3": (1, 10)}
@@ -409,8 +411,11 @@ async def test_a_server_that_never_answers_times_out(tmp_path: Path,
     listener.close()
 
 
+@pytest.mark.parametrize("bulk_read", [0, 16], ids=["one-read-for-all", "read-per-backend"])
 async def test_unknown_backend_and_server_are_reported_once_and_the_rest_still_applies(
-        lab: HaproxyLab, caplog: pytest.LogCaptureFixture) -> None:
+        lab: HaproxyLab, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        bulk_read: int) -> None:
+    monkeypatch.setattr(plugin_module, "BULK_READ", bulk_read)
     caplog.set_level(logging.INFO, "lbha.haproxy")
     sock = str(lab.admin_sock)
     plugin = HaproxyBackendPlugin()
