@@ -11,6 +11,7 @@ desired state       HAProxy server
 up, fallback        `state ready`, `weight N` (capped at HAProxy's 256)
 drain               `state drain`, weight left as it is (so undrain restores it)
 quiesced            `state drain` and `weight 0` (failed, quiescent = true)
+fallback-quiesced   `state drain` and `weight 0` (persistent fallback, not in use)
 (absent)            `state maint`, then `shutdown sessions server`, once
 ==================  ==========================================================
 
@@ -18,7 +19,16 @@ A server leaves the desired table on halt and on a failure without quiescent; th
 cannot tell the two apart, so both get MAINT and their sessions are shut down when the server
 is taken out (HAProxy's own `on-marked-down shutdown-sessions`). Set quiescent = true to keep
 sessions of failing servers (they drain instead). Only servers of the config's layer-7 real
-servers are touched; other servers of the same backend are never changed.
+servers are touched; other servers of the same backend are never changed, and the servers of
+a virtual service deleted from the config are left as they are. On stop HAProxy is left as it
+is (it keeps serving with the last state).
+
+What haproxy.cfg must provide: a `stats socket ... level admin` (UNIX path or `ipv4@H:P`),
+the backend, and one `server` line per real server, named like the real server's `name` (by
+default its address). A virtual service's fallback server is the server named `fallback`
+(usually declared `backup`). A server declared `disabled` stays in MAINT: the runtime API
+cannot undo the config (a warning says so). A HAProxy `agent-check` competes with lbha for
+the weight and `ready` undoes lbha's drain; the next pass repairs, so use one or the other.
 
 Passes run at start, after every `lbha_apply`, every `[haproxy] reconcile_interval`, and one
 second after a pass that met a problem. Every session begins with `show info`: a new worker
@@ -495,6 +505,9 @@ def lbha_apply(desired: DesiredTable) -> None:
 
 @hookimpl
 def lbha_start(context: DaemonContext) -> Service | None:
+    global plugin  # one plugin state per daemon run: nothing carried over from a previous one
     if context.daemon != "healthd":
         return None
+    plugin = HaproxyBackendPlugin()
+    plugin.configure(context.config)
     return plugin.run

@@ -13,6 +13,7 @@ import socket
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -466,3 +467,23 @@ async def test_end_to_end_engine_checks_and_admin_actions_move_haproxy(
         await state_becomes(lab, {"s1": (0, 1), "s2": (1, 1), "s3": (8, 1)})
         assert await trio.to_thread.run_sync(lab.hits, 5) == Counter({"s1": 5})
         nursery.cancel_scope.cancel()
+
+
+def test_ownership_comes_from_the_config_with_the_fallback_server() -> None:
+    text = config_text("/run/h.sock") + '[virtual.fallback]\naddress = "127.0.0.1"\nport = 9\n'
+    owned = plugin_module.owned_servers(load_config_text(text))
+    assert owned == {("/run/h.sock", "web"): frozenset({"s1", "s2", "s3", "fallback"})}
+
+
+def test_desired_view_rebuilds_only_backends_whose_services_changed() -> None:
+    view = plugin_module.DesiredView()
+    a = service("/s", "a", {"x": ("up", 1)})
+    b = service("/s", "b", {"y": ("up", 1)})
+    l4 = replace(a, layer=4, haproxy_backend=None, haproxy_socket=None)
+    assert view.update(DesiredTable(1, (a, b, l4))) == ({("/s", "a"), ("/s", "b")}, True)
+    b2 = service("/s", "b", {"y": ("drain", 0)})
+    assert view.update(DesiredTable(2, (a, b2, l4))) == ({("/s", "b")}, False)
+    assert view.wanted[("/s", "b")]["y"].state == "drain"
+    assert view.update(DesiredTable(3, (a, b2, l4))) == (set(), False)
+    assert view.update(DesiredTable(4, (a,))) == ({("/s", "a"), ("/s", "b")}, True)
+    assert set(view.wanted) == {("/s", "a")}
