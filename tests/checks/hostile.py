@@ -27,10 +27,21 @@ GARBAGE = b"\x15\x03\x01\x00\x02\x02\x50\x00\xff\xfe\x00garbage\x00\x1b[0m" * 4
 
 
 async def drain(stream: trio.SocketStream) -> None:
-    """Read and drop until the client closes or resets: the server says nothing more."""
+    """Read and drop what the client sends; never close first.
+
+    A client that half-closes (simpletcp does) still gets no answer and no close: the
+    connection is held until the client resets or closes it (seen by polling, as a
+    half-closed socket is always readable), or the server stops.
+    """
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         while await stream.receive_some(65536):
             pass
+    sock = stream.socket
+    with contextlib.suppress(OSError):
+        while True:
+            await trio.sleep(0.05)
+            # Raises once the client's reset arrived; b"" while it only half-closed.
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 def silent(prefix: bytes = b"") -> Behaviour:
