@@ -331,7 +331,16 @@ class HaproxyBackendPlugin:
             now = trio.current_time()
             full = now >= next_full or (self._has_errors() and now >= last_pass + RETRY_INTERVAL)
             probe = full or now >= next_probe
-            await self.reconcile(full=full, probe=probe)
+            try:
+                await self.reconcile(full=full, probe=probe)
+            except Exception as exc:  # log.exception: a bug here must not end reconciliation
+                key = ("<plugin>",)
+                problem = Problem(logging.ERROR, f"HAProxy plugin pass failed: {_describe(exc)}")
+                if self._problems.get(key) != problem:
+                    log.exception("%s; retrying", problem.message)
+                    self._problems[key] = problem
+            else:
+                self._problems.pop(("<plugin>",), None)
             last_pass = trio.current_time()
             if full:
                 next_full = last_pass + self.reconcile_interval
@@ -488,6 +497,12 @@ class HaproxyBackendPlugin:
             if self._problems.get(key) != problem:
                 log.log(problem.level, "%s", problem.message)
                 self._problems[key] = problem
+
+
+def _describe(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]  # the nursery's wrapping says nothing to an operator
+    return f"{type(exc).__name__}: {exc}"
 
 
 plugin = HaproxyBackendPlugin()

@@ -487,3 +487,61 @@ def test_desired_view_rebuilds_only_backends_whose_services_changed() -> None:
     assert view.update(DesiredTable(3, (a, b2, l4))) == (set(), False)
     assert view.update(DesiredTable(4, (a,))) == ({("/s", "a"), ("/s", "b")}, True)
     assert set(view.wanted) == {("/s", "a")}
+
+
+async def _hostile_cli(path: Path, behaviour: str, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """A fake stats socket: answers garbage, or closes in the middle of a reply."""
+    listener = trio.socket.socket(trio.socket.AF_UNIX)
+    await listener.bind(str(path))
+    listener.listen(8)
+    task_status.started()
+    with listener:
+        for _ in range(20):
+            conn, _ = await listener.accept()
+            with conn:
+                await conn.recv(4096)
+                if behaviour == "garbage":
+                    await conn.send(b"\n> \xff\xfegarbage without a pid\n\n> " * 4)
+                else:
+                    await conn.send(b"\n> Name: HAProxy\nVersion: 2.6")
+
+
+@pytest.mark.parametrize(("behaviour", "reason"), [
+    ("garbage", "`show info` reply without a Pid line"),
+    ("close", "closed the connection"),
+])
+async def test_hostile_stats_sockets_give_clear_errors(tmp_path: Path, behaviour: str,
+                                                       reason: str) -> None:
+    sock = tmp_path / "hostile.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_hostile_cli, sock, behaviour)
+        plugin = make_plugin(str(sock))
+        plugin.apply(table(1, str(sock), {"s1": ("up", 1)}))
+        with trio.fail_after(3):
+            await plugin.reconcile()
+        nursery.cancel_scope.cancel()
+    assert len(plugin.problems) == 1
+    assert reason in plugin.problems[0]
+
+
+async def test_a_bug_in_a_pass_is_logged_once_and_the_service_carries_on(
+        lab: HaproxyLab, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    real_plan = plugin_module.plan_backend
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("bug in planning")
+
+    monkeypatch.setattr(plugin_module, "plan_backend", broken)
+    plugin = make_plugin(str(lab.admin_sock))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(plugin.run)
+        plugin.apply(table(1, str(lab.admin_sock), {n: ("up", 3) for n in NAMES}))
+        await eventually(lambda: bool(plugin.problems))
+        assert plugin.problems == ["HAProxy plugin pass failed: RuntimeError: bug in planning"]
+        await trio.sleep(1.2)  # retried, not re-logged
+        assert len([r for r in caplog.records if "bug in planning" in r.getMessage()]) == 1
+        monkeypatch.setattr(plugin_module, "plan_backend", real_plan)
+        await state_becomes(lab, {n: (0, 3) for n in NAMES})
+        nursery.cancel_scope.cancel()
+    assert plugin.problems == []
