@@ -279,6 +279,9 @@ class IpvsBackend:
         self.applied: dict[ServiceKey, Service] = {}
         self.owned: set[ServiceKey] = load_owned(self.state_path)
         self._reported: set[str] = set()
+        #: Generation of the newest desired table that reached the kernel without failures.
+        self.synced_generation = 0
+        self._synced = trio.Event()
 
     def configure(self, config: Config) -> None:
         self.settings = config.ipvs
@@ -313,12 +316,23 @@ class IpvsBackend:
         self._desired_generation = table.generation
         return desired
 
+    async def wait_synced(self, generation: int) -> None:
+        """Wait until the desired table `generation` (or a newer one) is in the kernel."""
+        while self.synced_generation < generation:
+            await self._synced.wait()
+
+    def _mark_synced(self, generation: int) -> None:
+        self.synced_generation = max(self.synced_generation, generation)
+        self._synced.set()
+        self._synced = trio.Event()
+
     async def reconcile(self, full: bool = True) -> ReconcileResult:
         """Read the kernel (all of it, or the services that changed), apply the difference.
 
         Raises IpvsUnavailable when netlink cannot be used at all.
         """
         desired = self.desired()
+        generation = self._desired_generation
         result = ReconcileResult(full)
         if full:
             scope = None
@@ -327,6 +341,7 @@ class IpvsBackend:
                      if desired.get(key) is not self.applied.get(key)
                      and desired.get(key) != self.applied.get(key)}
             if not scope:
+                self._mark_synced(generation)
                 return result
         kernel = await self.worker.call(self.worker.kernel.read,
                                         None if scope is None else sorted(scope))
@@ -358,6 +373,8 @@ class IpvsBackend:
         if still_owned != self.owned:
             self.owned = still_owned
             save_owned(self.state_path, self.owned)
+        if not result.failures:
+            self._mark_synced(generation)
         return result
 
     def _log(self, result: ReconcileResult) -> None:
