@@ -1,0 +1,195 @@
+"""`radius`: an Access-Request for `login` / `password` with the shared `secret`.
+
+As ldirectord (Authen::Radius) does: up only on an Access-Accept whose Response
+Authenticator proves it came from a server that knows the secret; an Access-Reject is down
+(the server is alive, but the test account no longer works, and that is what the check is
+for). lbha adds what ldirectord lacked: a Message-Authenticator on the request and its
+check on the reply (BlastRADIUS, CVE-2024-3596), retransmission of the same request within
+the deadline (UDP loses packets), and replies that fail verification are ignored, as RFC
+2865 wants, rather than believed.
+
+The packet is built and verified with pyrad; the UDP exchange is ours, on a trio socket, so
+there is no thread and cancellation is immediate.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import struct
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import trio
+from pyrad.dictionary import Dictionary
+from pyrad.packet import AccessAccept, AccessChallenge, AccessReject, AuthPacket, PacketError
+
+from lbha import hookimpl
+from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec, Transcript
+from lbha.checks.blocking import budget_for
+from lbha.checks.connect import describe_error
+
+#: The attributes we send or quote, so no dictionary file has to be installed.
+DICTIONARY = """\
+ATTRIBUTE User-Name 1 string
+ATTRIBUTE User-Password 2 string encrypt=1
+ATTRIBUTE NAS-IP-Address 4 ipaddr
+ATTRIBUTE Reply-Message 18 string
+ATTRIBUTE NAS-Identifier 32 string
+ATTRIBUTE Message-Authenticator 80 octets
+"""
+REPLY_MESSAGE = 18
+#: Largest RADIUS packet (RFC 2865 section 3).
+MAX_PACKET = 4096
+#: Datagrams one check reads at most; a flood of junk ends the check rather than the CPU.
+MAX_DATAGRAMS = 100
+#: Characters of a Reply-Message quoted in a reason.
+QUOTE_LIMIT = 200
+#: pyrad decodes attribute values while parsing; these are what a garbled packet raises.
+_DECODE_ERRORS = (PacketError, struct.error, ValueError, IndexError, KeyError, TypeError,
+                  UnicodeError)
+
+
+@functools.cache
+def radius_dictionary() -> Dictionary:
+    return Dictionary(io.StringIO(DICTIONARY))
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """What one received datagram means: a verdict, or why it was ignored."""
+
+    result: CheckResult | None
+    note: str
+
+
+def access_request(login: str, password: str, secret: bytes, nas_identifier: str) -> AuthPacket:
+    """An Access-Request with a fresh id and Request Authenticator, signed."""
+    packet = AuthPacket(secret=secret, dict=radius_dictionary())
+    packet["User-Name"] = login
+    packet["User-Password"] = packet.PwCrypt(password)
+    packet["NAS-Identifier"] = nas_identifier
+    packet.add_message_authenticator()
+    return packet
+
+
+def _reply_message(reply: AuthPacket) -> str:
+    # Read the raw octets: pyrad's decoding of a string would fail on invalid UTF-8.
+    raw = b"".join(v for v in dict.get(reply, REPLY_MESSAGE, ()) if isinstance(v, bytes))
+    text = raw.decode("utf-8", errors="replace").strip()
+    text = "".join(c if c.isprintable() else "?" for c in text)[:QUOTE_LIMIT]
+    return f": {text}" if text else ""
+
+
+def judge_reply(request: AuthPacket, data: bytes, user: str) -> Judgement:
+    """Judge one datagram received for `request`; never raises."""
+    if len(data) < 20:
+        return Judgement(None, f"ignored a {len(data)}-byte datagram (too short for RADIUS)")
+    if data[1] != request.id:
+        return Judgement(None, f"ignored a reply to another request (id {data[1]}, "
+                               f"ours is {request.id})")
+    try:
+        reply = request.CreateReply(packet=data)
+        verified = request.VerifyReply(reply, data)
+    except _DECODE_ERRORS as exc:
+        return Judgement(None, f"ignored a malformed reply ({exc})")
+    if not verified:
+        return Judgement(None, "ignored a reply whose authenticator does not verify "
+                               "(wrong secret?)")
+    if reply.code == AccessAccept:
+        return Judgement(CheckResult.success(f"Access-Accept for {user}"), "Access-Accept")
+    if reply.code == AccessReject:
+        return Judgement(CheckResult.failure(f"Access-Reject for {user}{_reply_message(reply)}"),
+                         "Access-Reject")
+    if reply.code == AccessChallenge:
+        return Judgement(CheckResult.failure(
+            f"Access-Challenge for {user}: the server wants more than a password "
+            f"(use a PAP test account){_reply_message(reply)}"), "Access-Challenge")
+    return Judgement(None, f"ignored a reply with code {reply.code}, not an answer to "
+                           "an Access-Request")
+
+
+async def exchange(
+    sock: trio.socket.SocketType, request: AuthPacket, user: str, endpoint: str,
+    budget: float, attempts: int, transcript: Transcript | None,
+) -> CheckResult:
+    """Send `request` up to `attempts` times, evenly within `budget`; the first valid reply."""
+    raw = request.RequestPacket()
+    interval = budget / attempts
+    sent = received = 0
+    last_note = ""
+    with trio.move_on_after(budget):
+        while True:
+            if sent < attempts:
+                await sock.send(raw)
+                sent += 1
+                if transcript:
+                    transcript.sent(f"Access-Request id={request.id} User-Name={user} "
+                                    f"(attempt {sent} of {attempts})")
+            # After the last attempt, listen until the budget runs out.
+            with trio.move_on_after(interval if sent < attempts else budget):
+                while received < MAX_DATAGRAMS:
+                    data = await sock.recv(MAX_PACKET)
+                    received += 1
+                    judgement = judge_reply(request, data, user)
+                    if transcript:
+                        transcript.received(judgement.note)
+                    if judgement.result is not None:
+                        return judgement.result
+                    last_note = judgement.note
+                return CheckResult.failure(
+                    f"{endpoint} sent {received} datagrams, none a valid reply "
+                    f"(last: {last_note})")
+    # A server drops a request whose Message-Authenticator does not verify, and one from
+    # an address it has no client entry for, without a word: say so.
+    why = last_note or "is this director a client of the server, with the same secret?"
+    return CheckResult.failure(
+        f"no valid reply from {endpoint} within {budget:.1f} s "
+        f"({sent} Access-Request{'s' if sent > 1 else ''} sent; {why})")
+
+
+class RadiusCheck:
+    name = "radius"
+    negotiate = True
+    description = "RADIUS Access-Request for login/password with secret; up on Access-Accept"
+    options: MappingProxyType[str, OptionSpec] = MappingProxyType({
+        "attempts": OptionSpec(type="int", default=3, minimum=1, maximum=10,
+                               help="Access-Requests sent at most, evenly spread over the "
+                                    "timeout (the same request: the server may answer any)"),
+        "nas_identifier": OptionSpec(default="lbha",
+                                     help="NAS-Identifier sent, for the server's logs and "
+                                          "client matching"),
+    })
+
+    async def check(self, request: CheckRequest) -> CheckResult:
+        target, spec = request.target, request.spec
+        if target.rport is None:
+            return CheckResult.failure(f"no port to send to on {target.rip}")
+        if not spec.secret:
+            return CheckResult.failure("radius check has no secret: set secret")
+        if not spec.login:
+            return CheckResult.failure("radius check has no login: set login and password")
+        try:
+            packet = access_request(spec.login, spec.password or "",
+                                    spec.secret.encode(),
+                                    str(request.options.get("nas_identifier", "lbha")))
+        except ValueError as exc:  # a password over 128 octets, a name over 253
+            return CheckResult.failure(f"cannot build the Access-Request: {exc}")
+        attempts = int(request.options.get("attempts", 3))
+        budget = budget_for(request.timeout)
+        family = trio.socket.AF_INET6 if target.rip.version == 6 else trio.socket.AF_INET
+        with trio.socket.socket(family, trio.socket.SOCK_DGRAM) as sock:
+            try:
+                # Connected: the kernel drops datagrams from anyone else and reports ICMP
+                # port unreachable as ECONNREFUSED.
+                await sock.connect((str(target.rip), target.rport))
+                return await exchange(sock, packet, spec.login, target.endpoint, budget,
+                                      attempts, request.transcript)
+            except OSError as exc:
+                return CheckResult.failure(describe_error("RADIUS request to", target.endpoint,
+                                                          exc))
+
+
+@hookimpl
+def lbha_register_checks(registry: CheckRegistry) -> None:
+    registry.add(RadiusCheck())
