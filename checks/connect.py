@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import struct
+from collections.abc import Sequence
 from types import MappingProxyType
 
 import trio
@@ -76,6 +78,71 @@ class ConnectCheck:
             return await udp_probe(target, wait, request)
         return await tcp_connect(target, request)
 
+    async def check_batch(self, requests: Sequence[CheckRequest]) -> list[CheckResult]:
+        """Many connects at once: TCP ones share one epoll set and one trio wake-up."""
+        results: list[CheckResult | None] = [None] * len(requests)
+        tcp = []
+        async with trio.open_nursery() as nursery:
+            for index, request in enumerate(requests):
+                if request.target.protocol in UDP_PROTOCOLS or request.target.rport is None:
+                    nursery.start_soon(_one, self, request, results, index)
+                else:
+                    tcp.append(index)
+            await _tcp_batch(requests, tcp, results)
+        return [r if r is not None else CheckResult.failure("not checked") for r in results]
+
+
+async def _one(check: ConnectCheck, request: CheckRequest, results: list[CheckResult | None],
+               index: int) -> None:
+    results[index] = await check.check(request)
+
+
+async def _tcp_batch(requests: Sequence[CheckRequest], indexes: list[int],
+                     results: list[CheckResult | None]) -> None:
+    """Connect to every target at once; the caller's deadline bounds the wait."""
+    pending: dict[int, tuple[int, socket.socket]] = {}
+    epoll = select.epoll()
+    try:
+        for index in indexes:
+            target = requests[index].target
+            sock = socket.socket(_family(target), socket.SOCK_STREAM)
+            sock.setblocking(False)
+            code = sock.connect_ex((target.host, target.rport))
+            if code == errno.EINPROGRESS:
+                pending[sock.fileno()] = (index, sock)
+                epoll.register(sock.fileno(), select.EPOLLOUT)
+            else:
+                results[index] = _verdict(target, sock, code)
+        # Our own deadline, so the servers that did answer keep their verdicts.
+        seconds = min((requests[i].timeout for i in indexes), default=0.0)
+        with trio.move_on_after(seconds):
+            while pending:
+                await trio.lowlevel.wait_readable(epoll.fileno())
+                for fd, _events in epoll.poll(0):
+                    index, sock = pending.pop(fd)
+                    epoll.unregister(fd)
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    results[index] = _verdict(requests[index].target, sock, code)
+        for index, _sock in pending.values():
+            results[index] = CheckResult.failure(f"timeout after {seconds:.1f} s")
+        await trio.lowlevel.checkpoint()
+    finally:
+        for _index, sock in pending.values():
+            sock.close()
+        epoll.close()
+
+
+def _verdict(target: Target, sock: socket.socket, code: int) -> CheckResult:
+    """Judge a finished connect and close the socket (with RST when it connected)."""
+    try:
+        if code:
+            return CheckResult.failure(
+                describe_error("connect to", target.endpoint, OSError(code, os.strerror(code))))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        return CheckResult.success(f"connected to {target.endpoint}")
+    finally:
+        sock.close()
+
 
 async def tcp_connect(target: Target, request: CheckRequest) -> CheckResult:
     """Open and at once reset a TCP connection to the target.
@@ -91,7 +158,7 @@ async def tcp_connect(target: Target, request: CheckRequest) -> CheckResult:
     sock = socket.socket(_family(target), socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
-        code = sock.connect_ex((str(target.rip), target.rport))
+        code = sock.connect_ex((target.host, target.rport))
         if code == errno.EINPROGRESS:
             await trio.lowlevel.wait_writable(sock)
             code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

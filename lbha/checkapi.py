@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
@@ -58,9 +59,14 @@ class Target:
     #: Firewall mark of a fwmark service (its VIP is then None).
     mark: int | None = None
 
-    @property
+    @cached_property
+    def host(self) -> str:
+        """The real server's address as text (cached: checks use it thousands of times)."""
+        return str(self.rip)
+
+    @cached_property
     def endpoint(self) -> str:
-        host = f"[{self.rip}]" if self.rip.version == 6 else str(self.rip)
+        host = f"[{self.host}]" if self.rip.version == 6 else self.host
         return host if self.rport is None else f"{host}:{self.rport}"
 
 
@@ -133,6 +139,16 @@ class CheckType(Protocol):
     async def check(self, request: CheckRequest) -> CheckResult:
         """Judge one real server. May raise; the engine turns any exception into a failure."""
         ...
+
+
+#: Optional, for check types run thousands of times a second: a check type may also define
+#:
+#:     async def check_batch(self, requests: Sequence[CheckRequest]) -> list[CheckResult]
+#:
+#: The engine then hands it every request of that type due in the same scheduler tick (same
+#: deadline) in one call. It must return one result per request, in order, and keep the
+#: deadline (`request.timeout`) itself, answering "timeout after N s" for the unfinished
+#: ones so the others keep their verdicts; the engine cuts it off shortly after the deadline.
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,8 @@ Emit = Callable[[str, dict[str, Any]], None]
 LATENESS_SAMPLES = 10_000
 #: Scheduler granularity: checks due within one tick start together.
 TICK = 0.01
+#: A batch check keeps its own deadline; the engine cuts it off this much later.
+BATCH_GRACE = 0.25
 
 
 class EngineError(Exception):
@@ -162,6 +164,26 @@ async def run_check(
     if not isinstance(result, CheckResult):
         return CheckResult.failure(f"check {name!r} returned {result!r}, not a CheckResult")
     return result
+
+
+async def run_batch(
+    check: Any, name: str, requests: list[CheckRequest], seconds: float
+) -> list[CheckResult]:
+    """Run `check.check_batch`; the check keeps its own deadline, the engine a last one."""
+    results: Any = None
+    with trio.move_on_after(seconds + BATCH_GRACE):
+        try:
+            results = await check.check_batch(requests)
+        except Exception as exc:  # a buggy check must not stop the engine
+            log.debug("batch check %s raised", name, exc_info=True)
+            failure = CheckResult.failure(f"check {name!r} failed: {type(exc).__name__}: {exc}")
+            return [failure] * len(requests)
+    if results is None:
+        return [CheckResult.failure(f"timeout after {seconds:.1f} s")] * len(requests)
+    if not isinstance(results, list) or len(results) != len(requests) or not all(
+            isinstance(r, CheckResult) for r in results):
+        return [CheckResult.failure(f"check {name!r} returned a malformed batch")] * len(requests)
+    return results
 
 
 class Engine:
@@ -311,6 +333,7 @@ class Engine:
             tick = math.ceil(heap[0][0] / TICK) * TICK
             await trio.sleep_until(tick)
             now = trio.current_time()
+            batches: dict[tuple[str, float], list[Job]] = {}
             while heap and heap[0][0] <= now:
                 due, _, job = heapq.heappop(heap)
                 interval = self._interval(job)
@@ -327,22 +350,50 @@ class Engine:
                 self.stats.lateness.append(trio.current_time() - due)
                 job.running = True
                 self._in_flight += 1
-                nursery.start_soon(self._run_job, job)
+                if job.feedback:
+                    nursery.start_soon(self._run_feedback_job, job)
+                    continue
+                name, seconds = job.next_check()
+                if name in self.registry and hasattr(self.registry.get(name), "check_batch"):
+                    batches.setdefault((name, seconds), []).append(job)
+                else:
+                    nursery.start_soon(self._run_job, job, name, seconds)
+            for (name, seconds), jobs in batches.items():
+                nursery.start_soon(self._run_batch, name, seconds, jobs)
 
-    async def _run_job(self, job: Job) -> None:
+    def _finished(self, jobs: Iterable[Job]) -> None:
+        for job in jobs:
+            job.running = False
+            self._in_flight -= 1
+        self._slot_free.set()
+
+    async def _run_job(self, job: Job, name: str, seconds: float) -> None:
         try:
-            if job.feedback:
-                await self._run_feedback(job)
-                return
-            name, timeout = job.next_check()
-            result = await run_check(self.registry, name, job.target, job.spec, timeout)
+            result = await run_check(self.registry, name, job.target, job.spec, seconds)
             self.stats.checks += 1
             if job.generation == self.generation:
                 self.record(job.members, result)
         finally:
-            job.running = False
-            self._in_flight -= 1
-            self._slot_free.set()
+            self._finished((job,))
+
+    async def _run_batch(self, name: str, seconds: float, jobs: list[Job]) -> None:
+        """Jobs due in the same tick whose check type judges many servers in one call."""
+        try:
+            requests = [CheckRequest(j.target, j.spec, j.spec.options, seconds) for j in jobs]
+            results = await run_batch(self.registry.get(name), name, requests, seconds)
+            self.stats.checks += len(jobs)
+            now = trio.current_time()
+            for job, result in zip(jobs, results, strict=True):
+                if job.generation == self.generation:
+                    self.record(job.members, result, now)
+        finally:
+            self._finished(jobs)
+
+    async def _run_feedback_job(self, job: Job) -> None:
+        try:
+            await self._run_feedback(job)
+        finally:
+            self._finished((job,))
 
     async def _run_feedback(self, job: Job) -> None:
         fb = job.members[0].virtual.feedback
@@ -371,9 +422,12 @@ class Engine:
                 member.feedback_percent, member.feedback_reason = percent, reason
                 member.agent_down = agent_down
 
-    def record(self, members: Iterable[Member], result: CheckResult) -> None:
+    def record(
+        self, members: Iterable[Member], result: CheckResult, now: float | None = None
+    ) -> None:
         """Feed one check result to the state machine of every member sharing it."""
-        now = trio.current_time()
+        if now is None:
+            now = trio.current_time()
         if not result.up:
             self.stats.failures += 1
         for member in members:
