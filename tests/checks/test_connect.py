@@ -234,3 +234,39 @@ async def test_tcp_udp_service_is_checked_with_tcp(make_request) -> None:
         port = listener.getsockname()[1]
         result = await CHECK.check(make_request("127.0.0.1", port, protocol="tcp+udp"))
     assert result.reason == f"connected to 127.0.0.1:{port}"
+
+
+async def test_batch_keeps_each_verdict_and_times_out_only_the_silent(make_request) -> None:
+    with tcp_listener() as up, closed_tcp_port() as closed, full_backlog_listener() as silent, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        up_port = up.getsockname()[1]
+        requests = [
+            make_request("127.0.0.1", up_port, timeout=0.4),
+            make_request("127.0.0.1", closed, timeout=0.4),
+            make_request("127.0.0.1", silent, timeout=0.4),
+            make_request("127.0.0.1", udp.getsockname()[1], protocol="udp", timeout=0.4),
+            make_request("127.0.0.1", None, timeout=0.4),
+        ]
+        before = open_fds()
+        start = trio.current_time()
+        results = await CHECK.check_batch(requests)
+        elapsed = trio.current_time() - start
+        after = open_fds()
+    assert [r.up for r in results] == [True, False, False, True, False]
+    assert results[0].reason == f"connected to 127.0.0.1:{up_port}"
+    assert results[1].reason == f"connect to 127.0.0.1:{closed} refused"
+    assert results[2].reason == "timeout after 0.4 s"
+    assert results[4].reason == "no port to connect to on 127.0.0.1"
+    assert elapsed < 0.5
+    assert after == before
+
+
+async def test_cancelled_batches_leak_no_socket(make_request) -> None:
+    with full_backlog_listener() as port:
+        requests = [make_request("127.0.0.1", port, timeout=5.0) for _ in range(20)]
+        before = open_fds()
+        for _ in range(20):
+            with trio.move_on_after(0.01):
+                await CHECK.check_batch(requests)
+        assert open_fds() == before

@@ -81,7 +81,8 @@ def config(reals: int = 3, check: str = 'type = "fake"', extra: str = "",
     text = f"[checks]\n{checks}\n[[virtual]]\nname = \"web\"\naddress = \"198.18.0.100\"\n" \
            f"ports = 80\n{extra}\n[virtual.check]\n{check}\n"
     for i in range(reals):
-        text += f'[[virtual.real]]\nname = "r{i}"\naddress = "198.18.0.{20 + i}"\n'
+        text += f'[[virtual.real]]\nname = "r{i}"\naddress = "198.18.{(20 + i) // 256}.' \
+                f'{(20 + i) % 256}"\n'
     return text
 
 
@@ -248,3 +249,44 @@ async def test_tables_have_increasing_generations(autojump_clock: trio.testing.M
     await run_for(h, 11.0)
     generations = [t.generation for t in h.tables]
     assert generations == sorted(set(generations))
+
+
+@dataclass
+class FakeBatch(FakeCheck):
+    """A check type with check_batch: records batch sizes; can crash, hang or miscount."""
+
+    batches: list[int] = field(default_factory=list)
+    mode: str = "ok"
+
+    async def check_batch(self, requests: list[CheckRequest]) -> list[CheckResult]:
+        self.batches.append(len(requests))
+        if self.mode == "crash":
+            raise RuntimeError("batch boom")
+        if self.mode == "hang":
+            await trio.sleep_forever()
+        results = [await self.check(r) for r in requests]
+        return results[:-1] if self.mode == "short" else results
+
+
+async def test_checks_due_in_one_tick_go_as_one_batch(
+        autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeBatch("fake")
+    h = Harness(config(reals=1000), fake)
+    await run_for(h, 4.995)
+    assert sum(fake.batches) == 1000
+    assert max(fake.batches) > 1
+    assert len(fake.batches) <= 501  # one per 10 ms tick
+    assert h.weights() == {f"r{i}": 1 for i in range(1000)}
+
+
+@pytest.mark.parametrize(("mode", "reason"), [
+    ("crash", "check 'fake' failed: RuntimeError: batch boom"),
+    ("hang", "timeout after 3.0 s"),
+    ("short", "check 'fake' returned a malformed batch"),
+])
+async def test_a_bad_batch_check_fails_its_servers_with_a_reason(
+        mode: str, reason: str, autojump_clock: trio.testing.MockClock) -> None:
+    h = Harness(config(reals=4), FakeBatch("fake", mode=mode))
+    await run_for(h, 10.0)
+    reasons = {r["reason"] for r in h.engine.status()["virtuals"][0]["reals"]}
+    assert reasons == {reason}
