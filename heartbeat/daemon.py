@@ -350,6 +350,19 @@ def _load(path: Path, manager: PluginManager) -> tuple[Config, KeyRing | None]:
     return config, load_keys(config.cluster)
 
 
+#: SCHED_RR priority: above ordinary work, below the kernel's own real-time threads.
+REALTIME_PRIORITY = 10
+
+
+def _go_realtime() -> None:
+    """Keepalives must not wait behind a busy machine: take a real-time priority."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(REALTIME_PRIORITY))
+    except OSError as exc:
+        log.warning("cannot take real-time priority (%s); keepalives may be delayed on a busy "
+                    "machine: run as root or grant CAP_SYS_NICE, or set realtime = false", exc)
+
+
 async def run_daemon(
     path: Path, *, manager: PluginManager | None = None,
     task_status: trio.TaskStatus[Heartbeat] = trio.TASK_STATUS_IGNORED,
@@ -361,6 +374,8 @@ async def run_daemon(
     cluster = config.cluster
     assert cluster is not None
     redact_secrets(config.secrets())
+    if cluster.realtime:
+        _go_realtime()
     manager.call("lbha_configure", config=config)
     plugins = _Plugins(manager)
     transport = UdpTransport(cluster.peers[0].addresses, cluster.udp_port, cluster.bind)

@@ -332,6 +332,7 @@ def _cluster(t: _Table) -> ClusterConfig | None:
         garp_count=t.int("garp_count", 5, 0, 100),
         garp_interval=t.duration("garp_interval", 0.2),
         garp_refresh=t.duration("garp_refresh", 0.0, positive=False),
+        realtime=t.bool("realtime", True),
     )
     t.finish()
     return result

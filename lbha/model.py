@@ -148,6 +148,9 @@ class ClusterConfig:
     garp_count: int = 5
     garp_interval: float = 0.2
     garp_refresh: float = 0.0
+    #: Run the heartbeat daemon at real-time priority (ha.cf `realtime`), so a busy machine
+    #: never delays a keepalive into a false failover.
+    realtime: bool = True
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ _DROPPED = {
     "compression": "lbha frames are never compressed",
     "compression_threshold": "lbha frames are never compressed",
     "traditional_compression": "lbha frames are never compressed",
-    "realtime": "set the priority in the systemd unit (lbha-heartbeat.service)",
+    "realtime": "lbha takes real-time priority by default (realtime in [cluster])",
     "rtprio": "set the priority in the systemd unit (lbha-heartbeat.service)",
     "coredumps": "core dumps are systemd's business", "coreroot": "core dumps are systemd's "
     "business",
