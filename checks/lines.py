@@ -1,0 +1,295 @@
+"""Line-protocol sessions for the negotiate checks (ftp, smtp, imap, pop, nntp).
+
+A `LineSession` is one TCP connection (optionally TLS, implicit or upgraded) with a bounded
+line reader, a transcript and the step the check is in. `run_session()` runs a check's
+dialogue under a deadline slightly shorter than the engine's, so that a stalled server gets
+a reason naming the step it stalled in ("timed out after 0.45 s waiting for the reply to
+EHLO") rather than the engine's bare timeout, and closes the connection on every path.
+
+Failures inside a dialogue raise `CheckFailed`; socket errors are turned into reasons here.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from functools import lru_cache
+from pathlib import Path
+
+import trio
+
+from lbha.checkapi import CheckRequest, CheckResult, Transcript
+from lbha.checks.connect import describe_error
+
+#: Longest line accepted from a server; a longer one is garbage or an attack.
+MAX_LINE = 4096
+#: Most lines in one multi-line reply (EHLO capabilities, CAPA, IMAP untagged data).
+MAX_LINES = 100
+#: Share of the engine's deadline the dialogue may use; the rest lets us report the step.
+DEADLINE_SHARE = 0.9
+#: Longest wait for the goodbye (QUIT, LOGOUT) once the verdict is known, and its share
+#: of the deadline: a server that ignores QUIT must not hold a verdict back for long.
+CLOSE_WAIT = 1.0
+CLOSE_SHARE = 0.2
+#: Longest quoted server text in a reason.
+QUOTE_LIMIT = 200
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_REPLY = re.compile(r"(\d{3})([ -]|$)")
+
+
+class CheckFailed(Exception):
+    """The server is down for the reason given; raised anywhere inside a dialogue."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def quote(data: bytes | str) -> str:
+    """Server text fit for a one-line reason: control characters as `?`, length capped."""
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    text = _CONTROL.sub("?", text)
+    if len(text) > QUOTE_LIMIT:
+        text = text[:QUOTE_LIMIT] + "…"
+    return repr(text)
+
+
+@lru_cache(maxsize=16)
+def tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
+    """A client context: no verification by default (as the anchors), or against a CA file.
+
+    Cached: building a verifying context loads the CA store, which costs more than a check.
+    """
+    if not verify:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+
+
+class LineSession:
+    """One connection to the real server, read line by line with hard limits."""
+
+    def __init__(self, request: CheckRequest, protocol: str) -> None:
+        self.request = request
+        self.protocol = protocol
+        self.endpoint = request.target.endpoint
+        self.transcript: Transcript | None = request.transcript
+        #: What the dialogue is waiting for; named in the reason when the deadline hits.
+        self.step = "connecting"
+        self.stream: trio.abc.Stream | None = None
+        self._buffer = bytearray()
+        self._streams: list[trio.abc.Stream] = []
+
+    # ------------------------------------------------------------------ transcript
+
+    def note(self, text: str) -> None:
+        if self.transcript:
+            self.transcript.note(text)
+
+    # ------------------------------------------------------------------ connection
+
+    async def connect(self, port: int | None = None) -> trio.SocketStream:
+        """Open a TCP connection to the real server (another port for FTP data)."""
+        target = self.request.target
+        port = target.rport if port is None else port
+        family = socket.AF_INET6 if target.rip.version == 6 else socket.AF_INET
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        endpoint = f"[{target.rip}]:{port}" if family == socket.AF_INET6 \
+            else f"{target.rip}:{port}"
+        try:
+            await sock.connect((str(target.rip), port))
+        except OSError as exc:
+            sock.close()
+            raise CheckFailed(describe_error("connect to", endpoint, exc)) from None
+        except BaseException:
+            sock.close()
+            raise
+        stream = trio.SocketStream(sock)
+        self._streams.append(stream)
+        return stream
+
+    async def open(self, *, implicit_tls: bool = False) -> None:
+        """Connect the control connection; TLS at once for the implicit-TLS variants."""
+        self.step = "connecting"
+        self.note(f"TCP connect to {self.endpoint}")
+        self.stream = await self.connect()
+        if implicit_tls:
+            await self.start_tls()
+
+    async def start_tls(self) -> None:
+        """TLS handshake on the control connection (implicit TLS, or after STARTTLS/STLS)."""
+        assert self.stream is not None
+        spec = self.request.spec
+        self.step = "in the TLS handshake"
+        hostname = spec.virtualhost or str(self.request.target.rip)
+        tls = trio.SSLStream(
+            self.stream, tls_context(spec.verify_tls, spec.ca_file),
+            server_hostname=hostname if spec.verify_tls or spec.virtualhost else None,
+        )
+        self._streams.append(tls)
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError as exc:
+            cause = exc.__cause__
+            detail = (getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+                      or str(cause) or "connection closed")
+            raise CheckFailed(f"TLS handshake with {self.endpoint} failed: {detail}") from None
+        self.stream = tls
+        self._buffer.clear()  # nothing sent in clear text before the handshake counts
+        self.note(f"TLS {tls.cipher()[1]} {tls.cipher()[0]} established")
+
+    async def aclose(self) -> None:
+        """Close every stream opened, at once (no waiting for a peer that may be hostile)."""
+        for stream in reversed(self._streams):
+            await trio.aclose_forcefully(stream)
+        self._streams.clear()
+
+    # ------------------------------------------------------------------ I/O
+
+    async def send(self, line: str, *, shown: str | None = None, tagged: bool = False) -> None:
+        """Send one command line (CRLF added); `shown` is what the transcript records.
+
+        `tagged`: the line starts with an IMAP tag, so the command is its second word.
+        """
+        assert self.stream is not None
+        if self.transcript:
+            self.transcript.sent(line if shown is None else shown)
+        words = line.split(" ", 2)
+        what = words[1] if tagged and len(words) > 1 else words[0]
+        self.step = f"sending {what}"
+        try:
+            await self.stream.send_all(line.encode("utf-8") + b"\r\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise CheckFailed(
+                f"{self.protocol} server {self.endpoint} closed the connection while we sent "
+                f"{what}"
+            ) from None
+        self.step = f"waiting for the reply to {what}"
+
+    def expect(self, what: str) -> None:
+        """Name what the next reads wait for ("the greeting"), for timeout reasons."""
+        self.step = f"waiting for {what}"
+
+    async def readline(self) -> str:
+        """One line without its line end; at most MAX_LINE bytes, EOF before it is a failure."""
+        stream = self.stream
+        assert stream is not None
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                raw = bytes(self._buffer[:end])
+                del self._buffer[:end + 1]
+                line = raw.rstrip(b"\r").decode("utf-8", "replace")
+                if self.transcript:
+                    self.transcript.received(quote(line)[1:-1])
+                return line
+            if len(self._buffer) > MAX_LINE:
+                raise CheckFailed(
+                    f"{self.protocol} server {self.endpoint} sent a line longer than "
+                    f"{MAX_LINE} bytes while {self.step}: "
+                    f"{quote(bytes(self._buffer[:60]))}"
+                )
+            try:
+                data = await stream.receive_some(MAX_LINE)
+            except trio.BrokenResourceError as exc:
+                raise CheckFailed(
+                    f"{self.protocol} connection to {self.endpoint} broke while {self.step}: "
+                    f"{exc.__cause__ or exc}"
+                ) from None
+            if not data:
+                got = f" after {quote(bytes(self._buffer))}" if self._buffer else ""
+                raise CheckFailed(
+                    f"{self.protocol} server {self.endpoint} closed the connection while "
+                    f"{self.step}{got}"
+                )
+            self._buffer += data
+
+    async def reply(self) -> tuple[int, str]:
+        """A numeric reply (SMTP, FTP, NNTP): its code and text, multi-line replies joined.
+
+        A first line that is not `NNN text` is garbage; a multi-line reply (`NNN-`) ends at
+        the line starting `NNN `, after at most MAX_LINES lines.
+        """
+        line = await self.readline()
+        match = _REPLY.match(line)
+        if match is None:
+            raise CheckFailed(
+                f"{self.protocol} server {self.endpoint} answered {quote(line)} while "
+                f"{self.step}, which is not a valid {self.protocol} reply"
+            )
+        code = match.group(1)
+        lines = [line[4:]]
+        if match.group(2) == "-":
+            for _ in range(MAX_LINES):
+                line = await self.readline()
+                if line.startswith(code + " ") or line == code:
+                    lines.append(line[4:])
+                    break
+                lines.append(line[4:] if line.startswith(code + "-") else line)
+            else:
+                raise CheckFailed(
+                    f"{self.protocol} server {self.endpoint} sent more than {MAX_LINES} lines "
+                    f"while {self.step}"
+                )
+        return int(code), "\n".join(lines)
+
+    def pending(self) -> bytes:
+        """Bytes received but not yet returned as a line (for timeout reasons)."""
+        return bytes(self._buffer)
+
+
+Dialogue = Callable[[LineSession], Awaitable[str]]
+
+
+async def run_session(
+    request: CheckRequest, protocol: str, dialogue: Dialogue, *, implicit_tls: bool = False,
+    closing: Callable[[LineSession], Awaitable[None]] | None = None,
+) -> CheckResult:
+    """Open a session, run `dialogue` (returns the success reason) under the deadline.
+
+    `closing` (QUIT, LOGOUT) runs after the dialogue, success or failure, best effort and
+    within the same deadline; the connection is closed on every path, cancellation included.
+    """
+    if request.target.rport is None:
+        return CheckResult.failure(f"no port to check {protocol} on {request.target.rip}")
+    budget = request.timeout * DEADLINE_SHARE
+    session = LineSession(request, protocol)
+    result: CheckResult | None = None
+    try:
+        with trio.move_on_after(budget) as scope:
+            try:
+                await session.open(implicit_tls=implicit_tls)
+                result = CheckResult.success(await dialogue(session))
+            except CheckFailed as failed:
+                result = CheckResult.failure(failed.reason)
+            if closing is not None and session.stream is not None:
+                try:
+                    with trio.move_on_after(min(CLOSE_WAIT, request.timeout * CLOSE_SHARE)):
+                        await closing(session)
+                except CheckFailed as failed:
+                    session.note(f"closing: {failed.reason}")
+        if scope.cancelled_caught:
+            pending = session.pending()
+            got = f" (received so far: {quote(pending)})" if pending else ""
+            reason = (f"{protocol} {session.endpoint}: timed out after {budget:.2f} s "
+                      f"{session.step}{got}")
+            session.note(reason)
+            # A verdict reached before the deadline stands even if the goodbye did not finish.
+            if result is None:
+                result = CheckResult.failure(reason)
+    finally:
+        await session.aclose()
+    assert result is not None
+    return result
+
+
+def receive_matches(spec_receive: str, regex: bool, text: str) -> bool:
+    """`receive` as the spec says: a substring, or an unanchored regex when `regex` is set."""
+    if regex:
+        return re.search(spec_receive, text) is not None
+    return spec_receive in text

@@ -1,0 +1,455 @@
+"""Servers for the line-protocol check tests (ftp, mail, nntp), all on 127.0.0.1.
+
+Real servers run as subprocesses started here and stopped by PID: pyftpdlib, aiosmtpd,
+dovecot (IMAP, IMAPS, POP3, POP3S from a config in a tmp dir) and leafnode (an inetd-style
+NNTP server, spawned per connection by a small accept loop in a private UTS namespace,
+because it insists on a unique fully-qualified host name). Hostile servers run in the
+test's own trio loop.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from lbha.checkapi import CheckResult, Transcript
+from lbha.testing import run_check_now
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+#: Login and password the real servers accept; the password has characters that need
+#: escaping (IMAP quoted strings) and must never show in a transcript.
+USER = "bob"
+PASSWORD = 's3cr"et\\pw'
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A port bound but not listening (held so nobody takes it): connecting is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], what: str,
+                   seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {seconds} s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM by PID, SIGKILL after 5 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextmanager
+def python_server(script: str, *args: str, what: str) -> Iterator[int]:
+    """Run `script` (prints its port on the first line of stdout) and yield the port."""
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.strip().isdigit():
+            raise RuntimeError(f"{what} did not start (exit {proc.poll()})")
+        port = int(line)
+        wait_listening(port, proc, what)
+        yield port
+    finally:
+        stop(proc)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def make_cert(tmp: Path) -> tuple[Path, Path, Path]:
+    """A CA, and a certificate for 127.0.0.1/localhost it signed: (ca, cert, key) files."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost", "mail.test")
+    paths = tmp / "ca.pem", tmp / "cert.pem", tmp / "key.pem"
+    ca.cert_pem.write_to_path(str(paths[0]))
+    cert.cert_chain_pems[0].write_to_path(str(paths[1]))
+    cert.private_key_pem.write_to_path(str(paths[2]))
+    for path in paths:
+        path.chmod(0o644)
+    return paths
+
+
+# ------------------------------------------------------------------------------ FTP
+
+FTP_SCRIPT = """
+    import sys
+    from pyftpdlib.authorizers import DummyAuthorizer
+    from pyftpdlib.handlers import FTPHandler
+    from pyftpdlib.servers import FTPServer
+
+    root, user, password = sys.argv[1:4]
+    authorizer = DummyAuthorizer()
+    authorizer.add_user(user, password, root, perm="elr")
+    authorizer.add_anonymous(root)
+
+    class Handler(FTPHandler):
+        auth_failed_timeout = 0  # answer 530 at once; the tests bound every check
+        banner = "lbha test FTP ready"
+
+    server = FTPServer(("127.0.0.1", 0), Handler)
+    server.max_cons = 2048
+    print(server.socket.getsockname()[1], flush=True)
+    server.serve_forever(handle_exit=False)
+"""
+
+
+@contextmanager
+def ftp_server(root: Path) -> Iterator[int]:
+    pytest.importorskip("pyftpdlib")
+    with python_server(FTP_SCRIPT, str(root), USER, PASSWORD, what="pyftpdlib") as port:
+        yield port
+
+
+# ------------------------------------------------------------------------------ SMTP
+
+SMTP_SCRIPT = """
+    import asyncio, ssl, sys
+    from aiosmtpd.handlers import Sink
+    from aiosmtpd.smtp import SMTP
+
+    async def main():
+        context = None
+        if len(sys.argv) > 1:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(sys.argv[1], sys.argv[2])
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: SMTP(Sink(), hostname="smtp.test", tls_context=context),
+            "127.0.0.1", 0, backlog=1024)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await server.serve_forever()
+
+    asyncio.run(main())
+"""
+
+
+@contextmanager
+def smtp_server(cert: tuple[Path, Path] | None = None) -> Iterator[int]:
+    """aiosmtpd; with `cert` (cert, key) it offers STARTTLS."""
+    pytest.importorskip("aiosmtpd")
+    args = [str(p) for p in cert] if cert else []
+    with python_server(SMTP_SCRIPT, *args, what="aiosmtpd") as port:
+        yield port
+
+
+# ------------------------------------------------------------------------------ dovecot
+
+
+@dataclass(frozen=True)
+class Dovecot:
+    imap: int
+    imaps: int
+    pop: int
+    pops: int
+    ca: Path
+
+
+DOVECOT_CONF = """\
+base_dir = {tmp}/run
+state_dir = {tmp}/state
+instance_name = lbha-test-{port}
+log_path = {tmp}/dovecot.log
+protocols = imap pop3
+listen = 127.0.0.1
+ssl = yes
+ssl_cert = <{tmp}/cert.pem
+ssl_key = <{tmp}/key.pem
+disable_plaintext_auth = no
+auth_mechanisms = plain
+# Wrong passwords are answered at once: the tests bound every check to a fraction of a second.
+auth_failure_delay = 0
+mail_location = maildir:{tmp}/mail/%u
+default_login_user = dovenull
+default_internal_user = dovecot
+mail_uid = dovecot
+mail_gid = dovecot
+first_valid_uid = 1
+mail_max_userip_connections = 10000
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN {tmp}/users
+}}
+userdb {{
+  driver = static
+  args = uid=dovecot gid=dovecot home={tmp}/mail/%u
+}}
+service imap-login {{
+  service_count = 0
+  client_limit = 2000
+  process_min_avail = 2
+  inet_listener imap {{
+    port = {imap}
+  }}
+  inet_listener imaps {{
+    port = {imaps}
+    ssl = yes
+  }}
+}}
+service pop3-login {{
+  service_count = 0
+  client_limit = 2000
+  process_min_avail = 2
+  inet_listener pop3 {{
+    port = {pop}
+  }}
+  inet_listener pop3s {{
+    port = {pops}
+    ssl = yes
+  }}
+}}
+service anvil {{
+  client_limit = 10000
+}}
+default_client_limit = 10000
+default_process_limit = 1000
+"""
+
+
+@contextmanager
+def dovecot_server(tmp: Path) -> Iterator[Dovecot]:
+    binary = shutil.which("dovecot") or "/usr/sbin/dovecot"
+    if not os.path.exists(binary) or not os.path.exists("/usr/lib/dovecot/imap"):
+        pytest.skip("dovecot-imapd/dovecot-pop3d not installed (scripts/system-packages.txt)")
+    ca, _, _ = make_cert(tmp)
+    tmp.chmod(0o755)
+    for sub in ("run", "state", "mail"):
+        (tmp / sub).mkdir()
+    shutil.chown(tmp / "mail", "dovecot", "dovecot")
+    # passwd-file: user:{PLAIN}password:uid:gid:gecos:home:shell:extra
+    (tmp / "users").write_text(f"{USER}:{{PLAIN}}{PASSWORD}::::::\n")
+    ports = {name: free_port() for name in ("imap", "imaps", "pop", "pops")}
+    conf = tmp / "dovecot.conf"
+    conf.write_text(DOVECOT_CONF.format(tmp=tmp, port=ports["imap"], **ports))
+    proc = subprocess.Popen([binary, "-F", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        for name, port in ports.items():
+            wait_listening(port, proc, f"dovecot ({name})")
+        yield Dovecot(ca=ca, **ports)
+    finally:
+        stop(proc)
+
+
+# ------------------------------------------------------------------------------ NNTP
+
+#: leafnode refuses to serve (503) without a unique FQDN; it reads gethostname().
+LEAFNODE_FQDN = "nntp.lbha-tests.net"
+
+LEAFNODE_SCRIPT = """
+    import signal, socket, subprocess, sys
+    socket.sethostname(sys.argv[2])
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the per-connection servers
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    print(listener.getsockname()[1], flush=True)
+    while True:
+        conn, _ = listener.accept()
+        subprocess.Popen([sys.argv[1]], stdin=conn, stdout=conn, stderr=subprocess.DEVNULL)
+        conn.close()
+"""
+
+
+@contextmanager
+def nntp_server() -> Iterator[int]:
+    """leafnode behind an inetd-style accept loop (how Debian runs it), in its own UTS ns."""
+    binary = "/usr/sbin/leafnode"
+    unshare = shutil.which("unshare")
+    if not os.path.exists(binary) or unshare is None:
+        pytest.skip("leafnode not installed (scripts/system-packages.txt)")
+    proc = subprocess.Popen(
+        [unshare, "--uts", sys.executable, "-c", textwrap.dedent(LEAFNODE_SCRIPT), binary,
+         LEAFNODE_FQDN], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.strip().isdigit():
+            pytest.skip(f"cannot start leafnode in a private UTS namespace (exit {proc.poll()})")
+        port = int(line)
+        wait_listening(port, proc, "leafnode")
+        yield port
+    finally:
+        stop(proc)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+# ------------------------------------------------------------------------------ hostile
+
+
+async def drain(stream: trio.SocketStream) -> None:
+    """Read until the client goes away."""
+    while await stream.receive_some(65536):
+        pass
+
+
+async def silent(stream: trio.SocketStream) -> None:
+    """Accept and never answer."""
+    await drain(stream)
+
+
+def trickle(data: bytes, interval: float = 1.0) -> Handler:
+    """Send `data` one byte every `interval` seconds."""
+    async def handler(stream: trio.SocketStream) -> None:
+        for i in range(len(data)):
+            await stream.send_all(data[i:i + 1])
+            await trio.sleep(interval)
+        await drain(stream)
+    return handler
+
+
+def script(*steps: bytes | None, close: bool = False) -> Handler:
+    """Send each step; None means "read one chunk from the client"; then drain or close."""
+    async def handler(stream: trio.SocketStream) -> None:
+        for step in steps:
+            if step is None:
+                if not await stream.receive_some(65536):
+                    return
+            else:
+                await stream.send_all(step)
+        if not close:
+            await drain(stream)
+    return handler
+
+
+def tls_stall(greeting: bytes | None = None, answer: bytes | None = None) -> Handler:
+    """Optionally greet and answer one command (STARTTLS), then stall the TLS handshake."""
+    async def handler(stream: trio.SocketStream) -> None:
+        if greeting:
+            await stream.send_all(greeting)
+        if answer:
+            await stream.receive_some(65536)
+            await stream.send_all(answer)
+        await drain(stream)  # reads the ClientHello and never answers it
+    return handler
+
+
+async def _guarded(handler: Handler, stream: trio.SocketStream) -> None:
+    try:
+        await handler(stream)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the check may reset the connection at any time
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+@asynccontextmanager
+async def hostile_server(handler: Handler) -> AsyncIterator[int]:
+    """Serve `handler` on a free 127.0.0.1 port in this trio loop for the block."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1", backlog=4096)
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        async def serve() -> None:
+            async with trio.open_nursery() as handlers:
+                async def accept_loop(listener: trio.SocketListener) -> None:
+                    async with listener:
+                        while True:
+                            stream = await listener.accept()
+                            handlers.start_soon(_guarded, handler, stream)
+                await accept_loop(listeners[0])
+        nursery.start_soon(serve)
+        try:
+            yield port
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------------------ running
+
+#: Deadline of the failure-path checks; each verdict must come within it plus SLACK.
+DEADLINE = 0.5
+SLACK = 0.1
+
+
+async def timed(service: str, port: int, *, seconds: float = DEADLINE,
+                **spec: object) -> tuple[CheckResult, float]:
+    """Run `service` against 127.0.0.1:port as the engine does; the result and its duration."""
+    start = time.monotonic()
+    result = await run_check_now(service, rport=port, negotiate_timeout=seconds, **spec)
+    return result, time.monotonic() - start
+
+
+async def down_in_time(service: str, port: int, **spec: object) -> str:
+    """Assert the check is down within the deadline + SLACK; its reason."""
+    result, elapsed = await timed(service, port, **spec)
+    assert not result.up, result.reason
+    assert elapsed < DEADLINE + SLACK, (elapsed, result.reason)
+    return result.reason
+
+
+async def transcript_of(service: str, port: int, **spec: object) -> tuple[CheckResult, list[str]]:
+    transcript = Transcript(frozenset({PASSWORD}))
+    result = await run_check_now(service, rport=port, transcript=transcript, **spec)
+    return result, transcript.lines
+
+
+async def assert_no_fd_growth(run: Callable[[], Awaitable[CheckResult]], *, up: bool,
+                              count: int = 10_000, batch: int = 250) -> None:
+    """`count` checks, `batch` at a time, all with verdict `up`; open fds unchanged after."""
+    verdicts: list[bool] = []
+    odd: list[str] = []
+
+    async def one() -> None:
+        result = await run()
+        verdicts.append(result.up)
+        if result.up != up:
+            odd.append(result.reason)
+
+    await one()  # warm-up: caches, lazy imports, the first TLS context
+    verdicts.clear()
+    before = open_fds()
+    for _ in range(count // batch):
+        async with trio.open_nursery() as nursery:
+            for _ in range(batch):
+                nursery.start_soon(one)
+    # In-process hostile servers close their side when they see ours go.
+    for _ in range(200):
+        if open_fds() <= before:
+            break
+        await trio.sleep(0.01)
+    assert open_fds() == before
+    assert len(verdicts) == count // batch * batch
+    assert set(verdicts) == {up}, odd[:3]
