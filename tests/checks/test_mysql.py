@@ -1,0 +1,274 @@
+"""`mysql` against a real MariaDB started here, and scripted hostile servers."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pymysql
+import pytest
+import trio
+import trustme
+from hostile_servers import free_port, open_fds, send_then_hold, settle, silent, tcp_server, trickle
+
+from lbha.checkapi import Transcript
+from lbha.checks.mysql import LIMITER, MysqlCheck
+from lbha.plugin_manager import PluginManager
+from lbha.testing import run_check_now
+
+USER, PASSWORD, DATABASE = "lbha", "check-pw", "app"
+MARIADBD = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
+INSTALL_DB = shutil.which("mariadb-install-db") or "/usr/bin/mariadb-install-db"
+
+
+@dataclass(frozen=True)
+class Mariadb:
+    port: int
+    greeting: bytes
+    ca_file: Path
+
+
+def _wait_socket(path: Path, process: subprocess.Popen[bytes], seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"mariadbd exited with {process.returncode} before listening")
+        try:
+            pymysql.connect(unix_socket=str(path), user="root", connect_timeout=1).close()
+            return
+        except pymysql.MySQLError:
+            time.sleep(0.1)
+    raise RuntimeError(f"mariadbd not answering on {path} after {seconds} s")
+
+
+def _greeting(port: int) -> bytes:
+    """The server's first packet, for a fake server that greets and then says nothing."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        head = sock.recv(4, socket.MSG_WAITALL)
+        return head + sock.recv(int.from_bytes(head[:3], "little"), socket.MSG_WAITALL)
+
+
+@pytest.fixture(scope="module")
+def mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mariadb]:
+    if not Path(MARIADBD).exists():
+        pytest.skip("mariadbd not installed (scripts/install-system-packages installs it)")
+    tmp = tmp_path_factory.mktemp("mariadb")
+    data, sock = tmp / "data", tmp / "mysqld.sock"
+    subprocess.run([INSTALL_DB, "--no-defaults", f"--datadir={data}", "--user=root",
+                    "--auth-root-authentication-method=normal", "--skip-test-db"],
+                   check=True, capture_output=True, timeout=120)
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp / "cert.pem"))
+    ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
+    port = free_port()
+    process = subprocess.Popen(
+        [MARIADBD, "--no-defaults", f"--datadir={data}", f"--socket={sock}", f"--port={port}",
+         "--bind-address=127.0.0.1", "--user=root", f"--pid-file={tmp}/mysqld.pid",
+         f"--log-error={tmp}/error.log", "--skip-log-bin", "--skip-name-resolve",
+         "--innodb-buffer-pool-size=16M", "--max-connections=500", "--thread-cache-size=64",
+         f"--ssl-cert={tmp}/cert.pem", f"--ssl-key={tmp}/key.pem", f"--ssl-ca={tmp}/ca.pem"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_socket(sock, process)
+        admin = pymysql.connect(unix_socket=str(sock), user="root", autocommit=True)
+        with admin.cursor() as cursor:
+            for statement in (
+                f"CREATE DATABASE {DATABASE}",
+                f"CREATE TABLE {DATABASE}.t (id INT)",
+                f"CREATE TABLE {DATABASE}.empty (id INT)",
+                f"INSERT INTO {DATABASE}.t VALUES (42)",
+                f"CREATE USER '{USER}'@'%' IDENTIFIED BY '{PASSWORD}'",
+                f"GRANT SELECT ON {DATABASE}.* TO '{USER}'@'%'",
+            ):
+                cursor.execute(statement)
+        admin.close()
+        yield Mariadb(port, _greeting(port), tmp / "ca.pem")
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+
+async def timed(**kwargs: object) -> tuple[object, float]:
+    start = trio.current_time()
+    result = await run_check_now("mysql", **kwargs)
+    return result, trio.current_time() - start
+
+
+def login(port: int, **overrides: object) -> dict[str, object]:
+    return {"rport": port, "login": USER, "password": PASSWORD, "database": DATABASE,
+            **overrides}
+
+
+def test_registered_through_the_entry_point() -> None:
+    manager = PluginManager()
+    manager.load_entry_points()
+    assert isinstance(manager.register_checks().get("mysql"), MysqlCheck)
+
+
+async def test_default_query_is_up(mariadb: Mariadb) -> None:
+    transcript = Transcript(frozenset({PASSWORD}))
+    result = await run_check_now("mysql", **login(mariadb.port), transcript=transcript)
+    assert result.up, result.reason
+    assert result.reason == "query returned (1,)"
+    assert transcript.lines == [f"> login as {USER} to database {DATABASE}", "> SELECT 1",
+                                "< (1,)"]
+
+
+async def test_operator_query_is_up(mariadb: Mariadb) -> None:
+    # An imported ldirectord request keeps its "/"; the query is what follows it.
+    result = await run_check_now("mysql", **login(mariadb.port, request="/SELECT id FROM t"))
+    assert result.up, result.reason
+    assert result.reason == "query returned (42,)"
+
+
+async def test_without_database(mariadb: Mariadb) -> None:
+    result = await run_check_now("mysql", **login(mariadb.port, database=None,
+                                                  request="SELECT id FROM app.t"))
+    assert result.up, result.reason
+
+
+async def test_tls_when_asked(mariadb: Mariadb) -> None:
+    result = await run_check_now("mysql", **login(mariadb.port), options={"tls": True})
+    assert result.up, result.reason
+    result = await run_check_now("mysql", **login(mariadb.port), verify_tls=True,
+                                 ca_file=mariadb.ca_file)
+    assert result.up, result.reason
+
+
+async def test_tls_verified_against_system_cas_is_down(mariadb: Mariadb) -> None:
+    result = await run_check_now("mysql", **login(mariadb.port), verify_tls=True)
+    assert not result.up
+    assert result.reason.startswith(f"login as {USER} to database {DATABASE} on "
+                                    f"127.0.0.1:{mariadb.port} failed:")
+    assert "CERTIFICATE_VERIFY_FAILED" in result.reason
+
+
+async def test_no_rows_is_down(mariadb: Mariadb) -> None:
+    result = await run_check_now("mysql", **login(mariadb.port, request="SELECT id FROM empty"))
+    assert not result.up
+    assert result.reason == f"query on 127.0.0.1:{mariadb.port} returned no rows"
+    result = await run_check_now("mysql", **login(mariadb.port, request="DO 1"))
+    assert not result.up
+    assert result.reason == f"query on 127.0.0.1:{mariadb.port} returned no result set: 'DO 1'"
+
+
+async def test_bad_query_is_down_with_the_servers_word(mariadb: Mariadb) -> None:
+    result = await run_check_now("mysql", **login(mariadb.port, request="SELECT * FROM nope"))
+    assert not result.up
+    assert result.reason.startswith(f"query on 127.0.0.1:{mariadb.port} failed: (1146) Table")
+
+
+async def test_wrong_password_is_down(mariadb: Mariadb) -> None:
+    result, elapsed = await timed(**login(mariadb.port, password="wrong"))
+    assert not result.up
+    assert result.reason.startswith(
+        f"login as {USER} to database {DATABASE} on 127.0.0.1:{mariadb.port} failed: "
+        f"(1045) Access denied for user '{USER}'")
+    assert elapsed < 1
+
+
+async def test_wrong_database_is_down(mariadb: Mariadb) -> None:
+    result = await run_check_now("mysql", **login(mariadb.port, database="mysql"))
+    assert not result.up
+    assert "(1044) Access denied" in result.reason
+
+
+async def test_missing_login_is_down() -> None:
+    result = await run_check_now("mysql", rport=3306)
+    assert result == result.failure("mysql check has no login: set login (and password)")
+
+
+async def test_stopped_server_is_down_at_once() -> None:
+    port = free_port()
+    result, elapsed = await timed(**login(port))
+    assert not result.up
+    assert result.reason == f"connect to 127.0.0.1:{port} refused"
+    assert elapsed < 0.5
+
+
+# --------------------------------------------------------------------------- hostile servers
+
+@pytest.mark.parametrize(("name", "handler", "phase"), [
+    ("silent", silent, "login as"),
+    ("greets, then silent", "greeting", "login as"),
+    ("trickles its greeting", "trickle", "login as"),
+    ("garbage", send_then_hold(b"\x00\xff\xfe garbage \x01" * 30, after_request=False),
+     "login as"),
+    ("garbage, then closes", send_then_hold(b"\x07\x00\x00\x00garbage" * 3, after_request=False,
+                                            close=True), "login as"),
+    ("truncated greeting", "truncated", "login as"),
+    ("closes", send_then_hold(b"", after_request=False, close=True), "login as"),
+])
+async def test_hostile_server_is_down_within_the_deadline(mariadb: Mariadb, name, handler,
+                                                          phase) -> None:
+    if handler == "greeting":
+        handler = send_then_hold(mariadb.greeting, after_request=False)
+    elif handler == "trickle":
+        handler = trickle(mariadb.greeting, 0.05)
+    elif handler == "truncated":
+        handler = send_then_hold(mariadb.greeting[:20], after_request=False, close=True)
+    async with tcp_server(handler) as port:
+        result, elapsed = await timed(**login(port), negotiate_timeout=0.6)
+    assert not result.up
+    assert result.reason.startswith(f"{phase} {USER} to database {DATABASE} on 127.0.0.1:{port}"), \
+        result.reason
+    assert elapsed < 0.7, (name, elapsed)
+
+
+async def test_cancelled_checks_leave_no_threads_or_sockets() -> None:
+    """The engine gives up at the deadline; the abandoned threads end promptly anyway."""
+    threads, fds = threading.active_count(), open_fds()
+    async with tcp_server(silent) as port, trio.open_nursery() as nursery:
+        for _ in range(LIMITER.tokens * 3):
+            # A deadline shorter than the check's own timeouts: the engine cancels it.
+            nursery.start_soon(lambda: run_check_now("mysql", **login(port), seconds=0.2,
+                                                     negotiate_timeout=5.0))
+    start = trio.current_time()
+    now_threads, now_fds = await settle(threads + LIMITER.tokens, fds, LIMITER.get())
+    assert LIMITER.get().borrowed_tokens == 0
+    assert trio.current_time() - start < 0.5  # interrupted, not waiting for their timeouts
+    assert now_fds <= fds
+    assert now_threads <= threads + LIMITER.tokens
+
+
+BATCH = 2 * LIMITER.tokens
+
+
+@pytest.mark.slow
+async def test_ten_thousand_checks_leave_no_threads_or_sockets(mariadb: Mariadb) -> None:
+    threads, fds = threading.active_count(), open_fds()
+    verdicts: list[bool] = []
+    surprises: list[str] = []
+
+    async def one(i: int) -> None:
+        # Mostly successes, with wrong passwords in between.
+        password = "no" if i % 10 == 9 else PASSWORD
+        result = await run_check_now("mysql", **login(mariadb.port, password=password))
+        verdicts.append(result.up)
+        if result.up == (password == "no"):
+            surprises.append(result.reason)
+
+    # Batches of twice the limiter: enough to queue for threads, not so many that the
+    # queue outlasts the deadline on a busy machine.
+    for start in range(0, 10_000, BATCH):
+        async with trio.open_nursery() as nursery:
+            for i in range(start, min(start + BATCH, 10_000)):
+                nursery.start_soon(one, i)
+    assert not surprises, surprises[:5]
+    assert verdicts.count(True) == 9000
+    now_threads, now_fds = await settle(threads + LIMITER.tokens, fds, LIMITER.get())
+    assert now_fds <= fds
+    assert now_threads <= threads + LIMITER.tokens
