@@ -16,6 +16,8 @@ import pytest
 import trio
 import trustme
 from hostile_servers import free_port, open_fds, send_then_hold, settle, silent, tcp_server, trickle
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lbha.checkapi import Transcript
 from lbha.checks.mysql import LIMITER, MysqlCheck
@@ -272,3 +274,13 @@ async def test_ten_thousand_checks_leave_no_threads_or_sockets(mariadb: Mariadb)
     now_threads, now_fds = await settle(threads + LIMITER.tokens, fds, LIMITER.get())
     assert now_fds <= fds
     assert now_threads <= threads + LIMITER.tokens
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(greeting=st.binary(max_size=64), close=st.booleans())
+async def test_fuzz_any_server_bytes_get_a_verdict_from_the_check(greeting: bytes, close) -> None:
+    """Whatever a server sends, the check itself answers (no exception for the engine)."""
+    async with tcp_server(send_then_hold(greeting, after_request=False, close=close)) as port:
+        result = await run_check_now("mysql", **login(port), negotiate_timeout=0.2)
+    assert not result.up
+    assert result.reason.startswith(f"login as {USER}"), result.reason
