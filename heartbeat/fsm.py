@@ -293,9 +293,10 @@ def _received(
                     peer_flags=event.flags, starting=False)
     if not was_alive:
         reason = f"{settings.peer} is back"
-        if state.active:
+        if state.active and (event.state is not PeerState.ACTIVE or _we_win(settings, state)):
             # After a partition heal or the peer's restart clients may point at the peer:
-            # re-announce at once whatever happens next.
+            # the node that keeps the addresses re-announces at once. The one about to step
+            # down must not: its announcement would send clients to a node releasing them.
             actions.append(Announce(f"{settings.peer} is back; re-announcing our addresses"))
     if event.state is not PeerState.ACTIVE:
         state = replace(state, split_brain=False)

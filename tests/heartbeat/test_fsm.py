@@ -190,9 +190,11 @@ def test_partition_heal_master_keeps_and_announces_slave_steps_down() -> None:
     heard = a.hear(b, 5.0)
     assert any(isinstance(x, Announce) for x in heard)
     assert a.holds
-    b.hear(a, 5.0)
+    stepping_down = b.hear(a, 5.0)
     assert not b.holds
     assert "split_brain" in b.kinds()
+    # The loser never announces: that would send clients to the node releasing the IPs.
+    assert not any(isinstance(x, Announce) for x in stepping_down)
     exchange(a, b, 5.1)
     assert a.holds
     assert not b.holds
@@ -203,8 +205,9 @@ def test_partition_heal_other_order_still_announces() -> None:
     a, b = started_pair()
     a.feed(Tick(0.5))
     b.feed(Tick(0.5))
-    b.hear(a, 5.0)  # the slave steps down first; the master then hears PASSIVE
+    stepping_down = b.hear(a, 5.0)  # the slave steps down first; the master then hears PASSIVE
     assert not b.holds
+    assert not any(isinstance(x, Announce) for x in stepping_down)
     heard = a.hear(b, 5.0)
     assert any(isinstance(x, Announce) for x in heard)
     assert a.holds
