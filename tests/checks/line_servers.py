@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -199,7 +200,7 @@ ssl_cert = <{tmp}/cert.pem
 ssl_key = <{tmp}/key.pem
 disable_plaintext_auth = no
 auth_mechanisms = plain
-# Wrong passwords are answered at once: the tests bound every check to a fraction of a second.
+# Answer the first wrong password at once (the per-IP penalty still delays later ones).
 auth_failure_delay = 0
 mail_location = maildir:{tmp}/mail/%u
 default_login_user = dovenull
@@ -249,12 +250,25 @@ default_process_limit = 1000
 
 
 @contextmanager
-def dovecot_server(tmp: Path) -> Iterator[Dovecot]:
+def dovecot_server() -> Iterator[Dovecot]:
+    """dovecot -F with its own config, users file and certificate in a fresh /tmp dir.
+
+    Not in pytest's tmp_path: dovecot's auth and mail processes run as the dovecot user and
+    cannot traverse pytest's 0700 directories.
+    """
     binary = shutil.which("dovecot") or "/usr/sbin/dovecot"
     if not os.path.exists(binary) or not os.path.exists("/usr/lib/dovecot/imap"):
         pytest.skip("dovecot-imapd/dovecot-pop3d not installed (scripts/system-packages.txt)")
+    with tempfile.TemporaryDirectory(prefix="lbha-dovecot-") as name:
+        tmp = Path(name)
+        tmp.chmod(0o755)
+        with _dovecot_in(tmp, binary) as servers:
+            yield servers
+
+
+@contextmanager
+def _dovecot_in(tmp: Path, binary: str) -> Iterator[Dovecot]:
     ca, _, _ = make_cert(tmp)
-    tmp.chmod(0o755)
     for sub in ("run", "state", "mail"):
         (tmp / sub).mkdir()
     shutil.chown(tmp / "mail", "dovecot", "dovecot")
