@@ -1,0 +1,213 @@
+"""IPVS propagation and full-reconcile figures (issue 5, item 7, kernel half).
+
+    .venv/bin/python bench/ipvs/run.py                 # in the qemu guest (real IPVS, TCG)
+    .venv/bin/python bench/ipvs/run.py --fake-kernel   # on the host: lbha's own CPU cost only
+
+A table of N services x M destinations is put into the kernel, then C changes are made one
+at a time, as the engine makes them (one real server's weight flips in one service, the other
+DesiredService objects are reused). Each change is timed from `lbha_apply` to the end of the
+reconcile that put it into the kernel (netlink requests are acknowledged, so the kernel holds
+it then); a sample of changes is read back independently with ipvsadm. Then a full reconcile
+of the unchanged table (read everything, diff, nothing to apply) is timed a few times.
+
+`--fake-kernel` swaps netlink for an in-memory table, to separate lbha's own work (conversion,
+diff, bookkeeping) from netlink and emulation costs; it needs no IPVS and no VM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from lbha.desired import DesiredDestination, DesiredService, DesiredTable
+from lbha.model import Forwarding, IpvsConfig
+from lbha.plugins.ipvs import IpvsBackend
+from lbha.plugins.ipvs_table import (
+    AddDest,
+    AddService,
+    DeleteDest,
+    DeleteService,
+    EditDest,
+    EditService,
+    Operation,
+    Service,
+    ServiceKey,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_service(i: int, dests: int, weights: tuple[int, ...]) -> DesiredService:
+    vip = ipaddress.ip_address("198.18.0.0") + i
+    return DesiredService(
+        virtual=f"v{i}", layer=4, protocol="tcp", address=vip, port=80, mark=None,
+        scheduler="wrr", persistence=None, persistence_netmask=None, one_packet=False,
+        haproxy_backend=None, haproxy_socket=None,
+        destinations=tuple(DesiredDestination(
+            f"r{j}", ipaddress.ip_address("198.19.0.0") + j + 1, 80, weights[j], Forwarding.DR)
+            for j in range(dests)))
+
+
+class FakeKernel:
+    """An in-memory stand-in for KernelIpvs (same read/apply contract)."""
+
+    def __init__(self) -> None:
+        self.table: dict[ServiceKey, Service] = {}
+
+    def read(self, scope=None) -> dict[ServiceKey, Service]:
+        keys = self.table.keys() if scope is None else [k for k in scope if k in self.table]
+        return {k: Service(k, self.table[k].settings, dict(self.table[k].dests)) for k in keys}
+
+    def apply(self, ops: list[Operation]) -> list:
+        for op in ops:
+            if isinstance(op, AddService | EditService):
+                old = self.table.get(op.service)
+                self.table[op.service] = Service(op.service, op.settings,
+                                                 dict(old.dests) if old else {})
+            elif isinstance(op, DeleteService):
+                del self.table[op.service]
+            elif isinstance(op, AddDest | EditDest):
+                self.table[op.service].dests[op.dest] = op.settings  # type: ignore[index]
+            elif isinstance(op, DeleteDest):
+                del self.table[op.service].dests[op.dest]  # type: ignore[attr-defined]
+        return []
+
+    def delete(self, keys) -> list:
+        return self.apply([DeleteService(k) for k in keys])
+
+    def close(self) -> None:
+        pass
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def ipvsadm_weight(vip: str, rip: str) -> str:
+    out = subprocess.run(["ipvsadm", "-Ln", "-t", f"{vip}:80"], capture_output=True, text=True,
+                         check=True).stdout
+    for line in out.splitlines():
+        if f"{rip}:80" in line:
+            return line.split()[3]
+    return "absent"
+
+
+async def bench(args: argparse.Namespace) -> None:
+    rng = random.Random(5)
+    state = Path(tempfile.mkdtemp(prefix="lbha-ipvs-bench."))
+    # cleanstop off: the full-reconcile part below starts from the table this part leaves.
+    backend = IpvsBackend(IpvsConfig(cleanstop=False, reconcile_interval=3600), state)
+    weights = [tuple([1] * args.dests) for _ in range(args.services)]
+    services = [make_service(i, args.dests, weights[i]) for i in range(args.services)]
+    generation = 1
+    if args.fake_kernel:
+        backend.worker.kernel = FakeKernel()  # type: ignore[assignment]
+    else:
+        # Set-up, not measured: ipvsadm -R loads the table far faster than 11,000 requests
+        # from Python under emulation; the first reconcile then finds nothing to do.
+        await trio.run_process(["modprobe", "ip_vs"])
+        await trio.run_process(["ipvsadm", "-R"], stdin=restore_script(services).encode())
+
+    latencies: list[float] = []
+    checked = 0
+    async with trio.open_nursery() as nursery:
+        # The service's own first pass (a full one, at start) is the initial reconcile.
+        t0 = time.perf_counter()
+        backend.apply(DesiredTable(generation, tuple(services)))
+        nursery.start_soon(backend.run)
+        await backend.wait_synced(generation)
+        print(f"initial full reconcile: {args.services} services x {args.dests} destinations "
+              f"in {time.perf_counter() - t0:.2f} s (with netlink: includes importing pyroute2)", flush=True)
+        for n in range(args.changes):
+            i = rng.randrange(args.services)
+            j = rng.randrange(args.dests)
+            w = list(weights[i])
+            w[j] = 0 if w[j] else 1  # a real server goes down (quiescent) or comes back
+            weights[i] = tuple(w)
+            services[i] = make_service(i, args.dests, weights[i])
+            generation += 1
+            start = time.perf_counter()
+            backend.apply(DesiredTable(generation, tuple(services)))
+            await backend.wait_synced(generation)
+            latencies.append(time.perf_counter() - start)
+            if not args.fake_kernel and n % max(1, args.changes // 20) == 0:
+                vip = str(ipaddress.ip_address("198.18.0.0") + i)
+                rip = str(ipaddress.ip_address("198.19.0.0") + j + 1)
+                got = ipvsadm_weight(vip, rip)
+                assert got == str(w[j]), f"change {n}: ipvsadm shows {got}, want {w[j]}"
+                checked += 1
+        nursery.cancel_scope.cancel()
+    ms = [v * 1000 for v in latencies]
+    print(f"propagation over {len(ms)} changes: p50 {pct(ms, 50):.2f} ms, p99 {pct(ms, 99):.2f} "
+          f"ms, max {max(ms):.2f} ms, mean {statistics.fmean(ms):.2f} ms "
+          f"({checked} checked with ipvsadm)", flush=True)
+
+    backend = IpvsBackend(IpvsConfig(cleanstop=True, reconcile_interval=3600), state)
+    if args.fake_kernel:
+        backend.worker.kernel = FakeKernel()  # type: ignore[assignment]
+        backend.worker.kernel.table = dict(first_table(services))  # type: ignore[attr-defined]
+    backend.apply(DesiredTable(generation, tuple(services)))
+    times = []
+    for _ in range(args.full_runs):
+        start = time.perf_counter()
+        result = await backend.reconcile(full=True)
+        times.append(time.perf_counter() - start)
+        assert not result.operations or not times[1:], result.operations[:3]
+    ms = [t * 1000 for t in times[1:] or times]
+    print(f"full reconcile of the unchanged table ({args.services} x {args.dests}), "
+          f"{len(ms)} runs after a warm-up: median {statistics.median(ms):.1f} ms, "
+          f"max {max(ms):.1f} ms", flush=True)
+    await backend.clean_stop()
+    backend.worker.close()
+
+
+def restore_script(services: list[DesiredService]) -> str:
+    lines = []
+    for s in services:
+        lines.append(f"-A -t {s.address}:80 -s wrr")
+        lines += [f"-a -t {s.address}:80 -r {d.address}:80 -g -w {d.weight}"
+                  for d in s.destinations]
+    return "\n".join(lines) + "\n"
+
+
+def first_table(services: list[DesiredService]) -> dict[ServiceKey, Service]:
+    from lbha.plugins.ipvs_table import desired_table
+
+    return desired_table(DesiredTable(0, tuple(services)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--services", type=int, default=1000)
+    parser.add_argument("--dests", type=int, default=10)
+    parser.add_argument("--changes", type=int, default=1000)
+    parser.add_argument("--full-runs", type=int, default=4)
+    parser.add_argument("--fake-kernel", action="store_true")
+    parser.add_argument("--vm", action="store_true",
+                        help="boot the qemu VM (tests/vm/ipvs_vm.py) and run there")
+    args, rest = parser.parse_known_args()
+    if args.vm:
+        argv = [a for a in sys.argv[1:] if a != "--vm"]
+        cmd = [sys.executable, str(REPO / "tests/vm/ipvs_vm.py"), "run", "--timing",
+               "--cwd", str(REPO), "--", sys.executable, str(Path(__file__).resolve()), *argv]
+        sys.exit(subprocess.run(cmd, check=False).returncode)
+    if rest:
+        parser.error(f"unknown arguments {rest}")
+    if not args.fake_kernel and os.environ.get("IPVS_VM_GUEST") != "1":
+        parser.error("needs a kernel with IPVS: use --vm (qemu guest) or --fake-kernel")
+    trio.run(bench, args)
+
+
+if __name__ == "__main__":
+    main()
