@@ -128,6 +128,7 @@ FTP_SCRIPT = """
 
     class Handler(FTPHandler):
         auth_failed_timeout = 0  # answer 530 at once; the tests bound every check
+        authorizer = authorizer
         banner = "lbha test FTP ready"
 
     server = FTPServer(("127.0.0.1", 0), Handler)
