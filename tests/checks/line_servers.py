@@ -468,3 +468,39 @@ async def assert_no_fd_growth(run: Callable[[], Awaitable[CheckResult]], *, up: 
     assert open_fds() == before
     assert len(verdicts) == count // batch * batch
     assert set(verdicts) == {up}, odd[:3]
+
+
+# ------------------------------------------------------------------------------ CLI
+
+CLI_VIRTUAL = """\
+[[virtual]]
+name = "{name}"
+address = "198.18.0.{host}"
+ports = {vport}
+forwarding = "nat"
+[virtual.check]
+type = "negotiate"
+service = "{service}"
+negotiate_timeout = "5s"
+{check}
+[[virtual.real]]
+name = "real"
+address = "127.0.0.1"
+port = {port}
+"""
+
+
+def cli_check(tmp: Path, name: str, service: str, port: int, *, vport: int = 1,
+              check: str = "") -> str:
+    """`python -m lbha check CFG NAME --once -v` on a one-virtual config; its stdout.
+
+    `check` holds extra TOML lines for [virtual.check] (credentials, options table last).
+    """
+    config = tmp / f"{name}.toml"
+    config.write_text(f'[paths]\nrun_dir = "{tmp}/run"\nstate_dir = "{tmp}/state"\n\n'
+                      + CLI_VIRTUAL.format(name=name, host=10 + len(name), vport=vport,
+                                           service=service, port=port, check=check))
+    out = subprocess.run([sys.executable, "-m", "lbha", "check", str(config), name, "--once",
+                          "-v"], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout

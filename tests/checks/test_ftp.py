@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -10,6 +11,7 @@ from line_servers import (
     PASSWORD,
     USER,
     assert_no_fd_growth,
+    cli_check,
     closed_port,
     down_in_time,
     ftp_server,
@@ -219,3 +221,17 @@ async def test_no_fd_growth_on_failures(kind: str, ftp: int) -> None:
         async with hostile_server(handler) as port:
             # The data stall needs time to get through login and PASV first.
             await run_against(port, 0.05 if kind == "silent" else 0.2, request="/f")
+
+
+def test_lbha_check_once_verbose_shows_the_exchange(ftp: int, tmp_path: Path) -> None:
+    check = (f"login = \"{USER}\"\npassword = '{PASSWORD}'\nrequest = \"/health.txt\"\n"
+             "receive = \"systems OK\"\n")
+    out = cli_check(tmp_path, "files", "ftp", ftp, vport=21, check=check)
+    lines = [line.strip() for line in out.splitlines()]
+    assert lines[0] == (f"files real (127.0.0.1:{ftp}) ftp: UP: FTP 127.0.0.1:{ftp}: login "
+                        f"as 'bob', RETR /health.txt: {len(CONTENT)} bytes matching "
+                        "'systems OK'")
+    for line in ("> USER bob", "> PASS ****", "> TYPE I", "> PASV", "> RETR /health.txt",
+                 "> QUIT"):
+        assert line in lines
+    assert "s3cr" not in out

@@ -15,6 +15,7 @@ from line_servers import (
     USER,
     Dovecot,
     assert_no_fd_growth,
+    cli_check,
     closed_port,
     dovecot_server,
     down_in_time,
@@ -374,3 +375,33 @@ async def test_no_fd_growth_on_failures(service: str, handler, spec) -> None:
         async def run():
             return await run_check_now(service, rport=port, negotiate_timeout=0.05, **spec)
         await assert_no_fd_growth(run, up=False)
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+CREDENTIALS = f"login = \"{USER}\"\npassword = '{PASSWORD}'\n"
+
+
+@pytest.mark.parametrize(("service", "check", "expected"), [
+    ("smtp", "[virtual.check.options]\nstarttls = true\n",
+     ["> EHLO localhost.localdomain", "> STARTTLS", "> QUIT", "< 221 Bye"]),
+    ("imap", CREDENTIALS + "[virtual.check.options]\nstarttls = true\n",
+     ["> a1 STARTTLS", '> a2 LOGIN "bob" ****', "> a3 LOGOUT"]),
+    ("imaps", CREDENTIALS, ['> a1 LOGIN "bob" ****', "> a2 LOGOUT"]),
+    ("pop", CREDENTIALS + "[virtual.check.options]\nstarttls = true\n",
+     ["> STLS", "> USER bob", "> PASS ****", "> QUIT"]),
+    ("pops", CREDENTIALS, ["> USER bob", "> PASS ****", "> QUIT"]),
+])
+def test_lbha_check_once_verbose_shows_the_exchange(request, tmp_path: Path, service: str,
+                                                    check: str, expected: list[str]) -> None:
+    if service == "smtp":
+        port = request.getfixturevalue("smtp_tls")
+    else:
+        port = getattr(request.getfixturevalue("dovecot"), service)
+    out = cli_check(tmp_path, f"mail-{service}", service, port, check=check)
+    lines = out.splitlines()
+    assert lines[0].startswith(f"mail-{service} real (127.0.0.1:{port}) {service}: UP: ")
+    shown = [line.strip() for line in lines[1:]]
+    for line in expected:
+        assert line in shown
+    assert "s3cr" not in out

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 from line_servers import (
     assert_no_fd_growth,
+    cli_check,
     closed_port,
     down_in_time,
     hostile_server,
@@ -109,3 +110,12 @@ async def test_no_fd_growth(kind: str) -> None:
     else:
         async with hostile_server(handlers[kind]) as port:
             await run_against(port)
+
+
+def test_lbha_check_once_verbose_shows_the_exchange(leafnode: int, tmp_path) -> None:
+    out = cli_check(tmp_path, "news", "nntp", leafnode, vport=119)
+    lines = out.splitlines()
+    assert lines[0] == (f"news real (127.0.0.1:{leafnode}) nntp: UP: NNTP "
+                        f"127.0.0.1:{leafnode}: greeting 200 (posting allowed)")
+    assert lines[2].startswith("    < 200 Leafnode NNTP Daemon")
+    assert lines[3:] == ["    > QUIT", "    < 205 Always happy to serve!"]
