@@ -6,10 +6,12 @@ trio loop for the failure paths).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 from line_servers import (
     PASSWORD,
     USER,
@@ -29,9 +31,10 @@ from line_servers import (
     trickle,
 )
 
+from lbha.checkapi import CheckRequest, CheckResult
 from lbha.checks.lines import CheckFailed
 from lbha.checks.mail import imap_quoted
-from lbha.testing import installed_checks, run_check_now
+from lbha.testing import check_spec, installed_checks, run_check_now, target
 
 
 @pytest.fixture(scope="module")
@@ -405,3 +408,32 @@ def test_lbha_check_once_verbose_shows_the_exchange(request, tmp_path: Path, ser
     for line in expected:
         assert line in shown
     assert "s3cr" not in out
+
+
+# ---------------------------------------------------------------------------------- cancellation
+
+
+@pytest.mark.parametrize(("service", "handler", "spec"), [
+    ("imap", silent, {}),
+    ("imaps", tls_stall(), {}),
+    ("smtp", tls_stall(b"220 ok\r\n" + EHLO_TLS, b"220 go ahead\r\n"),
+     {"options": {"starttls": True}}),
+], ids=["greeting", "tls-handshake", "starttls-handshake"])
+async def test_cancelled_checks_close_everything(service: str, handler, spec) -> None:
+    # The engine's deadline (a cancel scope) hits before the check's own 90 % budget; the
+    # cancel times vary so it lands in connect, greeting wait and the handshake.
+    check = installed_checks().get(service)
+    the_spec = check_spec(service, **spec)
+    async with hostile_server(handler) as port:
+        request = CheckRequest(target(rport=port), the_spec, the_spec.options, 10.0)
+        cancelled = 0
+
+        async def run() -> CheckResult:
+            nonlocal cancelled
+            with trio.move_on_after(random.uniform(0.0, 0.02)) as scope:
+                return await check.check(request)
+            cancelled += scope.cancelled_caught
+            return CheckResult.failure("cancelled")
+
+        await assert_no_fd_growth(run, up=False, count=5000)
+    assert cancelled >= 4900
