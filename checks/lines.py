@@ -27,8 +27,10 @@ from lbha.checks.connect import describe_error
 MAX_LINE = 4096
 #: Most lines in one multi-line reply (EHLO capabilities, CAPA, IMAP untagged data).
 MAX_LINES = 100
-#: Share of the engine's deadline the dialogue may use; the rest lets us report the step.
-DEADLINE_SHARE = 0.9
+#: Share of the engine's deadline kept in hand (at most MARGIN_MAX seconds) so that our own
+#: timeout, which names the step, fires before the engine's bare one.
+MARGIN_SHARE = 0.1
+MARGIN_MAX = 0.25
 #: Longest wait for the goodbye (QUIT, LOGOUT) once the verdict is known, and its share
 #: of the deadline: a server that ignores QUIT must not hold a verdict back for long.
 CLOSE_WAIT = 1.0
@@ -257,7 +259,7 @@ async def run_session(
     """
     if request.target.rport is None:
         return CheckResult.failure(f"no port to check {protocol} on {request.target.rip}")
-    budget = request.timeout * DEADLINE_SHARE
+    budget = request.timeout - min(request.timeout * MARGIN_SHARE, MARGIN_MAX)
     session = LineSession(request, protocol)
     result: CheckResult | None = None
     try:
