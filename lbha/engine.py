@@ -344,9 +344,12 @@ class Engine:
                 if job.running:
                     self.stats.skipped_busy += 1
                     continue
-                while self._in_flight >= self.config.checks.concurrency:
-                    self._slot_free = trio.Event()
-                    await self._slot_free.wait()
+                if self._in_flight >= self.config.checks.concurrency:
+                    # Jobs held for a batch own slots too: start them before waiting for one.
+                    self._start_batches(nursery, batches)
+                    while self._in_flight >= self.config.checks.concurrency:
+                        self._slot_free = trio.Event()
+                        await self._slot_free.wait()
                 self.stats.lateness.append(trio.current_time() - due)
                 job.running = True
                 self._in_flight += 1
@@ -358,8 +361,13 @@ class Engine:
                     batches.setdefault((name, seconds), []).append(job)
                 else:
                     nursery.start_soon(self._run_job, job, name, seconds)
-            for (name, seconds), jobs in batches.items():
-                nursery.start_soon(self._run_batch, name, seconds, jobs)
+            self._start_batches(nursery, batches)
+
+    def _start_batches(self, nursery: trio.Nursery, batches: dict[tuple[str, float], list[Job]]
+                       ) -> None:
+        for (name, seconds), jobs in batches.items():
+            nursery.start_soon(self._run_batch, name, seconds, jobs)
+        batches.clear()
 
     def _finished(self, jobs: Iterable[Job]) -> None:
         for job in jobs:
