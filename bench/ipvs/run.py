@@ -128,7 +128,8 @@ async def bench(args: argparse.Namespace) -> None:
         nursery.start_soon(backend.run)
         await backend.wait_synced(generation)
         print(f"initial full reconcile: {args.services} services x {args.dests} destinations "
-              f"in {time.perf_counter() - t0:.2f} s (with netlink: includes importing pyroute2)", flush=True)
+              f"in {time.perf_counter() - t0:.2f} s (with netlink: includes importing pyroute2)",
+              flush=True)
         for n in range(args.changes):
             i = rng.randrange(args.services)
             j = rng.randrange(args.dests)
