@@ -39,6 +39,8 @@ class DesiredService:
     haproxy_backend: str | None
     haproxy_socket: str | None
     destinations: tuple[DesiredDestination, ...]
+    #: 4 or 6; what tells a fwmark service's family, which has no address.
+    family: int = 4
 
 
 @dataclass(frozen=True)

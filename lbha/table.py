@@ -125,5 +125,6 @@ def virtual_services(
                 haproxy_backend=virtual.haproxy.backend if virtual.haproxy else None,
                 haproxy_socket=virtual.haproxy.socket if virtual.haproxy else None,
                 destinations=dest_tuple,
+                family=virtual.family,
             ))
     return tuple(services), fallback_weight is not None

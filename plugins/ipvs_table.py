@@ -231,10 +231,7 @@ def is_drift(op: Operation, applied: Table, desired: Table) -> bool:
 
 
 def _family(service: DesiredService) -> int:
-    if service.address is not None:
-        return service.address.version
-    # A fwmark service has no address; its real servers tell the family.
-    return service.destinations[0].address.version if service.destinations else 4
+    return service.address.version if service.address is not None else service.family
 
 
 def service_key(service: DesiredService) -> ServiceKey:

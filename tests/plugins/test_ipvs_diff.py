@@ -54,7 +54,15 @@ def svc(addr: str | None = "198.18.0.1", port: int = 80, protocol: str = "tcp",
         virtual="v", layer=layer, protocol=protocol,
         address=ipaddress.ip_address(addr) if addr else None, port=port, mark=mark,
         scheduler=scheduler, persistence=persistence, persistence_netmask=netmask,
-        one_packet=ops, haproxy_backend=None, haproxy_socket=None, destinations=dests)
+        one_packet=ops, haproxy_backend=None, haproxy_socket=None, destinations=dests,
+        family=_family_of(addr, dests))
+
+
+def _family_of(addr: str | None, dests: tuple[DesiredDestination, ...]) -> int:
+    """As the engine sets it: the VIP's family, else the real servers' (fwmark)."""
+    if addr:
+        return ipaddress.ip_address(addr).version
+    return dests[0].address.version if dests else 4
 
 
 def table(*services: DesiredService) -> dict[ServiceKey, Service]:
@@ -303,3 +311,11 @@ def test_applying_the_diff_reaches_the_desired_table_and_spares_foreign(
     assert {k: v for k, v in after.items() if k not in want} == foreign
     # Reconciling again finds nothing to do.
     assert diff(after, want, owned=want.keys()) == []
+
+
+def test_an_ipv6_fwmark_service_without_servers_keeps_its_family():
+    empty = DesiredService(
+        virtual="v", layer=4, protocol="fwmark", address=None, port=0, mark=9, scheduler="rr",
+        persistence=None, persistence_netmask=None, one_packet=False, haproxy_backend=None,
+        haproxy_socket=None, destinations=(), family=6)
+    assert next(iter(table(empty))) == ServiceKey(6, "fwmark", fwmark=9)

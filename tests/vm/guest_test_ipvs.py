@@ -49,7 +49,15 @@ def svc(addr: str | None, port: int, protocol: str, *dests: DesiredDestination,
         virtual=virtual, layer=4, protocol=protocol,
         address=ipaddress.ip_address(addr) if addr else None, port=port, mark=mark,
         scheduler=scheduler, persistence=persistence, persistence_netmask=netmask,
-        one_packet=ops, haproxy_backend=None, haproxy_socket=None, destinations=dests)
+        one_packet=ops, haproxy_backend=None, haproxy_socket=None, destinations=dests,
+        family=_family_of(addr, dests))
+
+
+def _family_of(addr: str | None, dests: tuple[DesiredDestination, ...]) -> int:
+    """As the engine sets it: the VIP's family, else the real servers' (fwmark)."""
+    if addr:
+        return ipaddress.ip_address(addr).version
+    return dests[0].address.version if dests else 4
 
 
 _generation = 0
