@@ -41,6 +41,17 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def fd_table() -> dict[str, str]:
+    """fd -> what it is (socket:[inode], pipe, file), for a readable leak report."""
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -455,17 +466,21 @@ async def assert_no_fd_growth(run: Callable[[], Awaitable[CheckResult]], *, up: 
 
     await one()  # warm-up: caches, lazy imports, the first TLS context
     verdicts.clear()
+    before_table = fd_table()
     before = open_fds()
     for _ in range(count // batch):
         async with trio.open_nursery() as nursery:
             for _ in range(batch):
                 nursery.start_soon(one)
-    # In-process hostile servers close their side when they see ours go.
-    for _ in range(200):
+    # In-process hostile servers close their side when they see ours go (bounded: 10 s, for
+    # a loaded machine).
+    for _ in range(1000):
         if open_fds() <= before:
             break
         await trio.sleep(0.01)
-    assert open_fds() == before
+    leaked = {fd: what for fd, what in fd_table().items() if before_table.get(fd) != what}
+    # Fewer is fine: a server-side socket of the warm-up check may close late.
+    assert open_fds() <= before, leaked
     assert len(verdicts) == count // batch * batch
     assert set(verdicts) == {up}, odd[:3]
 
