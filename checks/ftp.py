@@ -14,7 +14,8 @@ import trio
 
 from lbha import hookimpl
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec
-from lbha.checks.lines import CheckFailed, LineSession, quote, receive_matches, run_session
+from lbha.checks.lines import CheckFailed, LineSession, quote, run_session
+from lbha.checks.tcpclient import matches
 
 DEFAULT_LOGIN = "anonymous"
 #: The anonymous password, by convention an e-mail address (ldirectord: ldirectord@HOST).
@@ -69,8 +70,7 @@ async def _dialogue(session: LineSession) -> str:
     content = await _retrieve(session, spec.request)
     if not spec.receive:
         return f"{done}, RETR {spec.request}: {len(content)} bytes"
-    text = content.decode("utf-8", "replace")
-    if not receive_matches(spec.receive, spec.regex, text):
+    if not matches(content, spec.receive, spec.regex):
         kind = "regex" if spec.regex else "string"
         raise CheckFailed(f"FTP RETR {spec.request} from {session.endpoint}: {len(content)} "
                           f"bytes do not contain the receive {kind} {spec.receive!r} "

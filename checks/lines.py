@@ -13,24 +13,19 @@ from __future__ import annotations
 
 import re
 import socket
-import ssl
 from collections.abc import Awaitable, Callable
-from functools import lru_cache
-from pathlib import Path
 
 import trio
 
 from lbha.checkapi import CheckRequest, CheckResult, Transcript
 from lbha.checks.connect import describe_error
+from lbha.checks.tcpclient import CheckFailed, tls_context
+from lbha.checks.tcpclient import budget as own_budget
 
 #: Longest line accepted from a server; a longer one is garbage or an attack.
 MAX_LINE = 4096
 #: Most lines in one multi-line reply (EHLO capabilities, CAPA, IMAP untagged data).
 MAX_LINES = 100
-#: Share of the engine's deadline kept in hand (at most MARGIN_MAX seconds) so that our own
-#: timeout, which names the step, fires before the engine's bare one.
-MARGIN_SHARE = 0.1
-MARGIN_MAX = 0.25
 #: Longest wait for the goodbye (QUIT, LOGOUT) once the verdict is known, and its share
 #: of the deadline: a server that ignores QUIT must not hold a verdict back for long.
 CLOSE_WAIT = 1.0
@@ -42,14 +37,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _REPLY = re.compile(r"(\d{3})([ -]|$)")
 
 
-class CheckFailed(Exception):
-    """The server is down for the reason given; raised anywhere inside a dialogue."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 def quote(data: bytes | str) -> str:
     """Server text fit for a one-line reason: control characters as `?`, length capped."""
     text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
@@ -57,20 +44,6 @@ def quote(data: bytes | str) -> str:
     if len(text) > QUOTE_LIMIT:
         text = text[:QUOTE_LIMIT] + "…"
     return repr(text)
-
-
-@lru_cache(maxsize=16)
-def tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
-    """A client context: no verification by default (as the anchors), or against a CA file.
-
-    Cached: building a verifying context loads the CA store, which costs more than a check.
-    """
-    if not verify:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
 
 
 class LineSession:
@@ -259,7 +232,8 @@ async def run_session(
     """
     if request.target.rport is None:
         return CheckResult.failure(f"no port to check {protocol} on {request.target.rip}")
-    budget = request.timeout - min(request.timeout * MARGIN_SHARE, MARGIN_MAX)
+    # Our own timeout, which names the step, fires before the engine's bare one.
+    budget = own_budget(request.timeout)
     session = LineSession(request, protocol)
     result: CheckResult | None = None
     try:
@@ -288,10 +262,3 @@ async def run_session(
         await session.aclose()
     assert result is not None
     return result
-
-
-def receive_matches(spec_receive: str, regex: bool, text: str) -> bool:
-    """`receive` as the spec says: a substring, or an unanchored regex when `regex` is set."""
-    if regex:
-        return re.search(spec_receive, text) is not None
-    return spec_receive in text
