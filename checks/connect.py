@@ -119,8 +119,8 @@ async def _tcp_batch(requests: Sequence[CheckRequest], indexes: list[int],
             while pending:
                 await trio.lowlevel.wait_readable(epoll.fileno())
                 for fd, _events in epoll.poll(0):
+                    # Closing the socket (in _verdict) takes it out of the epoll set.
                     index, sock = pending.pop(fd)
-                    epoll.unregister(fd)
                     code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     results[index] = _verdict(requests[index].target, sock, code)
         for index, _sock in pending.values():
