@@ -117,11 +117,6 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cluster_status_text(config: Config) -> str:
-    """Human status for `lbha status`; raises ControlError when the daemon is not running."""
-    return format_status(cluster_status_json(config))
-
-
 def cmd_cluster_status(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
 from lbha.errors import PluginError
@@ -113,8 +112,6 @@ class CheckResult:
 
     up: bool
     reason: str
-    #: Feedback weight in percent of the configured weight, when the check reports one.
-    weight_percent: int | None = None
 
     @classmethod
     def success(cls, reason: str = "ok") -> CheckResult:
@@ -206,9 +203,6 @@ class CheckRegistry:
 
     def __len__(self) -> int:
         return len(self._checks)
-
-    def schemas(self) -> Mapping[str, Mapping[str, OptionSpec]]:
-        return MappingProxyType({name: reg.check.options for name, reg in self._checks.items()})
 
     def negotiate_names(self) -> frozenset[str]:
         return frozenset(n for n, reg in self._checks.items() if reg.check.negotiate)

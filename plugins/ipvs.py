@@ -489,7 +489,3 @@ def lbha_apply(desired: DesiredTable) -> None:
     if _backend is not None:
         _backend.apply(desired)
 
-
-def current_backend() -> IpvsBackend | None:
-    """The backend of the running healthd (status, tests)."""
-    return _backend

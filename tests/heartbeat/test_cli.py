@@ -9,7 +9,7 @@ import pytest
 
 from lbha.config import load_config_text
 from lbha.errors import ControlError
-from lbha.heartbeat.cli import add_commands, cluster_status_text, format_status
+from lbha.heartbeat.cli import add_commands, cluster_status_json, format_status
 
 STATUS = {
     "node": "lb2", "role": "slave", "state": "passive", "link": "up", "peer": "lb1",
@@ -59,7 +59,7 @@ addresses = ["198.18.0.2"]
 run_dir = "{tmp_path}"
 """
     with pytest.raises(ControlError, match="is the daemon running"):
-        cluster_status_text(load_config_text(text))
+        cluster_status_json(load_config_text(text))
     config = tmp_path / "lbha.toml"
     config.write_text(text)
     args = parser().parse_args(["cluster-status", "--config", str(config)])
