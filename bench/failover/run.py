@@ -191,16 +191,19 @@ def idle(timers: str, seconds: float) -> dict[str, float]:
             time.sleep(1.0)
             ticks = os.sysconf("SC_CLK_TCK")
 
-            def cpu(pid: int) -> float:
+            def cpu(pid: int) -> tuple[float, float]:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                return (int(fields[11]) + int(fields[12])) / ticks
+                return int(fields[11]) / ticks, int(fields[12]) / ticks
 
             pids = {n: p.pid for n, p in pair.daemons.items()}
             before = {n: cpu(pid) for n, pid in pids.items()}
             time.sleep(seconds)
             out: dict[str, float] = {}
             for n, pid in pids.items():
-                out[f"{n}_cpu_pct"] = (cpu(pid) - before[n]) / seconds * 100
+                user, system = (b - a for a, b in zip(before[n], cpu(pid), strict=True))
+                out[f"{n}_cpu_pct"] = (user + system) / seconds * 100
+                # System time includes the peer's receive path: veth runs it in our send call.
+                out[f"{n}_system_pct"] = system / seconds * 100
                 status = Path(f"/proc/{pid}/status").read_text()
                 rss = next(line for line in status.splitlines() if line.startswith("VmRSS"))
                 out[f"{n}_rss_mb"] = int(rss.split()[1]) / 1024
