@@ -105,8 +105,8 @@ async def _tcp_batch(requests: Sequence[CheckRequest], indexes: list[int],
     try:
         for index in indexes:
             target = requests[index].target
-            sock = socket.socket(_family(target), socket.SOCK_STREAM)
-            sock.setblocking(False)
+            # Non-blocking from birth: one system call fewer per check than setblocking().
+            sock = socket.socket(_family(target), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             code = sock.connect_ex((target.host, target.rport))
             if code == errno.EINPROGRESS:
                 pending[sock.fileno()] = (index, sock)
@@ -118,10 +118,12 @@ async def _tcp_batch(requests: Sequence[CheckRequest], indexes: list[int],
         with trio.move_on_after(seconds):
             while pending:
                 await trio.lowlevel.wait_readable(epoll.fileno())
-                for fd, _events in epoll.poll(0):
+                for fd, events in epoll.poll(0):
                     # Closing the socket (in _verdict) takes it out of the epoll set.
                     index, sock = pending.pop(fd)
-                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    # Writable without an error flag means connected: no SO_ERROR to ask.
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) \
+                        if events & (select.EPOLLERR | select.EPOLLHUP) else 0
                     results[index] = _verdict(requests[index].target, sock, code)
         for index, _sock in pending.values():
             results[index] = CheckResult.failure(f"timeout after {seconds:.1f} s")
