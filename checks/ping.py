@@ -226,11 +226,11 @@ class PingCheck:
     description = "ICMP / ICMPv6 echo request to the real server"
     options: MappingProxyType[str, OptionSpec] = MappingProxyType({
         "count": OptionSpec(
-            type="int", default=1,
+            type="int", default=1, minimum=1,
             help="echo requests sent within the deadline; the first reply means up",
         ),
         "socket": OptionSpec(
-            default="auto",
+            default="auto", choices=("auto", "dgram", "raw"),
             help="auto (datagram ICMP socket if allowed, else raw), dgram or raw",
         ),
     })
