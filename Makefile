@@ -6,9 +6,9 @@ PYTHON ?= python3
 
 .PHONY: demo test lint setup
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet --upgrade pip 'setuptools>=70.1' wheel
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
 

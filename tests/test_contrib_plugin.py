@@ -70,7 +70,9 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_lbha_plugins_lists_the_installed_third_party_check(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)], tmp_path)
+    # Without its own pip and setuptools: venv's bundled setuptools (65 on Python 3.11) would
+    # shadow this environment's and cannot build a wheel without the `wheel` package.
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path)
     python = venv / "bin" / "python"
 
     # Make this environment's packages (trio, pluggy, setuptools...) visible to the new venv,
