@@ -1,7 +1,7 @@
 """Built-in IPVS backend: reconciles the kernel's IPVS table with the desired table.
 
 Reconciliation, not replay: at start, after every new desired table and every
-`[ipvs] reconcile_interval` the plugin reads the kernel table over netlink (pyroute2), diffs
+`[ipvs] reconcile_interval` the plugin reads the kernel table over netlink, diffs
 it with the desired layer-4 services (`lbha.plugins.ipvs_table`) and applies only the
 difference. After a new desired table only the services that changed are read and diffed; the
 periodic pass reads everything, which is what repairs manual `ipvsadm` changes.
@@ -11,24 +11,23 @@ Ownership: services in the config, and services recorded in `<state_dir>/ipvs-se
 whose config was deleted is removed because it is still recorded. `cleanstop` decides whether
 lbha's services are removed when healthd stops.
 
-pyroute2 runs an asyncio loop per thread and binds its socket to the thread that opened it,
-so every netlink call runs in one dedicated worker thread that owns the socket; the trio
-thread only waits for that thread's results (trio's own worker threads are not pinned, so
-`trio.to_thread` cannot promise "always the same thread").
+Netlink goes through lbha's own codec (`lbha.plugins.ipvs_netlink`): a plain blocking socket
+that any thread may use, one at a time. Each reconcile is one `trio.to_thread.run_sync` call
+under a single-slot limiter (read, diff and apply together), so the trio thread never blocks
+on netlink and a change costs one hand-off.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import trio
 
@@ -37,24 +36,24 @@ from lbha.desired import DesiredService, DesiredTable
 from lbha.hookspecs import DaemonContext
 from lbha.hookspecs import Service as DaemonService
 from lbha.model import Config, IpvsConfig
+from lbha.plugins.ipvs_netlink import (
+    DestDecoder,
+    IpvsNetlink,
+    NetlinkDecodeError,
+    NetlinkError,
+    request,
+)
 from lbha.plugins.ipvs_table import (
-    AddDest,
     AddService,
-    DeleteDest,
     DeleteService,
-    EditDest,
     EditService,
     Operation,
     Service,
     ServiceKey,
+    Table,
     desired_service,
-    dest_fields,
     diff,
     is_drift,
-    parse_dest,
-    parse_service,
-    service_fields,
-    service_key_fields,
 )
 
 log = logging.getLogger("lbha.ipvs")
@@ -73,9 +72,13 @@ class IpvsUnavailable(Exception):
     """The kernel's IPVS cannot be reached over netlink (module, permission)."""
 
 
+#: What a broken or refusing netlink socket raises.
+_NETLINK_ERRORS = (OSError, NetlinkError, NetlinkDecodeError)
+
+
 def _explain(exc: BaseException) -> str:
     """An operator-actionable text for a netlink failure."""
-    code = getattr(exc, "code", None)
+    code = exc.code if isinstance(exc, NetlinkError) else getattr(exc, "errno", None)
     if code in (errno.EPERM, errno.EACCES):
         return f"{exc} (lbha needs root or CAP_NET_ADMIN to change IPVS)"
     if code == errno.ENOENT:
@@ -83,31 +86,27 @@ def _explain(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _op_error(op: Operation, exc: BaseException) -> str:
-    code = getattr(exc, "code", None)
+def _op_error(op: Operation, code: int) -> str:
     if isinstance(op, AddService | EditService) and code == errno.ENOENT:
         return (f"scheduler {op.settings.scheduler!r} is not available in this kernel "
                 f"(no ip_vs_{op.settings.scheduler} module)")
-    return os.strerror(code) if isinstance(code, int) else f"{type(exc).__name__}: {exc}"
+    return os.strerror(code)
 
 
 # ------------------------------------------------------------------ kernel side (worker thread)
 
 
 class KernelIpvs:
-    """The kernel IPVS table over one pyroute2 socket. Use from one thread only."""
+    """The kernel IPVS table over lbha's own netlink codec. One thread at a time."""
 
     def __init__(self) -> None:
-        self._sock: Any = None
+        self._sock: IpvsNetlink | None = None
 
-    def _socket(self) -> Any:
+    def _socket(self) -> IpvsNetlink:
         if self._sock is None:
             try:
-                # Imported here: pyroute2 is slow to import and only healthd needs it.
-                from pyroute2 import IPVS
-
-                self._sock = IPVS()
-            except Exception as exc:  # whatever fails, the reason is reported
+                self._sock = IpvsNetlink()
+            except _NETLINK_ERRORS as exc:
                 raise IpvsUnavailable(f"cannot open the IPVS netlink socket: "
                                       f"{_explain(exc)}") from exc
         return self._sock
@@ -119,109 +118,61 @@ class KernelIpvs:
 
     def read(self, scope: Iterable[ServiceKey] | None = None) -> dict[ServiceKey, Service]:
         """The kernel's services (all, or those of `scope` that exist) with destinations."""
-        from pyroute2 import IPVSService
-        from pyroute2.netlink.exceptions import NetlinkError
-
         sock = self._socket()
         try:
-            if scope is None:
-                found = [parse_service(dict(m.get_attr("IPVS_CMD_ATTR_SERVICE")["attrs"]))
-                         for m in sock.service("dump")]
-            else:
-                found = []
-                for key in scope:
-                    try:
-                        reply = sock.service("get", service=IPVSService(
-                            **service_key_fields(key)))
-                    except NetlinkError as exc:
-                        if exc.code == errno.ESRCH:
-                            continue
-                        raise
-                    for m in reply:
-                        found.append(parse_service(
-                            dict(m.get_attr("IPVS_CMD_ATTR_SERVICE")["attrs"])))
             table: dict[ServiceKey, Service] = {}
-            for key, settings in found:
-                dests = dict(
-                    parse_dest(dict(d.get_attr("IPVS_CMD_ATTR_DEST")["attrs"]))
-                    for d in sock.dest("dump", service=IPVSService(**service_key_fields(key)))
-                )
-                table[key] = Service(key, settings, dests)
+            if scope is None:
+                decoder = DestDecoder()
+                for key, settings in sock.services():
+                    table[key] = Service(key, settings, sock.dests(key, decoder))
+            else:
+                for key in scope:
+                    found, dests = sock.service(key)
+                    if found is not None:
+                        table[key] = Service(key, found, dests)
             return table
-        except Exception as exc:  # a broken socket is re-opened next time
+        except _NETLINK_ERRORS as exc:  # a broken socket is re-opened next time
             self.close()
             raise IpvsUnavailable(f"cannot read the IPVS table: {_explain(exc)}") from exc
 
-    def apply(self, ops: Iterable[Operation]) -> list[tuple[Operation, str]]:
-        """Apply operations in order; returns those that failed, with the reason."""
-        from pyroute2 import IPVSDest, IPVSService
-        from pyroute2.netlink.exceptions import NetlinkError
-
+    def apply(self, ops: Sequence[Operation]) -> list[tuple[Operation, str]]:
+        """Apply operations in order (batched); returns those that failed, with the reason."""
         sock = self._socket()
+        try:
+            codes = sock.execute([request(op) for op in ops])
+        except _NETLINK_ERRORS as exc:  # the socket itself broke: re-open it on the next pass
+            self.close()
+            raise IpvsUnavailable(f"cannot change the IPVS table: {_explain(exc)}") from exc
         failures: list[tuple[Operation, str]] = []
-        broken: set[ServiceKey] = set()
-        for op in ops:
-            if op.service in broken:
-                failures.append((op, "skipped: its service could not be set up"))
+        not_added: set[ServiceKey] = set()
+        for op, code in zip(ops, codes, strict=True):
+            if not code or (isinstance(op, DeleteService) and code == errno.ESRCH):
+                continue  # done, or already gone: that is what we wanted
+            if op.service in not_added:
+                failures.append((op, "its service could not be added"))
                 continue
-            try:
-                match op:
-                    case AddService() | EditService():
-                        sock.service("add" if isinstance(op, AddService) else "set",
-                                     service=IPVSService(**service_fields(op.service,
-                                                                          op.settings)))
-                    case DeleteService():
-                        sock.service("del", service=IPVSService(
-                            **service_key_fields(op.service)))
-                    case AddDest() | EditDest():
-                        # The full spec every time: IPVSDest's defaults would turn the
-                        # destination into DR with no thresholds.
-                        sock.dest("add" if isinstance(op, AddDest) else "set",
-                                  service=IPVSService(**service_key_fields(op.service)),
-                                  dest=IPVSDest(**dest_fields(op.dest, op.settings)))
-                    case DeleteDest():
-                        sock.dest("del", service=IPVSService(**service_key_fields(op.service)),
-                                  dest=IPVSDest(addr=op.dest.address, port=op.dest.port))
-            except NetlinkError as exc:
-                if isinstance(op, DeleteService) and exc.code == errno.ESRCH:
-                    continue  # already gone: that is what we wanted
-                failures.append((op, _op_error(op, exc)))
-                if isinstance(op, AddService | EditService):
-                    broken.add(op.service)
-            except Exception as exc:  # the socket itself broke: re-open it on the next pass
-                self.close()
-                raise IpvsUnavailable(f"cannot {op}: {_explain(exc)}") from exc
+            failures.append((op, _op_error(op, code)))
+            if isinstance(op, AddService):
+                not_added.add(op.service)
         return failures
 
     def delete(self, keys: Iterable[ServiceKey]) -> list[tuple[Operation, str]]:
         return self.apply([DeleteService(key) for key in keys])
 
 
-class NetlinkWorker:
-    """One dedicated thread for every netlink call; trio awaits results without blocking."""
+def sync_kernel(kernel: KernelIpvs, desired: Table, owned: frozenset[ServiceKey],
+                scope: list[ServiceKey] | None, record: Callable[[], None] | None
+                ) -> tuple[list[Operation], list[tuple[Operation, str]]]:
+    """Read, diff and apply in one go: one hand-off to the worker thread per reconcile.
 
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lbha-ipvs")
-        self.kernel = KernelIpvs()
-
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
-
-        def wake(_: Future[T]) -> None:
-            # After the trio run ended nobody waits for this result.
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(done.set)
-
-        future = self._executor.submit(fn, *args)
-        future.add_done_callback(wake)
-        await done.wait()
-        return future.result()
-
-    def close(self) -> None:
-        """Close the socket in its own thread, then let the thread go."""
-        self._executor.submit(self.kernel.close)
-        self._executor.shutdown(wait=False)
+    `record` (saving the ownership record) runs after the read and before any change, so a
+    kernel without IPVS records nothing and a crash cannot orphan a service.
+    """
+    table = kernel.read(scope)
+    if record is not None:
+        record()
+    ops = diff(table, desired, owned, scope)
+    return ops, kernel.apply(ops) if ops else []
 
 
 # ------------------------------------------------------------------ ownership record
@@ -268,7 +219,8 @@ class IpvsBackend:
     def __init__(self, settings: IpvsConfig, state_dir: Path) -> None:
         self.settings = settings
         self.state_path = state_dir / STATE_FILE
-        self.worker = NetlinkWorker()
+        self.kernel = KernelIpvs()
+        self._limiter = trio.CapacityLimiter(1)
         self._table: DesiredTable | None = None
         self._have_table = trio.Event()
         self._wake = trio.Event()
@@ -282,6 +234,13 @@ class IpvsBackend:
         #: Generation of the newest desired table that reached the kernel without failures.
         self.synced_generation = 0
         self._synced = trio.Event()
+
+    async def in_worker(self, fn: Callable[..., T], *args: object) -> T:
+        """Run fn in a worker thread, one call at a time (the socket has one user)."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    def close(self) -> None:
+        self.kernel.close()
 
     def configure(self, config: Config) -> None:
         self.settings = config.ipvs
@@ -343,15 +302,12 @@ class IpvsBackend:
             if not scope:
                 self._mark_synced(generation)
                 return result
-        kernel = await self.worker.call(self.worker.kernel.read,
-                                        None if scope is None else sorted(scope))
-        # Record ownership before anything is created, so a crash cannot orphan a service.
-        if not desired.keys() <= self.owned:
-            self.owned |= desired.keys()
-            save_owned(self.state_path, self.owned)
-        ops = diff(kernel, desired, self.owned, scope)
-        if ops:
-            result.failures = await self.worker.call(self.worker.kernel.apply, ops)
+        owned = frozenset(self.owned | desired.keys())
+        record = None if owned == self.owned else partial(save_owned, self.state_path, owned)
+        ops, result.failures = await self.in_worker(
+            sync_kernel, self.kernel, desired, owned, None if scope is None else sorted(scope),
+            record)
+        self.owned = set(owned)
         result.operations = ops
         failed = {op.service for op, _ in result.failures}
         for op in ops:
@@ -404,7 +360,7 @@ class IpvsBackend:
             log.info("IPVS: leaving %d services in the kernel (cleanstop = false)",
                      len(self.owned))
             return
-        failures = await self.worker.call(self.worker.kernel.delete, sorted(self.owned))
+        failures = await self.in_worker(self.kernel.delete, sorted(self.owned))
         for op, reason in failures:
             log.error("IPVS: cannot %s on stop: %s", op, reason)
         self.owned = {op.service for op, _ in failures}
@@ -427,7 +383,7 @@ class IpvsBackend:
             if scope.cancelled_caught:
                 log.error("IPVS: clean-up on stop took more than %.0f s; gave up",
                           CLEANUP_SECONDS)
-            self.worker.close()
+            self.close()
 
     async def _loop(self) -> None:
         next_full = trio.current_time()

@@ -1,17 +1,12 @@
 """IPVS tables as plain values, and the diff "kernel table -> desired table" as operations.
 
 No I/O: the IPVS plugin reads the kernel into a `Table`, builds the desired `Table` from the
-engine's DesiredTable, and applies what `diff` returns. The netlink attribute dicts are built
-here too, so the pyroute2 pitfalls (a "set" sends every field; IPVSDest defaults to DR) are
-handled, and tested, in one place: every request carries the full, explicit spec.
+engine's DesiredTable, and applies what `diff` returns (encoded by `ipvs_netlink`).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import math
-import socket
-import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,11 +27,6 @@ FORWARDING_CODES: Mapping[Forwarding, int] = {
     Forwarding.NAT: FWD_MASQ, Forwarding.TUN: FWD_TUNNEL, Forwarding.DR: FWD_ROUTE,
 }
 _FWD_NAMES = {FWD_MASQ: "masq", FWD_TUNNEL: "tunnel", FWD_ROUTE: "route", 1: "local"}
-
-_PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
-_PROTOCOL_NAMES = {number: name for name, number in _PROTOCOLS.items()}
-_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
-_FAMILY = {af: version for version, af in _AF.items()}
 
 
 @dataclass(frozen=True, order=True)
@@ -191,8 +181,11 @@ def diff(kernel: Table, desired: Table, owned: Iterable[ServiceKey],
     lbha's. `scope` limits the diff to some services (None: all). Deletions of services come
     first so that nothing else waits behind them.
     """
-    managed = set(desired) | set(owned)
-    keys = managed if scope is None else managed & set(scope)
+    owned = set(owned)
+    if scope is None:
+        keys = set(desired) | owned
+    else:
+        keys = {key for key in scope if key in desired or key in owned}
     ops: list[Operation] = []
     for key in sorted(keys - set(desired)):
         if key in kernel:
@@ -280,101 +273,3 @@ def desired_table(table: DesiredTable) -> dict[ServiceKey, Service]:
         wanted = desired_service(service)
         services.setdefault(wanted.key, wanted)
     return services
-
-
-# ------------------------------------------------------------------ netlink attributes
-
-
-def encode_netmask(family: int, netmask: str) -> str:
-    """The netmask attribute as pyroute2 sends it (an IPv4 address field).
-
-    For IPv6 the kernel reads the 32-bit field as a prefix length in host byte order, the
-    way ipvsadm fills it.
-    """
-    if family == 6:
-        return socket.inet_ntoa(struct.pack("=I", int(netmask)))
-    return netmask
-
-
-def decode_netmask(family: int, value: str) -> str:
-    if family == 6:
-        return str(struct.unpack("=I", socket.inet_aton(value))[0])
-    return value
-
-
-def service_key_fields(key: ServiceKey) -> dict[str, Any]:
-    """The fields that identify a service in a request."""
-    fields: dict[str, Any] = {"af": _AF[key.family]}
-    if key.protocol == "fwmark":
-        fields["fwmark"] = key.fwmark
-    else:
-        fields.update(protocol=_PROTOCOLS[key.protocol], addr=key.address, port=key.port)
-    return fields
-
-
-def service_fields(key: ServiceKey, settings: ServiceSettings) -> dict[str, Any]:
-    """Every field of a service add/set request: never rely on pyroute2's defaults."""
-    flags = (FLAG_PERSISTENT if settings.persistent else 0) | (
-        FLAG_ONEPACKET if settings.one_packet else 0)
-    return {
-        **service_key_fields(key),
-        "sched_name": settings.scheduler,
-        "flags": {"flags": flags, "mask": MANAGED_FLAGS},
-        "timeout": settings.timeout if settings.persistent else 0,
-        "netmask": encode_netmask(key.family, settings.netmask if settings.persistent
-                                  else default_netmask(key.family)),
-    }
-
-
-def dest_fields(dest: DestKey, settings: DestSettings) -> dict[str, Any]:
-    """Every field of a destination add/set request (IPVSDest defaults to DR otherwise)."""
-    return {
-        "addr": dest.address,
-        "port": dest.port,
-        "addr_family": _AF[ipaddress.ip_address(dest.address).version],
-        "fwd_method": settings.forwarding,
-        "weight": settings.weight,
-        "u_thresh": settings.upper,
-        "l_thresh": settings.lower,
-        "tun_type": 0,
-        "tun_port": 0,
-        "tun_flags": 0,
-    }
-
-
-def parse_service(attrs: Mapping[str, Any]) -> tuple[ServiceKey, ServiceSettings]:
-    """A service from the kernel's IPVS_SVC_ATTR_* attributes."""
-    family = _FAMILY[attrs["IPVS_SVC_ATTR_AF"]]
-    fwmark = attrs.get("IPVS_SVC_ATTR_FWMARK") or 0
-    if fwmark:
-        key = ServiceKey(family, "fwmark", fwmark=fwmark)
-    else:
-        protocol = attrs["IPVS_SVC_ATTR_PROTOCOL"]
-        key = ServiceKey(family, _PROTOCOL_NAMES.get(protocol, str(protocol)),
-                         ipaddress.ip_address(attrs["IPVS_SVC_ATTR_ADDR"]).compressed,
-                         attrs["IPVS_SVC_ATTR_PORT"])
-    flags = attrs.get("IPVS_SVC_ATTR_FLAGS", {}).get("flags", 0)
-    persistent = bool(flags & FLAG_PERSISTENT)
-    # Timeout and netmask mean nothing without persistence; compare them only with it.
-    settings = ServiceSettings(
-        scheduler=attrs.get("IPVS_SVC_ATTR_SCHED_NAME", ""),
-        persistent=persistent,
-        one_packet=bool(flags & FLAG_ONEPACKET),
-        timeout=attrs.get("IPVS_SVC_ATTR_TIMEOUT", 0) if persistent else 0,
-        netmask=(decode_netmask(family, attrs.get("IPVS_SVC_ATTR_NETMASK", "0.0.0.0"))
-                 if persistent else ""),
-    )
-    return key, settings
-
-
-def parse_dest(attrs: Mapping[str, Any]) -> tuple[DestKey, DestSettings]:
-    """A destination from the kernel's IPVS_DEST_ATTR_* attributes."""
-    key = DestKey(ipaddress.ip_address(attrs["IPVS_DEST_ATTR_ADDR"]).compressed,
-                  attrs["IPVS_DEST_ATTR_PORT"])
-    settings = DestSettings(
-        forwarding=attrs.get("IPVS_DEST_ATTR_FWD_METHOD", FWD_ROUTE),
-        weight=attrs.get("IPVS_DEST_ATTR_WEIGHT", 0),
-        upper=attrs.get("IPVS_DEST_ATTR_U_THRESH", 0),
-        lower=attrs.get("IPVS_DEST_ATTR_L_THRESH", 0),
-    )
-    return key, settings

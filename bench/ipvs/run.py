@@ -112,7 +112,7 @@ async def bench(args: argparse.Namespace) -> None:
     services = [make_service(i, args.dests, weights[i]) for i in range(args.services)]
     generation = 1
     if args.fake_kernel:
-        backend.worker.kernel = FakeKernel()  # type: ignore[assignment]
+        backend.kernel = FakeKernel()  # type: ignore[assignment]
     else:
         # Set-up, not measured: ipvsadm -R loads the table far faster than 11,000 requests
         # from Python under emulation; the first reconcile then finds nothing to do.
@@ -156,8 +156,8 @@ async def bench(args: argparse.Namespace) -> None:
 
     backend = IpvsBackend(IpvsConfig(cleanstop=True, reconcile_interval=3600), state)
     if args.fake_kernel:
-        backend.worker.kernel = FakeKernel()  # type: ignore[assignment]
-        backend.worker.kernel.table = dict(first_table(services))  # type: ignore[attr-defined]
+        backend.kernel = FakeKernel()  # type: ignore[assignment]
+        backend.kernel.table = dict(first_table(services))  # type: ignore[attr-defined]
     backend.apply(DesiredTable(generation, tuple(services)))
     times = []
     for _ in range(args.full_runs):
@@ -170,7 +170,7 @@ async def bench(args: argparse.Namespace) -> None:
           f"{len(ms)} runs after a warm-up: median {statistics.median(ms):.1f} ms, "
           f"max {max(ms):.1f} ms", flush=True)
     await backend.clean_stop()
-    backend.worker.close()
+    backend.close()
 
 
 def restore_script(services: list[DesiredService]) -> str:

@@ -42,14 +42,14 @@ async def test_missing_ip_vs_is_reported_once_and_retried_without_stopping(
         tmp_path: Path, caplog: pytest.LogCaptureFixture):
     backend = IpvsBackend(IpvsConfig(cleanstop=True, reconcile_interval=3600), tmp_path)
     reads = 0
-    real_read = backend.worker.kernel.read
+    real_read = backend.kernel.read
 
     def counting_read(*args):
         nonlocal reads
         reads += 1
         return real_read(*args)
 
-    backend.worker.kernel.read = counting_read  # type: ignore[method-assign]
+    backend.kernel.read = counting_read  # type: ignore[method-assign]
     with caplog.at_level(logging.INFO, logger="lbha.ipvs"):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(backend.run)
@@ -81,7 +81,7 @@ async def test_reconcile_raises_a_typed_error(tmp_path: Path):
         with pytest.raises(IpvsUnavailable, match="ip_vs"):
             await backend.reconcile()
     finally:
-        backend.worker.close()
+        backend.close()
 
 
 async def test_a_broken_ownership_file_is_reported_and_treated_as_empty(
@@ -89,6 +89,6 @@ async def test_a_broken_ownership_file_is_reported_and_treated_as_empty(
     (tmp_path / "ipvs-services.json").write_text("{not json")
     with caplog.at_level(logging.ERROR, logger="lbha.ipvs"):
         backend = IpvsBackend(IpvsConfig(), tmp_path)
-    backend.worker.close()
+    backend.close()
     assert backend.owned == set()
     assert "ipvsadm -D" in caplog.text

@@ -23,6 +23,7 @@ from lbha.desired import DesiredDestination, DesiredService, DesiredTable
 from lbha.hookspecs import DaemonContext
 from lbha.model import IPVS_SCHEDULERS, Forwarding, IpvsConfig
 from lbha.plugins import ipvs as plugin
+from lbha.plugins import ipvs_netlink as netlink
 from lbha.plugins.ipvs import IpvsBackend
 
 pytestmark = pytest.mark.skipif(os.environ.get("IPVS_VM_GUEST") != "1",
@@ -147,7 +148,7 @@ def state_dir(tmp_path: Path) -> Path:
 async def backend(state_dir: Path):
     b = IpvsBackend(IpvsConfig(cleanstop=True, reconcile_interval=3600), state_dir)
     yield b
-    b.worker.close()
+    b.close()
 
 
 async def reconcile(b: IpvsBackend, table: DesiredTable,
@@ -260,26 +261,16 @@ async def test_forwarding_weights_and_thresholds(backend: IpvsBackend):
 
 async def test_quiescent_drain_halt_and_the_pyroute2_pitfalls(backend: IpvsBackend):
     """Weight-only changes keep Masq (pitfall 1); a forwarding change keeps the other
-    destinations; no request ever uses pyroute2's "update", which deletes (pitfall 2)."""
-    commands: list[tuple[str, str]] = []
-    real_socket = backend.worker.kernel._socket
+    destinations; no change is ever made by deleting and re-adding (pitfall 2)."""
+    commands: list[int] = []
+    sock = backend.kernel._socket()
+    real_execute = sock.execute
 
-    class Recorder:
-        def __init__(self, sock: Any) -> None:
-            self._sock = sock
+    def recording_execute(requests: list[netlink.Request]) -> list[int]:
+        commands.extend(r.command for r in requests)
+        return real_execute(requests)
 
-        def service(self, command: str, **kw: Any) -> Any:
-            commands.append(("service", command))
-            return self._sock.service(command, **kw)
-
-        def dest(self, command: str, **kw: Any) -> Any:
-            commands.append(("dest", command))
-            return self._sock.dest(command, **kw)
-
-        def close(self) -> None:
-            self._sock.close()
-
-    backend.worker.kernel._socket = lambda: Recorder(real_socket())  # type: ignore[method-assign]
+    sock.execute = recording_execute  # type: ignore[method-assign]
     reals = [dest("198.18.1.1", 8080, 3), dest("198.18.1.2", 8080, 2), dest("198.18.1.3", 8080, 4)]
     web = svc("198.18.0.6", 80, "tcp", *reals)
     await reconcile(backend, desired(web))
@@ -298,8 +289,12 @@ async def test_quiescent_drain_halt_and_the_pyroute2_pitfalls(backend: IpvsBacke
         dest("198.18.1.2", 8080, 2, Forwarding.TUN))), full=False)
     assert ipvsadm_table() == {"TCP 198.18.0.6:80 wlc": {
         "198.18.1.1:8080": ["Masq", "3", "0", "0"], "198.18.1.2:8080": ["Tunnel", "2", "0", "0"]}}
-    assert {c for _, c in commands} <= {"add", "set", "del", "dump", "get"}
-    assert ("dest", "set") in commands
+    # Four weight or forwarding edits, all sets; the halted .3 is the only delete; nothing
+    # is re-added.
+    assert commands.count(netlink.IPVS_CMD_SET_DEST) == 4
+    assert commands.count(netlink.IPVS_CMD_DEL_DEST) == 1
+    assert netlink.IPVS_CMD_DEL_SERVICE not in commands
+    assert commands.count(netlink.IPVS_CMD_NEW_DEST) == 3  # the first table only
 
 
 async def test_foreign_services_are_never_touched(backend: IpvsBackend):
@@ -340,14 +335,14 @@ async def test_deleted_service_is_removed_after_a_restart(state_dir: Path):
     first = IpvsBackend(IpvsConfig(cleanstop=False), state_dir)
     await reconcile(first, desired(svc("198.18.0.9", 80, "tcp", dest("198.18.1.1", 80)),
                                    svc("198.18.0.9", 443, "tcp", dest("198.18.1.1", 443))))
-    first.worker.close()
+    first.close()
     # A new healthd (cleanstop = false left both in the kernel) whose config lost port 443.
     second = IpvsBackend(IpvsConfig(cleanstop=False), state_dir)
     try:
         result = await reconcile(second, desired(
             svc("198.18.0.9", 80, "tcp", dest("198.18.1.1", 80))))
     finally:
-        second.worker.close()
+        second.close()
     assert [str(op) for op in result.operations] == ["delete service TCP 198.18.0.9:443"]
     assert set(ipvsadm_table()) == {"TCP 198.18.0.9:80 wlc", "UDP 203.0.113.1:53 wlc"}
     assert {k[3] for k in pyroute2_table()} == {80, 53}
