@@ -26,6 +26,8 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import compress, count
+from operator import is_not
 from pathlib import Path
 from typing import TypeVar
 
@@ -224,9 +226,17 @@ class IpvsBackend:
         self._table: DesiredTable | None = None
         self._have_table = trio.Event()
         self._wake = trio.Event()
-        self._cache: dict[int, tuple[DesiredService, Service]] = {}
+        #: The services of the newest table converted, and their IPVS form (None: not
+        #: layer 4), position by position.
+        self._services: tuple[DesiredService, ...] = ()
+        self._converted: list[Service | None] = []
         self._desired: dict[ServiceKey, Service] = {}
+        self._unique = True
         self._desired_generation = -1
+        #: Keys whose desired state changed since the last reconcile (None: not known).
+        self._dirty: set[ServiceKey] | None = None
+        #: Keys whose last reconcile failed: looked at again by the next one.
+        self._retry: set[ServiceKey] = set()
         #: The desired state lbha last put into the kernel, per service.
         self.applied: dict[ServiceKey, Service] = {}
         self.owned: set[ServiceKey] = load_owned(self.state_path)
@@ -256,24 +266,63 @@ class IpvsBackend:
         """The newest desired table as IPVS services, converting only services that changed.
 
         The engine rebuilds only the virtual services that changed and reuses the other
-        DesiredService objects, so identity tells what is new.
+        DesiredService objects, so identity tells what is new; the keys of what changed are
+        collected in `_dirty`, so a reconcile after a change looks at those services only.
         """
         table = self._table
         if table is None or table.generation == self._desired_generation:
             return self._desired
-        cache: dict[int, tuple[DesiredService, Service]] = {}
-        desired: dict[ServiceKey, Service] = {}
-        for service in table.services:
-            if service.layer != 4:
-                continue
-            hit = self._cache.get(id(service))
-            converted = hit[1] if hit is not None and hit[0] is service else \
-                desired_service(service)
-            cache[id(service)] = (service, converted)
-            desired.setdefault(converted.key, converted)
-        self._cache, self._desired = cache, desired
+        if not self._patch(table.services):
+            self._rebuild(table.services)
+        self._services = table.services
         self._desired_generation = table.generation
-        return desired
+        return self._desired
+
+    def _patch(self, services: tuple[DesiredService, ...]) -> bool:
+        """Update the desired table in place of the services at changed positions; False
+        when that cannot be done (another length, or two services with one IPVS key)."""
+        if len(services) != len(self._services) or not self._unique or self._dirty is None:
+            return False
+        converted = list(self._converted)
+        removed: list[ServiceKey] = []
+        added: list[Service] = []
+        # In C: a change touches one service or a few of thousands.
+        for i in compress(count(), map(is_not, services, self._services)):
+            new = services[i]
+            before = converted[i]
+            after = converted[i] = desired_service(new) if new.layer == 4 else None
+            if before is not None:
+                removed.append(before.key)
+            if after is not None:
+                added.append(after)
+        desired = dict(self._desired)
+        for key in removed:
+            del desired[key]
+        for service in added:
+            if service.key in desired:
+                return False
+            desired[service.key] = service
+        self._converted, self._desired = converted, desired
+        self._dirty.update(removed)
+        self._dirty.update(service.key for service in added)
+        return True
+
+    def _rebuild(self, services: tuple[DesiredService, ...]) -> None:
+        previous = {id(s): (s, c) for s, c in zip(self._services, self._converted, strict=True)}
+        converted: list[Service | None] = []
+        desired: dict[ServiceKey, Service] = {}
+        for service in services:
+            hit = previous.get(id(service))
+            if hit is not None and hit[0] is service:
+                item = hit[1]
+            else:
+                item = desired_service(service) if service.layer == 4 else None
+            converted.append(item)
+            if item is not None:
+                desired.setdefault(item.key, item)
+        self._converted, self._desired = converted, desired
+        self._unique = len(desired) == sum(c is not None for c in converted)
+        self._dirty = None  # not known: the next reconcile compares every service
 
     async def wait_synced(self, generation: int) -> None:
         """Wait until the desired table `generation` (or a newer one) is in the kernel."""
@@ -296,20 +345,31 @@ class IpvsBackend:
         if full:
             scope = None
         else:
-            scope = {key for key in desired.keys() | self.applied.keys()
-                     if desired.get(key) is not self.applied.get(key)
-                     and desired.get(key) != self.applied.get(key)}
+            candidates = (desired.keys() | self.applied.keys() if self._dirty is None
+                          else self._dirty)
+            # What failed last time is tried again, a failed removal included.
+            scope = self._retry | {key for key in candidates
+                                   if desired.get(key) is not self.applied.get(key)
+                                   and desired.get(key) != self.applied.get(key)}
             if not scope:
+                self._dirty = set()
                 self._mark_synced(generation)
                 return result
-        owned = frozenset(self.owned | desired.keys())
-        record = None if owned == self.owned else partial(save_owned, self.state_path, owned)
+        # Only what the diff looks at: after a change, the few services in scope.
+        if scope is None:
+            owned = frozenset(self.owned | desired.keys())
+        else:
+            owned = frozenset(key for key in scope if key in self.owned or key in desired)
+        new_owned = owned - self.owned
+        record = partial(save_owned, self.state_path, self.owned | new_owned) if new_owned \
+            else None
         ops, result.failures = await self.in_worker(
             sync_kernel, self.kernel, desired, owned, None if scope is None else sorted(scope),
             record)
-        self.owned = set(owned)
+        self.owned |= new_owned
         result.operations = ops
         failed = {op.service for op, _ in result.failures}
+        self._dirty, self._retry = set(), failed
         for op in ops:
             if is_drift(op, self.applied, desired):
                 result.drift.append(op)
@@ -322,12 +382,14 @@ class IpvsBackend:
                 self.applied[key] = desired[key]
             else:
                 self.applied.pop(key, None)
-        still_owned = desired.keys() | {op.service for op, _ in result.failures
-                                        if isinstance(op, DeleteService)}
-        if scope is not None:
-            still_owned |= self.owned - scope
-        if still_owned != self.owned:
-            self.owned = still_owned
+        kept = {op.service for op, _ in result.failures if isinstance(op, DeleteService)}
+        if scope is None:
+            gone = self.owned - desired.keys() - kept
+        else:
+            gone = {key for key in scope if key in self.owned and key not in desired
+                    and key not in kept}
+        if gone:
+            self.owned -= gone
             save_owned(self.state_path, self.owned)
         if not result.failures:
             self._mark_synced(generation)

@@ -7,9 +7,9 @@ engine's DesiredTable, and applies what `diff` returns (encoded by `ipvs_netlink
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from lbha.desired import DesiredService, DesiredTable
 from lbha.model import Forwarding
@@ -29,8 +29,11 @@ FORWARDING_CODES: Mapping[Forwarding, int] = {
 _FWD_NAMES = {FWD_MASQ: "masq", FWD_TUNNEL: "tunnel", FWD_ROUTE: "route", 1: "local"}
 
 
-@dataclass(frozen=True, order=True)
-class ServiceKey:
+# The value types are NamedTuples: a full reconcile hashes and compares ten thousands of them,
+# and tuples do that in C.
+
+
+class ServiceKey(NamedTuple):
     """What identifies an IPVS virtual service: protocol + address + port, or a fwmark."""
 
     family: int
@@ -55,8 +58,7 @@ class ServiceKey:
                    int(data.get("port", 0)), int(data.get("fwmark", 0)))
 
 
-@dataclass(frozen=True)
-class ServiceSettings:
+class ServiceSettings(NamedTuple):
     scheduler: str
     persistent: bool = False
     one_packet: bool = False
@@ -75,8 +77,7 @@ class ServiceSettings:
         return text
 
 
-@dataclass(frozen=True, order=True)
-class DestKey:
+class DestKey(NamedTuple):
     address: str
     port: int
 
@@ -85,8 +86,7 @@ class DestKey:
         return f"{host}:{self.port}"
 
 
-@dataclass(frozen=True)
-class DestSettings:
+class DestSettings(NamedTuple):
     forwarding: int
     weight: int
     upper: int = 0
@@ -172,7 +172,7 @@ class DeleteDest:
 Operation = AddService | EditService | DeleteService | AddDest | EditDest | DeleteDest
 
 
-def diff(kernel: Table, desired: Table, owned: Iterable[ServiceKey],
+def diff(kernel: Table, desired: Table, owned: Collection[ServiceKey],
          scope: Iterable[ServiceKey] | None = None) -> list[Operation]:
     """The operations that turn `kernel` into `desired` for the services lbha manages.
 
@@ -181,9 +181,8 @@ def diff(kernel: Table, desired: Table, owned: Iterable[ServiceKey],
     lbha's. `scope` limits the diff to some services (None: all). Deletions of services come
     first so that nothing else waits behind them.
     """
-    owned = set(owned)
     if scope is None:
-        keys = set(desired) | owned
+        keys = set(desired).union(owned)
     else:
         keys = {key for key in scope if key in desired or key in owned}
     ops: list[Operation] = []
