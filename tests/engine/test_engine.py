@@ -274,10 +274,10 @@ async def test_checks_due_in_one_tick_go_as_one_batch(
     h = Harness(config(reals=1000), fake)
     await run_for(h, 5.5)
     assert len({rip for _, rip in fake.calls}) == 1000
-    # Every check went through a batch (the last batch may be cut by the end of the run).
-    assert len(fake.calls) <= sum(fake.batches) <= len(fake.calls) + fake.batches[-1]
+    # Every check went through a batch (the last few may be cut by the end of the run).
+    assert len(fake.calls) <= sum(fake.batches) <= len(fake.calls) + sum(fake.batches[-3:])
     assert max(fake.batches) > 1
-    assert len(fake.batches) <= 551  # one per 10 ms tick
+    assert len(fake.batches) <= 5.5 / TICK + 1  # at most one per tick
     assert h.weights() == {f"r{i}": 1 for i in range(1000)}
 
 
