@@ -120,6 +120,7 @@ class Heartbeat:
                               "remain", STOP_TIMEOUT)
         finally:
             self.transport.close()
+            self.addresses.close()
 
     async def _stop(self) -> None:
         if self._announcing is not None:

@@ -95,6 +95,10 @@ class AddressManager(ABC):
     def reconfigure(self, ips: Sequence[FloatingIP]) -> None:
         """Use a new list of floating IPs from now on (after a reload)."""
 
+    @abstractmethod
+    def close(self) -> None:
+        """Close what announcing keeps open (at daemon stop)."""
+
 
 def _default_label(device: str, n: int) -> str | None:
     label = f"{device}:h{n}"
@@ -190,10 +194,20 @@ def na_message(mac: bytes, address: ipaddress.IPv6Address) -> bytes:
     return struct.pack("!BBHI16sBB6s", 136, 0, 0, 0x2000_0000, address.packed, 2, 1, mac)
 
 
-def send_garp(device: str, mac: bytes, address: ipaddress.IPv4Address) -> None:
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
-        sock.setblocking(False)
-        sock.sendto(garp_frame(mac, address), (device, _ETH_P_ARP))
+def packet_socket() -> socket.socket:
+    """A send-only AF_PACKET socket (protocol 0 receives nothing).
+
+    Kept open for the daemon's life: closing a packet socket waits for an RCU grace period
+    (6-15 ms measured here), which would stall the trio thread after every announcement.
+    """
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    sock.setblocking(False)
+    return sock
+
+
+def send_garp(sock: socket.socket, device: str, mac: bytes,
+              address: ipaddress.IPv4Address) -> None:
+    sock.sendto(garp_frame(mac, address), (device, _ETH_P_ARP))
 
 
 def send_na(index: int, mac: bytes, address: ipaddress.IPv6Address) -> None:
@@ -212,6 +226,12 @@ class NetlinkAddresses(AddressManager):
         self._ips = tuple(ips)
         self._placements: list[Placement] = []
         self._limiter = trio.CapacityLimiter(1)
+        self._packet: socket.socket | None = None
+
+    def close(self) -> None:
+        if self._packet is not None:
+            self._packet.close()
+            self._packet = None
 
     def reconfigure(self, ips: Sequence[FloatingIP]) -> None:
         self._ips = tuple(ips)
@@ -252,7 +272,9 @@ class NetlinkAddresses(AddressManager):
         for p in self._placements:
             try:
                 if isinstance(p.interface, ipaddress.IPv4Interface):
-                    send_garp(p.device, p.mac, p.interface.ip)
+                    if self._packet is None:
+                        self._packet = packet_socket()
+                    send_garp(self._packet, p.device, p.mac, p.interface.ip)
                 else:
                     send_na(p.index, p.mac, p.interface.ip)
             except OSError as exc:

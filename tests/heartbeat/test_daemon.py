@@ -109,6 +109,9 @@ class FakeAddresses(AddressManager):
     def reconfigure(self, ips: Sequence[FloatingIP]) -> None:
         pass
 
+    def close(self) -> None:
+        self.world.record(self.node, "close")
+
 
 class Cluster:
     def __init__(self, nursery: trio.Nursery, net: FakeNet, auto_failback: bool = True) -> None:
@@ -219,6 +222,9 @@ async def test_graceful_stop_hands_over_at_once(autojump_clock: trio.testing.Moc
         c.scopes["lb1"].cancel()
         assert await c.world.until_held_by("lb2") < 0.01
         assert "lb1" not in c.world.holders
+        await trio.sleep(0.1)
+        lb1 = [what for _, node, what in c.world.history if node == "lb1"]
+        assert lb1[-2:] == ["release", "close"]  # announcing sockets closed after the release
 
 
 @pytest.mark.parametrize("auto_failback", [True, False])
