@@ -124,9 +124,10 @@ class KernelIpvs:
         try:
             table: dict[ServiceKey, Service] = {}
             if scope is None:
-                decoder = DestDecoder()
-                for key, settings in sock.services():
-                    table[key] = Service(key, settings, sock.dests(key, decoder))
+                services = sock.services()
+                dests = sock.dests_of([key for key, _ in services], DestDecoder())
+                for key, settings in services:
+                    table[key] = Service(key, settings, dests[key])
             else:
                 for key in scope:
                     found, dests = sock.service(key)
@@ -279,11 +280,15 @@ class IpvsBackend:
         return self._desired
 
     def _patch(self, services: tuple[DesiredService, ...]) -> bool:
-        """Update the desired table in place of the services at changed positions; False
-        when that cannot be done (another length, or two services with one IPVS key)."""
+        """Update the desired table at the positions whose service changed; False when that
+        cannot be done (another length, or two services with one IPVS key), and the caller
+        rebuilds it, which is correct whatever this left half-done.
+
+        In place, without copies: nothing else holds the table between two reconciles.
+        """
         if len(services) != len(self._services) or not self._unique or self._dirty is None:
             return False
-        converted = list(self._converted)
+        converted = self._converted
         removed: list[ServiceKey] = []
         added: list[Service] = []
         # In C: a change touches one service or a few of thousands.
@@ -295,14 +300,13 @@ class IpvsBackend:
                 removed.append(before.key)
             if after is not None:
                 added.append(after)
-        desired = dict(self._desired)
+        desired = self._desired
         for key in removed:
             del desired[key]
         for service in added:
             if service.key in desired:
                 return False
             desired[service.key] = service
-        self._converted, self._desired = converted, desired
         self._dirty.update(removed)
         self._dirty.update(service.key for service in added)
         return True

@@ -45,6 +45,7 @@ from lbha.plugins.ipvs_table import (
 NETLINK_GENERIC = 16
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
+SO_RCVBUFFORCE = 33
 
 _NLMSG = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 _GENL = struct.Struct("=BBH")  # command, version, reserved
@@ -365,9 +366,17 @@ def decode_service(buf: Buffer, start: int, end: int) -> tuple[ServiceKey, Servi
     return key, settings
 
 
+#: Destination attributes the diff needs: slot in DestDecoder's table, smallest payload.
+_DEST_SLOTS = {DEST_ADDR: 0, DEST_PORT: 1, DEST_FWD_METHOD: 2, DEST_WEIGHT: 3,
+               DEST_U_THRESH: 4, DEST_L_THRESH: 5, DEST_ADDR_FAMILY: 6}
+_DEST_SIZES = (4, 2, 4, 4, 4, 4, 2)
+_DEST_REQUIRED = 6  # every slot before this one; the address family may be absent
+
+
 class DestDecoder:
-    """Destinations of GET_DEST replies; equal values are shared, which keeps a dump of
-    thousands of destinations cheap (addresses and settings repeat across services)."""
+    """Destinations of GET_DEST replies, decoded in one pass over the attributes (a full read
+    decodes ten thousands). Equal values are shared: addresses and settings repeat across
+    services, so most destinations cost two dict lookups and no new objects."""
 
     def __init__(self) -> None:
         self._keys: dict[tuple[bytes, int], DestKey] = {}
@@ -377,19 +386,44 @@ class DestDecoder:
                service_family: int) -> tuple[DestKey, DestSettings]:
         """A destination from a GET_DEST reply's genl payload buf[start:end]."""
         what = "IPVS destination"
-        attrs = _nested(buf, start, end, IPVS_CMD_ATTR_DEST, what)
-        af = _int(buf, attrs, DEST_ADDR_FAMILY, _U16, what, _AF[service_family])
+        if end - start < _GENL.size:
+            raise NetlinkDecodeError(f"{what}: no generic netlink header")
+        span = attributes(buf, start + _GENL.size, end).get(IPVS_CMD_ATTR_DEST)
+        if span is None:
+            raise NetlinkDecodeError(f"{what}: attribute {IPVS_CMD_ATTR_DEST} missing")
+        offset, stop = span
+        at = [-1] * len(_DEST_SIZES)
+        address_size = 0
+        slots, unpack = _DEST_SLOTS, _NLA.unpack_from
+        while stop - offset >= _NLA.size:
+            length, kind = unpack(buf, offset)
+            if length < _NLA.size or offset + length > stop:
+                raise NetlinkDecodeError(f"{what}: attribute {kind & NLA_TYPE_MASK} of length "
+                                         f"{length} does not fit the {stop - offset} bytes left")
+            slot = slots.get(kind & NLA_TYPE_MASK)
+            if slot is not None:
+                if length - _NLA.size < _DEST_SIZES[slot]:
+                    raise NetlinkDecodeError(f"{what}: attribute {kind & NLA_TYPE_MASK} has "
+                                             f"{length - _NLA.size} bytes, too few")
+                at[slot] = offset + _NLA.size
+                if slot == 0:
+                    address_size = length - _NLA.size
+            offset += (length + 3) & ~3
+        if min(at[:_DEST_REQUIRED]) < 0:
+            missing = [k for k, v in _DEST_SLOTS.items() if v < _DEST_REQUIRED and at[v] < 0]
+            raise NetlinkDecodeError(f"{what}: attribute {missing[0]} missing")
+        af = _U16.unpack_from(buf, at[6])[0] if at[6] >= 0 else _AF[service_family]
         family = _family(af, what)
-        at = _span(attrs, DEST_ADDR, 4 if family == 4 else 16, what)
-        raw = bytes(buf[at:at + (4 if family == 4 else 16)])
-        ident = (raw, _int(buf, attrs, DEST_PORT, _BE16, what))
+        size = 4 if family == 4 else 16
+        if address_size < size:
+            raise NetlinkDecodeError(f"{what}: {address_size}-byte address for IPv{family}")
+        ident = (bytes(buf[at[0]:at[0] + size]), _BE16.unpack_from(buf, at[1])[0])
         key = self._keys.get(ident)
         if key is None:
-            key = self._keys[ident] = DestKey(_ip(raw, 0, family), ident[1])
-        values = (_int(buf, attrs, DEST_FWD_METHOD, _U32, what) & FWD_MASK,
-                  _int(buf, attrs, DEST_WEIGHT, _U32, what),
-                  _int(buf, attrs, DEST_U_THRESH, _U32, what),
-                  _int(buf, attrs, DEST_L_THRESH, _U32, what))
+            key = self._keys[ident] = DestKey(_ip(ident[0], 0, family), ident[1])
+        u32 = _U32.unpack_from
+        values = (u32(buf, at[2])[0] & FWD_MASK, u32(buf, at[3])[0], u32(buf, at[4])[0],
+                  u32(buf, at[5])[0])
         settings = self._settings.get(values)
         if settings is None:
             settings = self._settings[values] = DestSettings(*values)
@@ -421,21 +455,35 @@ Handler = Callable[[int, int, int, int, int], bool]
 class IpvsNetlink:
     """A blocking generic netlink socket talking to the kernel's IPVS. One caller at a time."""
 
-    def __init__(self, timeout: float = TIMEOUT) -> None:
+    def __init__(self, timeout: float = TIMEOUT, kernel: socket.socket | None = None) -> None:
+        """Open the socket and look the IPVS family up. `kernel`: a connected datagram
+        socket that stands in for the kernel (tests)."""
         self._timeout = timeout
         self._seq = 0
         self._buf = bytearray(RECV_BUFFER)
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
+        self._sock = kernel or socket.socket(socket.AF_NETLINK, socket.SOCK_RAW,
+                                             NETLINK_GENERIC)
         try:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFERS)
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFERS)
-            # Error replies without a copy of the request: smaller, and we match by sequence.
-            self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-            self._sock.bind((0, 0))
+            if kernel is None:
+                self._configure_netlink()
+            # Blocking, bounded by SO_RCVTIMEO: a Python socket timeout would add a poll()
+            # before every recv, and a full read makes thousands.
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                  struct.pack("=qq", int(timeout), int(timeout % 1 * 1e6)))
             self.family = self._resolve_family()
         except BaseException:
             self._sock.close()
             raise
+
+    def _configure_netlink(self) -> None:
+        try:  # beyond net.core.rmem_max: root, as changing IPVS needs anyway
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SOCKET_BUFFERS)
+        except PermissionError:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFERS)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFERS)
+        # Error replies without a copy of the request: smaller, and we match by sequence.
+        self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        self._sock.bind((0, 0))
 
     def close(self) -> None:
         self._sock.close()
@@ -449,20 +497,19 @@ class IpvsNetlink:
 
         Replies to older sequence numbers (an exchange abandoned by an exception) are dropped.
         """
-        self._sock.settimeout(self._timeout)
         self._sock.send(data)
         deadline = time.monotonic() + self._timeout
         buf = self._buf
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no complete netlink reply within {self._timeout} s")
-            self._sock.settimeout(left)
+            # Bounded twice: SO_RCVTIMEO per recv, the deadline for replies that keep coming
+            # without the last one.
             try:
                 size = self._sock.recv_into(buf, len(buf), socket.MSG_TRUNC)
-            except TimeoutError:
+            except BlockingIOError:
+                size = -1
+            if size < 0 or time.monotonic() > deadline:
                 raise TimeoutError(f"no complete netlink reply within {self._timeout} s "
-                                   f"(the kernel's IPVS does not answer)") from None
+                                   f"(the kernel's IPVS does not answer)")
             if size > len(buf):
                 raise NetlinkDecodeError(f"netlink reply of {size} bytes does not fit the "
                                          f"{len(buf)}-byte buffer")
@@ -582,24 +629,37 @@ class IpvsNetlink:
             get, dump, handle)
         return settings[0], dests
 
-    def dests(self, key: ServiceKey,
-              decoder: DestDecoder | None = None) -> dict[DestKey, DestSettings]:
+    def dests(self, key: ServiceKey) -> dict[DestKey, DestSettings]:
         """The destinations of one service ({} if it does not exist)."""
-        decoder = decoder or DestDecoder()
-        dests: dict[DestKey, DestSettings] = {}
-        seq = self._next_seq()
-        what = f"IPVS destinations of {key}"
+        return self.dests_of([key], DestDecoder())[key]
 
-        def handle(kind: int, _flags: int, _seq: int, start: int, end: int) -> bool:
-            if self._dump_end(kind, start, end, what):
-                return True
-            dest, values = decoder.decode(self._buf, start, end, key.family)
-            dests[dest] = values
-            return False
+    def dests_of(self, keys: Sequence[ServiceKey], decoder: DestDecoder
+                 ) -> dict[ServiceKey, dict[DestKey, DestSettings]]:
+        """The destinations of many services ({} for one that does not exist).
 
-        self._exchange(message(self.family, NLM_F_REQUEST | NLM_F_DUMP, seq,
-                               IPVS_CMD_GET_DEST, _in_service(key)), seq, seq, handle)
-        return dests
+        One dump after the other: the kernel runs one dump per socket at a time and ends a
+        dump only in the recvmsg after its first reply, so batched dump requests would all
+        but the first fail with EBUSY.
+        """
+        found: dict[ServiceKey, dict[DestKey, DestSettings]] = {}
+        for key in keys:
+            dests: dict[DestKey, DestSettings] = {}
+            seq = self._next_seq()
+            what = f"IPVS destinations of {key}"
+
+            def handle(kind: int, _flags: int, _seq: int, start: int, end: int,
+                       key: ServiceKey = key, dests: dict[DestKey, DestSettings] = dests,
+                       what: str = what) -> bool:
+                if self._dump_end(kind, start, end, what):
+                    return True
+                dest, values = decoder.decode(self._buf, start, end, key.family)
+                dests[dest] = values
+                return False
+
+            self._exchange(message(self.family, NLM_F_REQUEST | NLM_F_DUMP, seq,
+                                   IPVS_CMD_GET_DEST, _in_service(key)), seq, seq, handle)
+            found[key] = dests
+        return found
 
 
 def _raise(code: int, what: str) -> None:

@@ -22,6 +22,7 @@ import argparse
 import ipaddress
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -173,8 +174,67 @@ async def bench(args: argparse.Namespace) -> None:
           f"max {max(ms):.1f} ms", flush=True)
     if not args.fake_kernel:
         reference(args.full_runs)
+        yard = await python_yardstick(args)
+        print(f"yardstick: full reconcile against the in-memory kernel (lbha's Python only): "
+              f"median {yard:.1f} ms", flush=True)
     await backend.clean_stop()
     backend.close()
+
+
+async def python_yardstick(args: argparse.Namespace) -> float:
+    """Median ms of a full reconcile of the same table against the in-memory kernel.
+
+    Pure Python and lbha's own code, so its guest / host ratio is this run's emulation
+    slowdown for the kind of work the real reconcile does.
+    """
+    services = [make_service(i, args.dests, (1,) * args.dests) for i in range(args.services)]
+    backend = IpvsBackend(IpvsConfig(reconcile_interval=3600),
+                          Path(tempfile.mkdtemp(prefix="lbha-ipvs-yardstick.")))
+    backend.kernel = FakeKernel()  # type: ignore[assignment]
+    backend.kernel.table = dict(first_table(services))  # type: ignore[attr-defined]
+    backend.apply(DesiredTable(1, tuple(services)))
+    times = []
+    for _ in range(max(3, args.full_runs)):
+        start = time.perf_counter()
+        await backend.reconcile(full=True)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times[1:])
+
+
+def run_in_vm(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run this benchmark in the qemu guest; estimate native speed with the yardstick."""
+    host = trio.run(python_yardstick, args)
+    print(f"host load average before: {load()}", flush=True)
+    print(f"host yardstick: {host:.1f} ms", flush=True)
+    cmd = [sys.executable, str(REPO / "tests/vm/ipvs_vm.py"), "run", "--timing",
+           "--cwd", str(REPO), "--", sys.executable, str(Path(__file__).resolve()), *argv]
+    figures: dict[str, float] = {}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as guest:
+        assert guest.stdout is not None
+        for line in guest.stdout:
+            print(line, end="", flush=True)
+            for name, pattern in FIGURES.items():
+                match = re.search(pattern, line)
+                if match:
+                    figures[name] = float(match.group(1))
+    print(f"host load average after: {load()}", flush=True)
+    if "yardstick" in figures:
+        factor = figures["yardstick"] / host
+        print(f"emulation factor for lbha's Python in this run: {factor:.1f}x; guest figures "
+              f"divided by it (an estimate of native speed, not a measurement):")
+        for name, value in figures.items():
+            if name != "yardstick":
+                print(f"  {name}: {value / factor:.2f} ms")
+    return guest.returncode
+
+
+#: Figures the guest prints, picked out for the native estimate.
+FIGURES = {
+    "change p50": r"propagation .*: p50 ([\d.]+) ms",
+    "change p99": r"propagation .*, p99 ([\d.]+) ms",
+    "full reconcile": r"full reconcile of the unchanged .*median ([\d.]+) ms",
+    "yardstick": r"^yardstick: .*median ([\d.]+) ms",
+}
 
 
 def reference(runs: int) -> None:
@@ -222,12 +282,7 @@ def main() -> None:
     args, rest = parser.parse_known_args()
     if args.vm:
         argv = [a for a in sys.argv[1:] if a != "--vm"]
-        cmd = [sys.executable, str(REPO / "tests/vm/ipvs_vm.py"), "run", "--timing",
-               "--cwd", str(REPO), "--", sys.executable, str(Path(__file__).resolve()), *argv]
-        print(f"host load average before: {load()}", flush=True)
-        code = subprocess.run(cmd, check=False).returncode
-        print(f"host load average after: {load()}", flush=True)
-        sys.exit(code)
+        sys.exit(run_in_vm(args, argv))
     if rest:
         parser.error(f"unknown arguments {rest}")
     if not args.fake_kernel and os.environ.get("IPVS_VM_GUEST") != "1":

@@ -339,11 +339,7 @@ class FakeKernel:
                         start - 16:start])
 
     def socket(self, timeout: float = 2.0) -> nl.IpvsNetlink:
-        sock = nl.IpvsNetlink.__new__(nl.IpvsNetlink)
-        sock._timeout, sock._seq, sock._buf, sock._sock = timeout, 0, bytearray(
-            nl.RECV_BUFFER), self.user
-        sock.family = sock._resolve_family()
-        return sock
+        return nl.IpvsNetlink(timeout, kernel=self.user)
 
     def close(self) -> None:
         self.user.close()

@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 TOOL = HERE / "ipvs_vm.py"
 #: Guest test modules, run together in the one VM.
-GUEST_MODULES = ("tests/vm/guest_test_ipvs.py",)
+GUEST_MODULES = ("tests/vm/guest_test_ipvs.py", "tests/vm/guest_test_ipvs_netlink.py")
 #: The whole guest session (boot + pytest under TCG) must finish within this.
 VM_TIMEOUT = 900
 #: Host tools the harness needs, and the Debian package that brings each.
