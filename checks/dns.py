@@ -37,7 +37,7 @@ RECORD_TYPES: MappingProxyType[str, dns.rdatatype.RdataType] = MappingProxyType(
     {"A": dns.rdatatype.A, "AAAA": dns.rdatatype.AAAA}
 )
 #: Option `transport`: "auto" is UDP (TCP on truncation), or TCP for a TCP virtual service.
-TRANSPORTS: frozenset[str] = frozenset({"auto", "udp", "tcp"})
+TRANSPORTS: tuple[str, ...] = ("auto", "udp", "tcp")
 #: Replies that are not ours (wrong id, other question) tolerated before giving up.
 MAX_IGNORED = 64
 #: First UDP retransmission after this many seconds, then doubling (1, 2, 4 s ...).
@@ -317,7 +317,7 @@ class DnsCheck:
             default="A", help="record type asked for a name: A or AAAA (addresses: PTR)",
         ),
         "transport": OptionSpec(
-            default="auto",
+            default="auto", choices=TRANSPORTS,
             help="auto (UDP, TCP on truncation; TCP for protocol = \"tcp\"), udp or tcp",
         ),
     })

@@ -26,7 +26,7 @@ from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec, 
 from lbha.checks.connect import describe_error
 
 #: Option `transport`: "auto" is TCP for a TCP virtual service, else UDP.
-TRANSPORTS: frozenset[str] = frozenset({"auto", "udp", "tcp"})
+TRANSPORTS: tuple[str, ...] = ("auto", "udp", "tcp")
 #: Largest message accepted (a UDP datagram cannot be larger).
 MAX_MESSAGE = 65535
 #: Largest header section of a message read from a TCP stream.
@@ -390,7 +390,8 @@ class SipCheck:
     )
     options: MappingProxyType[str, OptionSpec] = MappingProxyType({
         "transport": OptionSpec(
-            default="auto", help="auto (TCP for protocol = \"tcp\", else UDP), udp or tcp",
+            default="auto", choices=TRANSPORTS,
+            help="auto (TCP for protocol = \"tcp\", else UDP), udp or tcp",
         ),
     })
 

@@ -13,6 +13,7 @@ from lbha.config_show import render_config
 from lbha.durations import format_duration, parse_duration
 from lbha.errors import ConfigError, Problem
 from lbha.model import Forwarding, PortRange, Protocol, Role
+from lbha.testing import installed_checks
 
 FULL = """\
 [cluster]
@@ -256,3 +257,25 @@ def test_lines_are_found_in_multiline_strings_and_quoted_keys() -> None:
     with pytest.raises(ConfigError) as info:
         load_config_text(text, "m.toml")
     assert str(info.value.problems[0]).startswith("m.toml:11: virtual[0].real[0].address")
+
+
+@pytest.mark.parametrize("service", ["dns", "sip"])
+def test_builtin_transport_option_refused_at_load(service: str) -> None:
+    text = f"""
+[[virtual]]
+name = "svc"
+address = "198.18.0.10"
+ports = 53
+protocol = "udp"
+[virtual.check]
+type = "negotiate"
+service = "{service}"
+request = "example.org"
+options = {{ transport = "sctp" }}
+[[virtual.real]]
+address = "198.18.0.21"
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, checks=installed_checks())
+    assert "check.options.transport: 'sctp' is not one of 'auto', 'udp', 'tcp'" in \
+        str(info.value)
