@@ -149,20 +149,26 @@ def kernel_service(key: ServiceKey, s: ServiceSettings, hashed: bool = True,
                                                                      attrs)
 
 
-def kernel_dest(dest: DestKey, s: DestSettings, conn_flags: int = 0) -> bytes:
+def kernel_dest(dest: DestKey, s: DestSettings, conn_flags: int = 0,
+                order: list[int] | None = None) -> bytes:
+    """A GET_DEST reply's genl payload in ip_vs_genl_fill_dest's order (or in `order`)."""
     af = socket.AF_INET6 if ":" in dest.address else socket.AF_INET
-    attrs = (nla(nl.DEST_ADDR, socket.inet_pton(af, dest.address).ljust(16, b"\0"))
-             + nla(nl.DEST_PORT, struct.pack("!H", dest.port))
-             + nla(nl.DEST_FWD_METHOD, struct.pack("=I", s.forwarding | conn_flags))
-             + nla(nl.DEST_WEIGHT, struct.pack("=I", s.weight))
-             + nla(nl.DEST_TUN_TYPE, b"\0") + nla(nl.DEST_TUN_PORT, b"\0\0")
-             + nla(nl.DEST_TUN_FLAGS, b"\0\0")
-             + nla(nl.DEST_U_THRESH, struct.pack("=I", s.upper))
-             + nla(nl.DEST_L_THRESH, struct.pack("=I", s.lower))
-             + nla(7, struct.pack("=I", 5))  # active connections: not compared
-             + nla(nl.DEST_ADDR_FAMILY, struct.pack("=H", af))
-             + nla(12, nla(1, b"\0" * 8) * 10))
-    return struct.pack("=BBH", nl.IPVS_CMD_NEW_DEST, 1, 0) + nla(nl.IPVS_CMD_ATTR_DEST, attrs)
+    attrs = [nla(nl.DEST_ADDR, socket.inet_pton(af, dest.address).ljust(16, b"\0")),
+             nla(nl.DEST_PORT, struct.pack("!H", dest.port)),
+             nla(nl.DEST_FWD_METHOD, struct.pack("=I", s.forwarding | conn_flags)),
+             nla(nl.DEST_WEIGHT, struct.pack("=I", s.weight)),
+             nla(nl.DEST_TUN_TYPE, b"\0"), nla(nl.DEST_TUN_PORT, b"\0\0"),
+             nla(nl.DEST_TUN_FLAGS, b"\0\0"),
+             nla(nl.DEST_U_THRESH, struct.pack("=I", s.upper)),
+             nla(nl.DEST_L_THRESH, struct.pack("=I", s.lower)),
+             nla(7, struct.pack("=I", 5)), nla(8, struct.pack("=I", 6)),  # connections:
+             nla(9, struct.pack("=I", 7)),  # not compared
+             nla(nl.DEST_ADDR_FAMILY, struct.pack("=H", af)),
+             nla(10, nla(1, b"\0" * 4) * 10), nla(12, nla(1, b"\0" * 8) * 10)]
+    if order is not None:
+        attrs = [attrs[i] for i in order]
+    return struct.pack("=BBH", nl.IPVS_CMD_NEW_DEST, 1, 0) + nla(nl.IPVS_CMD_ATTR_DEST,
+                                                                  b"".join(attrs))
 
 
 addresses4 = st.ip_addresses(v=4).map(str)
@@ -210,11 +216,18 @@ def test_service_round_trip(service: tuple[ServiceKey, ServiceSettings]):
 
 
 @settings(max_examples=300, deadline=None)
-@given(dests, st.sampled_from([4, 6]), st.sampled_from([0, 0x100, 0x80]))
-def test_dest_round_trip(dest: tuple[DestKey, DestSettings], family: int, conn_flags: int):
-    """Connection flags above the forwarding bits (e.g. IP_VS_CONN_F_NOOUTPUT) are ignored."""
+@given(dests, st.sampled_from([4, 6]), st.sampled_from([0, 0x100, 0x80]),
+       st.permutations(range(15)))
+def test_dest_round_trip(dest: tuple[DestKey, DestSettings], family: int, conn_flags: int,
+                         order: list[int]):
+    """The kernel's layout takes the one-unpack path, any other order gives the same; the
+    connection flags above the forwarding bits (e.g. IP_VS_CONN_F_NOOUTPUT) are ignored."""
     key, want = dest
+    decoder = nl.DestDecoder()
     payload = kernel_dest(key, want, conn_flags)
+    assert decoder.decode(payload, 0, len(payload), family) == (key, want)
+    assert decoder.slow == 0
+    payload = kernel_dest(key, want, conn_flags, order)
     assert nl.DestDecoder().decode(payload, 0, len(payload), family) == (key, want)
     req = nl.request(AddDest(ServiceKey(family, "fwmark", fwmark=1), key, want))
     sent = struct.pack("=BBH", req.command, 1, 0) + req.attrs
