@@ -130,9 +130,9 @@ class KernelIpvs:
                     table[key] = Service(key, settings, dests[key])
             else:
                 for key in scope:
-                    found, dests = sock.service(key)
-                    if found is not None:
-                        table[key] = Service(key, found, dests)
+                    settings, service_dests = sock.service(key)
+                    if settings is not None:
+                        table[key] = Service(key, settings, service_dests)
             return table
         except _NETLINK_ERRORS as exc:  # a broken socket is re-opened next time
             self.close()

@@ -668,10 +668,6 @@ class IpvsNetlink:
             get, dump, handle)
         return settings[0], dests
 
-    def dests(self, key: ServiceKey) -> dict[DestKey, DestSettings]:
-        """The destinations of one service ({} if it does not exist)."""
-        return self.dests_of([key], DestDecoder())[key]
-
     def dests_of(self, keys: Sequence[ServiceKey], decoder: DestDecoder
                  ) -> dict[ServiceKey, dict[DestKey, DestSettings]]:
         """The destinations of many services ({} for one that does not exist).

@@ -414,7 +414,7 @@ def test_dumps_and_the_service_lookup_share_one_round_trip(fake):
     kernel = fake(dump=dump)
     sock = kernel.socket()
     assert sock.services() == [(key, ServiceSettings("wrr"))]
-    assert sock.dests(key) == want
+    assert sock.dests_of([key], nl.DestDecoder()) == {key: want}
     sendmsgs = kernel.sendmsgs
     # The lookup is not a dump: the fake answers it with an error, so "no such service".
     kernel.fail = lambda _cmd, _n: errno.ESRCH
@@ -445,4 +445,4 @@ def test_a_silent_kernel_times_out(fake):
     sock = kernel.socket(timeout=0.2)
     kernel.silent = True
     with pytest.raises(TimeoutError, match="no complete netlink reply"):
-        sock.dests(ServiceKey(4, "fwmark", fwmark=1))
+        sock.dests_of([ServiceKey(4, "fwmark", fwmark=1)], nl.DestDecoder())
