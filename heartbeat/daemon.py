@@ -17,6 +17,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from lbha.events import ClusterEvent, Event, Severity
 from lbha.heartbeat import fsm
 from lbha.heartbeat.errors import HeartbeatError
 from lbha.heartbeat.floating_ips import AddressManager, NetlinkAddresses, floating_ips
+from lbha.heartbeat.generation import FILE_NAME as GENERATION_FILE
+from lbha.heartbeat.generation import GenerationStore
 from lbha.heartbeat.protocol import Frame, KeyRing, Receiver, Verdict, encode, load_key_file
 from lbha.heartbeat.transport import Transport, UdpTransport
 from lbha.hookspecs import DaemonContext
@@ -72,7 +75,8 @@ class Heartbeat:
     """One node of the pair: state machine + transport + floating IPs."""
 
     def __init__(self, config: Config, keys: KeyRing | None, transport: Transport,
-                 addresses: AddressManager, emit: Emit) -> None:
+                 addresses: AddressManager, emit: Emit,
+                 generations: GenerationStore | None = None) -> None:
         assert config.cluster is not None
         cluster = config.cluster
         self.cluster = cluster
@@ -82,9 +86,16 @@ class Heartbeat:
         self.transport = transport
         self.addresses = addresses
         self.emit = emit
-        self.receiver = Receiver(cluster.cluster_id, cluster.node, {self.settings.peer}, keys,
-                                 transport.links())
-        self.generation = time.time_ns() // 1000
+        # Without a store (tests) the generation comes from the clock alone.
+        self._generations = generations
+        now_us = time.time_ns() // 1000
+        self.generation = generations.start(now_us) if generations is not None else now_us
+        self.receiver = Receiver(
+            cluster.cluster_id, cluster.node, {self.settings.peer}, keys, transport.links(),
+            floors=generations.peers if generations is not None else None,
+            on_new_generation=self._peer_restarted if generations is not None else None,
+        )
+        self._state_limiter = trio.CapacityLimiter(1)
         self.seq = 0
         self.state = fsm.initial(trio.current_time())
         self.sent = 0
@@ -136,6 +147,13 @@ class Heartbeat:
             return
         async with self._lock:
             await self._step(fsm.Received(trio.current_time(), link, frame.state, frame.flags))
+
+    def _peer_restarted(self, node: str, generation: int) -> None:
+        # Rare (once per boot of the peer) but an fsync: kept off the trio thread.
+        if self._nursery is not None and self._generations is not None:
+            self._nursery.start_soon(partial(
+                trio.to_thread.run_sync, self._generations.saw_peer, node, generation,
+                limiter=self._state_limiter))
 
     async def _clock(self) -> None:
         """Send keepalives every `keepalive` and tick the state machine at its deadlines."""
@@ -381,7 +399,7 @@ async def run_daemon(
     plugins = _Plugins(manager)
     transport = UdpTransport(cluster.peers[0].addresses, cluster.udp_port, cluster.bind)
     node = Heartbeat(config, keys, transport, NetlinkAddresses(floating_ips(config)),
-                     plugins.emit)
+                     plugins.emit, GenerationStore(config.paths.state_dir / GENERATION_FILE))
     context = DaemonContext("heartbeat", config)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:

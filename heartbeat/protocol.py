@@ -30,6 +30,8 @@ generation (the peer restarted) resets the sequence. A frame that is valid but o
 newest (a slower link) only proves its link alive: it carries the newest frame's state and
 flags, so the state machine never sees the peer's state go backwards. Links are named by the
 transport ("udp:ADDRESS"); a valid frame on a link that is not configured is refused.
+Generations outlive restarts (heartbeat/generation.py): a node's own never goes backwards, and
+the peer's newest is remembered, so a restart does not reopen replays of its earlier boots.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import os
 import stat
 import struct
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -232,11 +235,13 @@ class Receiver:
 
     `links`: the link names frames may arrive on (None: any, for transports without
     addresses). The MAC is checked first, so forged frames count as forged wherever they
-    come from.
+    come from. `floors`: per peer, the newest generation seen before this process started
+    (older ones are refused); `on_new_generation` hears of each newer one accepted.
     """
 
     def __init__(self, cluster_id: str, node: str, peers: set[str], keys: KeyRing | None,
-                 links: set[str] | None = None) -> None:
+                 links: set[str] | None = None, *, floors: Mapping[str, int] | None = None,
+                 on_new_generation: Callable[[str, int], None] | None = None) -> None:
         self.cluster_id = cluster_id
         self.node = node
         self.peers = peers
@@ -247,6 +252,8 @@ class Receiver:
         self._newest: dict[str, Frame] = {}
         #: Per (peer, link): (generation, last accepted sequence number).
         self._last: dict[tuple[str, str], tuple[int, int]] = {}
+        self._floors = dict(floors or {})
+        self._on_new_generation = on_new_generation
 
     def accept(self, data: bytes, link: str = "") -> tuple[Verdict, Frame | None]:
         verdict, frame = decode(data, self.keys)
@@ -265,7 +272,8 @@ class Receiver:
         if self.links is not None and link not in self.links:
             return Verdict.UNKNOWN_LINK, frame
         newest = self._newest.get(frame.node)
-        if newest is not None and frame.generation < newest.generation:
+        floor = newest.generation if newest is not None else self._floors.get(frame.node, 0)
+        if frame.generation < floor:
             return Verdict.STALE_GENERATION, frame
         last = self._last.get((frame.node, link))
         if last is not None and last[0] == frame.generation and frame.seq <= last[1]:
@@ -278,6 +286,9 @@ class Receiver:
                 return Verdict.OK, replace(frame, state=newest.state, flags=newest.flags)
         self._newest[frame.node] = frame
         self._last[(frame.node, link)] = (frame.generation, frame.seq)
+        if self._on_new_generation is not None and \
+                (newest is None or frame.generation > newest.generation):
+            self._on_new_generation(frame.node, frame.generation)
         return Verdict.OK, frame
 
     def dropped(self) -> dict[str, int]:

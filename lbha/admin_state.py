@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from lbha.atomic_file import write_atomically
 from lbha.errors import LbhaError
 from lbha.table import Admin
 
@@ -50,21 +49,6 @@ class AdminStore:
         ]
         text = json.dumps({"version": VERSION, "admin": entries}, indent=1)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".healthd-state.")
-            try:
-                with os.fdopen(fd, "w") as out:
-                    out.write(text)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_atomically(self.path, text)
         except OSError as exc:
             raise StateFileError(f"cannot save operator actions to {self.path}: {exc}") from exc

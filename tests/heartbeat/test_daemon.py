@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import trio
@@ -15,6 +17,7 @@ from lbha.errors import ControlError
 from lbha.events import ClusterEvent, Event
 from lbha.heartbeat.daemon import Heartbeat
 from lbha.heartbeat.floating_ips import AddressManager
+from lbha.heartbeat.generation import FILE_NAME, GenerationStore
 from lbha.heartbeat.protocol import Flags, Frame, KeyRing, PeerState, Verdict, encode
 from lbha.heartbeat.transport import UdpTransport
 from lbha.model import FloatingIP
@@ -124,7 +127,7 @@ class Cluster:
         self.events: list[ClusterEvent] = []
         self.addresses: dict[str, FakeAddresses] = {}
 
-    async def start(self, name: str) -> Heartbeat:
+    async def start(self, name: str, generations: GenerationStore | None = None) -> Heartbeat:
         config = load_config_text(config_text(name, self.auto_failback))
         assert config.cluster is not None
         cluster = config.cluster
@@ -135,7 +138,7 @@ class Cluster:
             assert isinstance(event, ClusterEvent)
             self.events.append(event)
 
-        node = Heartbeat(config, None, transport, self.addresses[name], emit)
+        node = Heartbeat(config, None, transport, self.addresses[name], emit, generations)
         scope = trio.CancelScope()
 
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -327,3 +330,35 @@ async def test_forged_and_replayed_frames_change_nothing(
         assert counts[Verdict.UNKNOWN_LINK] == 100
         assert counts[Verdict.MALFORMED] == 100
         assert (await node2.command("status", {}))["frames_dropped"]["bad_mac"] == 100
+
+
+@pytest.mark.parametrize("stored", [True, False])
+async def test_restart_with_the_clock_stepped_back(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    stored: bool,
+) -> None:
+    # With its generation on disk, a node restarted with its clock 1,000 s behind still speaks
+    # a newer generation and is heard; with the clock alone its peer drops it as stale.
+    def store() -> GenerationStore | None:
+        return GenerationStore(tmp_path / FILE_NAME) if stored else None
+
+    async with cluster() as c:
+        await c.start("lb1")
+        await c.start("lb2", store())
+        await trio.sleep(2)
+        before = c.nodes["lb2"].generation
+        await c.stop("lb2")
+        monkeypatch.setattr(time, "time_ns", lambda: (before - 10**9) * 1000)
+        again = await c.start("lb2", store())
+        await trio.sleep(2)
+        stale = c.nodes["lb1"].receiver.counts[Verdict.STALE_GENERATION]
+        peer_state = (await c.nodes["lb1"].command("status", {}))["peer_state"]
+        if stored:
+            assert again.generation == before + 1
+            assert stale == 0
+            assert peer_state == "passive"
+        else:
+            assert again.generation < before
+            assert stale > 0
+            assert peer_state == "dead"
+        assert c.active() == {"lb1"}

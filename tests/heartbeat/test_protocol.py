@@ -103,6 +103,20 @@ def test_replay_reorder_and_generation() -> None:
                             "stale_generation": 1, "unknown_node": 1}
 
 
+def test_floor_from_before_a_restart_refuses_earlier_boots() -> None:
+    seen: list[tuple[str, int]] = []
+    rx = Receiver("lbha", "lb1", {"lb2"}, RING, floors={"lb2": 1000},
+                  on_new_generation=lambda node, gen: seen.append((node, gen)))
+    # A frame recorded during an earlier boot of the peer, replayed after our restart.
+    assert rx.accept(encode(frame(generation=999, seq=50), RING))[0] is Verdict.STALE_GENERATION
+    assert rx.accept(encode(frame(generation=1000, seq=7), RING))[0] is Verdict.OK
+    assert rx.accept(encode(frame(generation=1000, seq=8), RING))[0] is Verdict.OK
+    assert rx.accept(encode(frame(generation=2000, seq=1), RING))[0] is Verdict.OK
+    assert rx.accept(encode(frame(generation=2000, seq=2), RING))[0] is Verdict.OK
+    # Told once per generation accepted, not per frame; never of a refused one.
+    assert seen == [("lb2", 1000), ("lb2", 2000)]
+
+
 def test_late_copy_refreshes_link_but_not_state() -> None:
     rx = Receiver("lbha", "lb1", {"lb2"}, RING, {"udp:a", "udp:b"})
     assert rx.accept(encode(frame(seq=5, state=PeerState.PASSIVE), RING), "udp:a")[1] \
