@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: Bound on the clean-up at stop (release the IPs, say LEAVING), even if netlink hangs.
 STOP_TIMEOUT = 5.0
+#: At most one warning this often about frames of an old generation.
+STALE_WARNING_INTERVAL = 60.0
 
 Emit = Callable[[Event], None]
 
@@ -96,6 +98,7 @@ class Heartbeat:
             on_new_generation=self._peer_restarted if generations is not None else None,
         )
         self._state_limiter = trio.CapacityLimiter(1)
+        self._stale_warned = -math.inf
         self.seq = 0
         self.state = fsm.initial(trio.current_time())
         self.sent = 0
@@ -143,10 +146,25 @@ class Heartbeat:
     async def _on_datagram(self, data: bytes, link: str) -> None:
         verdict, frame = self.receiver.accept(data, link)
         if frame is None:
+            if verdict is Verdict.STALE_GENERATION and self._generations is not None:
+                self._warn_stale(link)
             log.debug("dropped a frame on %s: %s", link, verdict)
             return
         async with self._lock:
             await self._step(fsm.Received(trio.current_time(), link, frame.state, frame.flags))
+
+    def _warn_stale(self, link: str) -> None:
+        # Authenticated but older than the newest generation seen: a replay, or a peer that
+        # lost its state_dir while its clock is behind; the latter needs an operator.
+        now = trio.current_time()
+        if now - self._stale_warned < STALE_WARNING_INTERVAL:
+            return
+        self._stale_warned = now
+        assert self._generations is not None
+        log.warning("dropping authenticated frames on %s from an older generation of %s than "
+                    "the newest seen: a replay, or %s lost its state_dir while its clock is "
+                    "behind; if so, fix its clock or delete %s here and restart", link,
+                    self.settings.peer, self.settings.peer, self._generations.path)
 
     def _peer_restarted(self, node: str, generation: int) -> None:
         # Rare (once per boot of the peer) but an fsync: kept off the trio thread.

@@ -335,15 +335,15 @@ async def test_forged_and_replayed_frames_change_nothing(
 @pytest.mark.parametrize("stored", [True, False])
 async def test_restart_with_the_clock_stepped_back(
     autojump_clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    stored: bool,
+    caplog: pytest.LogCaptureFixture, stored: bool,
 ) -> None:
     # With its generation on disk, a node restarted with its clock 1,000 s behind still speaks
     # a newer generation and is heard; with the clock alone its peer drops it as stale.
     def store() -> GenerationStore | None:
-        return GenerationStore(tmp_path / FILE_NAME) if stored else None
+        return GenerationStore(tmp_path / "lb2" / FILE_NAME) if stored else None
 
     async with cluster() as c:
-        await c.start("lb1")
+        await c.start("lb1", GenerationStore(tmp_path / "lb1" / FILE_NAME))
         await c.start("lb2", store())
         await trio.sleep(2)
         before = c.nodes["lb2"].generation
@@ -361,4 +361,9 @@ async def test_restart_with_the_clock_stepped_back(
             assert again.generation < before
             assert stale > 0
             assert peer_state == "dead"
+            # The operator is told once (not once per frame) what to do.
+            warnings = [r.getMessage() for r in caplog.records
+                        if "older generation of lb2" in r.getMessage()]
+            assert len(warnings) == 1
+            assert str(tmp_path / "lb1" / FILE_NAME) in warnings[0]
         assert c.active() == {"lb1"}
