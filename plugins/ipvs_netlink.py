@@ -9,8 +9,9 @@ are parsed for the attributes the diff compares and nothing else (no statistics)
 Attribute numbers and types: include/uapi/linux/ip_vs.h and net/netfilter/ipvs/ip_vs_ctl.c
 (the kernel's netlink policy), checked against pyroute2's pyroute2/netlink/generic/ipvs.py.
 
-The socket is not bound to a thread: any one thread at a time may use it. Every read loop is
-bounded by the socket's timeout, so a kernel that never answers cannot hang the caller.
+The socket is not bound to a thread: any one thread at a time may use it. Every read is
+bounded (SO_RCVTIMEO per recv, a deadline per exchange), so a kernel that never answers
+cannot hang the caller.
 """
 
 from __future__ import annotations
@@ -108,8 +109,6 @@ DEST_TUN_FLAGS = 15
 
 #: IP_VS_CONN_F_FWD_MASK: the forwarding method in a destination's connection flags.
 FWD_MASK = 0x7
-#: Longest scheduler name the kernel accepts, NUL included (IP_VS_SCHEDNAME_MAXLEN).
-SCHED_NAME_MAX = 16
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _VERSION = {socket.AF_INET: 4, socket.AF_INET6: 6}
