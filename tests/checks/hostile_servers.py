@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -63,29 +60,3 @@ async def tcp_server(handler: Handler) -> AsyncIterator[int]:
         nursery.start_soon(partial(trio.serve_listeners, partial(_guarded, handler), listeners))
         yield port
         nursery.cancel_scope.cancel()
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port nothing listens on right now (for servers we start and stopped servers)."""
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-async def settle(max_threads: int, max_fds: int, limiter: trio.CapacityLimiter | None = None,
-                 seconds: float = 5.0) -> tuple[int, int]:
-    """Wait (bounded) for abandoned worker threads to end and their sockets to close.
-
-    Returns the thread and descriptor counts at the end. trio keeps idle worker threads
-    for reuse a few seconds, so callers allow for the limiter's capacity in `max_threads`.
-    """
-    for _ in range(int(seconds / 0.05)):
-        if (threading.active_count() <= max_threads and open_fds() <= max_fds
-                and (limiter is None or not limiter.borrowed_tokens)):
-            break
-        await trio.sleep(0.05)
-    return threading.active_count(), open_fds()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from resources import fd_table, free_port, open_fds
 
 from lbha.checkapi import CheckResult, Transcript
 from lbha.testing import run_check_now
@@ -35,35 +36,6 @@ Handler = Callable[[trio.SocketStream], Awaitable[None]]
 #: escaping (IMAP quoted strings) and must never show in a transcript.
 USER = "bob"
 PASSWORD = 's3cr"et\\pw'
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def fd_table() -> dict[str, str]:
-    """fd -> what it is (socket:[inode], pipe, file), for a readable leak report."""
-    out = {}
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def closed_port() -> Iterator[int]:
-    """A port bound but not listening (held so nobody takes it): connecting is refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        yield s.getsockname()[1]
 
 
 def wait_listening(port: int, proc: subprocess.Popen[bytes], what: str,

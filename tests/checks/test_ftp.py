@@ -12,7 +12,6 @@ from line_servers import (
     USER,
     assert_no_fd_growth,
     cli_check,
-    closed_port,
     down_in_time,
     ftp_server,
     hostile_server,
@@ -21,6 +20,7 @@ from line_servers import (
     transcript_of,
     trickle,
 )
+from resources import closed_port
 
 from lbha.testing import installed_checks, run_check_now
 

@@ -18,7 +18,6 @@ from line_servers import (
     Dovecot,
     assert_no_fd_growth,
     cli_check,
-    closed_port,
     dovecot_server,
     down_in_time,
     hostile_server,
@@ -30,6 +29,7 @@ from line_servers import (
     transcript_of,
     trickle,
 )
+from resources import closed_port
 
 from lbha.checkapi import CheckRequest, CheckResult
 from lbha.checks.lines import CheckFailed

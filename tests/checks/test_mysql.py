@@ -15,9 +15,10 @@ import pymysql
 import pytest
 import trio
 import trustme
-from hostile_servers import free_port, open_fds, send_then_hold, settle, silent, tcp_server, trickle
+from hostile_servers import send_then_hold, silent, tcp_server, trickle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from resources import free_port, open_fds, settle
 
 from lbha.checkapi import Transcript
 from lbha.checks.mysql import LIMITER, MysqlCheck

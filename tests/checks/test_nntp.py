@@ -8,7 +8,6 @@ import pytest
 from line_servers import (
     assert_no_fd_growth,
     cli_check,
-    closed_port,
     down_in_time,
     hostile_server,
     nntp_server,
@@ -17,6 +16,7 @@ from line_servers import (
     transcript_of,
     trickle,
 )
+from resources import closed_port
 
 from lbha.testing import installed_checks, run_check_now
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import trio
-from hostile_servers import free_port, open_fds, settle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyrad.packet import AccessAccept, AccessChallenge, AccessReject, AccountingResponse, AuthPacket
+from resources import free_port, open_fds, settle
 
 from lbha.checkapi import Transcript
 from lbha.checks.radius import (
