@@ -190,6 +190,13 @@ def format_status(status: dict[str, Any]) -> str:
                 f" weight {weight:>5}/{real['configured_weight']:<5} since {since}"
                 f"  checked {_age(real['last_check_age'])}: {real['reason']}"
             )
+    for name, backend in sorted(status.get("backends", {}).items()):
+        sync = "in sync" if backend.get("in_sync") else "NOT in sync"
+        details = ", ".join(f"{key.replace('_', ' ')} {value}"
+                            for key, value in backend.items()
+                            if key not in ("in_sync", "problems"))
+        lines.append(f"backend {name}: {sync}" + (f"  ({details})" if details else ""))
+        lines.extend(f"  problem: {problem}" for problem in backend.get("problems", []))
     return "\n".join(lines)
 
 

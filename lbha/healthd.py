@@ -51,10 +51,20 @@ class Healthd:
         self.config = config
         return f"reloaded {self.config_path}"
 
+    def backends(self) -> dict[str, Any]:
+        """What each backend plugin reports of the table it holds (lbha_status)."""
+        merged: dict[str, Any] = {}
+        for part in self.plugins.call("lbha_status"):
+            if isinstance(part, dict):
+                merged.update(part)
+        return merged
+
     async def handle(self, cmd: str, args: dict[str, Any]) -> Any:
         """Control socket commands: status, drain, halt, online, reload."""
         if cmd == "status":
-            return self.engine.status()
+            status = self.engine.status()
+            status["backends"] = self.backends()
+            return status
         if cmd in ("drain", "halt", "online"):
             rip = args.get("rip")
             vip = args.get("vip")

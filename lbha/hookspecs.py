@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -62,6 +62,14 @@ def lbha_apply(desired: DesiredTable) -> None:
 @hookspec
 def lbha_event(event: Event) -> None:
     """Something happened (lbha.events). Queue it; never block here."""
+
+
+@hookspec
+def lbha_status() -> dict[str, Any] | None:
+    """What this plugin holds now, for `lbha status`: ``{"its name": {JSON-able}}`` or None.
+
+    Report what you already know (last reconcile, problems); never do I/O here.
+    """
 
 
 @hookspec

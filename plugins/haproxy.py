@@ -43,6 +43,7 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -310,6 +311,22 @@ class HaproxyBackendPlugin:
         """The problems outstanding now, one message each."""
         return [problem.message for problem in self._problems.values()]
 
+    def status(self) -> dict[str, Any] | None:
+        """What HAProxy holds as lbha last saw it, for `lbha status` (None: no layer 7)."""
+        layout = self._layout_now()
+        if not layout:
+            return None
+        desired = self._desired.generation if self._desired is not None else -1
+        return {
+            "in_sync": desired >= 0 and self.reconciled_generation >= desired
+            and not self._has_errors(),
+            "sockets": len(layout),
+            "backends": sum(len(backends) for backends in layout.values()),
+            "passes": self.passes,
+            "commands_sent": self.commands_sent,
+            "problems": self.problems,
+        }
+
     def _has_errors(self) -> bool:
         return any(p.level >= logging.ERROR for p in self._problems.values())
 
@@ -516,6 +533,12 @@ def lbha_configure(config: Config) -> None:
 @hookimpl
 def lbha_apply(desired: DesiredTable) -> None:
     plugin.apply(desired)
+
+
+@hookimpl
+def lbha_status() -> dict[str, Any] | None:
+    state = plugin.status()
+    return {"haproxy": state} if state is not None else None
 
 
 @hookimpl

@@ -23,13 +23,14 @@ import errno
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import compress, count
 from operator import is_not
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -245,6 +246,11 @@ class IpvsBackend:
         #: Generation of the newest desired table that reached the kernel without failures.
         self.synced_generation = 0
         self._synced = trio.Event()
+        #: For `lbha status`: wall-clock time of the last full pass, repairs of changes made
+        #: outside lbha, and why netlink cannot be used (None: it can).
+        self.last_full: float | None = None
+        self.repairs = 0
+        self.unavailable: str | None = None
 
     async def in_worker(self, fn: Callable[..., T], *args: object) -> T:
         """Run fn in a worker thread, one call at a time (the socket has one user)."""
@@ -377,6 +383,9 @@ class IpvsBackend:
         for op in ops:
             if is_drift(op, self.applied, desired):
                 result.drift.append(op)
+        self.repairs += len(result.drift)
+        if full:
+            self.last_full = time.time()
         self._log(result)
         considered = desired.keys() | self.applied.keys() if scope is None else scope
         for key in considered:
@@ -417,6 +426,22 @@ class IpvsBackend:
             self._reported = reported
         else:
             self._reported |= reported
+
+    def status(self) -> dict[str, Any]:
+        """The kernel side as lbha last saw it, for `lbha status`."""
+        problems = sorted(self._reported)
+        if self.unavailable is not None:
+            problems.insert(0, f"netlink unavailable: {self.unavailable}")
+        last = "never" if self.last_full is None else \
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.last_full))
+        return {
+            "in_sync": self._desired_generation >= 0 and not problems
+            and self.synced_generation >= self._desired_generation,
+            "services": len(self.owned),
+            "last_full_reconcile": last,
+            "repaired": self.repairs,
+            "problems": problems,
+        }
 
     async def clean_stop(self) -> None:
         """Remove lbha's services when `cleanstop` is set; otherwise leave them running."""
@@ -465,12 +490,14 @@ class IpvsBackend:
                 if not unavailable:
                     log.error("IPVS: %s; retrying (backing off up to %.0f s)", exc, RETRY_MAX)
                 unavailable = True
+                self.unavailable = str(exc)
                 next_full = trio.current_time() + retry
                 retry = min(retry * 2, RETRY_MAX)
             else:
                 if unavailable:
                     log.info("IPVS: netlink works again; table reconciled")
                 unavailable = False
+                self.unavailable = None
                 retry = RETRY_FIRST
                 if full:
                     next_full = trio.current_time() + self.settings.reconcile_interval
@@ -510,4 +537,9 @@ def lbha_start(context: DaemonContext) -> DaemonService | None:
 def lbha_apply(desired: DesiredTable) -> None:
     if _backend is not None:
         _backend.apply(desired)
+
+
+@hookimpl
+def lbha_status() -> dict[str, Any] | None:
+    return {"ipvs": _backend.status()} if _backend is not None else None
 

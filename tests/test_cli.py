@@ -1,10 +1,12 @@
-"""`lbha config check|show` as an operator runs them."""
+"""`lbha config check|show` as an operator runs them; how `lbha status` reads."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+
+from lbha.cli import format_status
 
 GOOD = """\
 [[virtual]]
@@ -84,3 +86,19 @@ def test_import_refuses_to_drop_a_key(tmp_path: Path) -> None:
                   "--authkeys", str(DATA / "authkeys"))
     assert result.returncode == 2
     assert "--authkey-out" in result.stderr
+
+
+def test_status_shows_what_each_backend_holds() -> None:
+    status = {"virtuals": [], "backends": {
+        "ipvs": {"in_sync": True, "services": 12, "last_full_reconcile": "2026-11-22 05:00:00",
+                 "repaired": 1, "problems": []},
+        "haproxy": {"in_sync": False, "sockets": 1, "backends": 2, "passes": 7,
+                    "commands_sent": 30,
+                    "problems": ["cannot connect to HAProxy runtime API /run/haproxy.sock"]},
+    }}
+    assert format_status(status).splitlines() == [
+        "backend haproxy: NOT in sync  (sockets 1, backends 2, passes 7, commands sent 30)",
+        "  problem: cannot connect to HAProxy runtime API /run/haproxy.sock",
+        "backend ipvs: in sync  (services 12, last full reconcile 2026-11-22 05:00:00, "
+        "repaired 1)",
+    ]

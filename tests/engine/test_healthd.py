@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -124,6 +125,8 @@ def test_healthd_end_to_end(tmp_path: Path, servers: list[socket.socket]) -> Non
         text = lbha("status", "--config", str(daemon.config)).stdout
         assert "web  198.18.0.100:80/tcp  layer 4" in text
         assert "drain" in text
+        # The IPVS backend says what it holds (here: no IPVS in this kernel, or in sync).
+        assert re.search(r"^backend ipvs: (NOT )?in sync", text, re.MULTILINE), text
 
         # A bad config is refused and the old one keeps running.
         daemon.config.write_text(daemon.config.read_text().replace('"200ms"', '"fast"'))

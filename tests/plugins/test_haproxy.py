@@ -380,10 +380,21 @@ async def test_missing_socket_is_logged_once_retried_and_recovers(
         errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1
         assert f"cannot connect to HAProxy runtime API {sock}" in errors[0].getMessage()
+        status = plugin.status()  # what `lbha status` shows meanwhile
+        assert status is not None
+        assert status["in_sync"] is False
+        assert f"cannot connect to HAProxy runtime API {sock}" in status["problems"][0]
         with running(lab):
             await state_becomes(lab, {n: (0, 9) for n in NAMES})
+            for _ in range(50):  # the pass that saw HAProxy back may still be finishing
+                if plugin.status()["in_sync"]:  # type: ignore[index]
+                    break
+                await trio.sleep(0.1)
             nursery.cancel_scope.cancel()
     assert plugin.problems == []
+    assert plugin.status() == {"in_sync": True, "sockets": 1, "backends": 1,
+                               "passes": plugin.passes, "commands_sent": plugin.commands_sent,
+                               "problems": []}
     assert any(r.getMessage().startswith("resolved: cannot connect") for r in caplog.records)
 
 

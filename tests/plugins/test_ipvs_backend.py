@@ -65,6 +65,11 @@ async def test_missing_ip_vs_is_reported_once_and_retried_without_stopping(
                     break
                 await trio.sleep(0.05)
             assert reads == 2
+            status = backend.status()  # what `lbha status` shows meanwhile
+            assert status["in_sync"] is False
+            assert status["problems"][0].startswith("netlink unavailable: ")
+            assert "modprobe ip_vs" in status["problems"][0]
+            assert status["last_full_reconcile"] == "never"
             nursery.cancel_scope.cancel()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1, errors
