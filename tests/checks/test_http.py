@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from hostile import close_after, endless, garbage, hostile_server, silent, tls_stall, trickle
+from hostile import endless, garbage, hostile_server, script, silent, tls_stall, trickle
 
 from lbha.checkapi import Transcript
 from lbha.checks import http as http_module
@@ -374,7 +374,7 @@ async def test_absolute_url_asks_the_real_server_for_that_host() -> None:
     (b"HTTP/1.1 2000 OK\r\n\r\n", "malformed HTTP status line: 'HTTP/1.1 2000 OK'"),
 ])
 async def test_response_shapes(response: bytes, reason: str) -> None:
-    async with hostile_server(close_after(response)) as port:
+    async with hostile_server(script(None, response, close=True)) as port:
         up, got, _ = await timed("http", rport=port, receive="OK")
     assert got.startswith(reason) or reason in got, got
     assert up == got.startswith("HTTP 200 OK") or up == got.startswith("HTTP 200 Fine")
@@ -500,13 +500,13 @@ HOSTILE = [
     ("trickle-body", trickle(b"OK" * 50, prefix=OK_HEAD),
      "reading the HTTP body from {ep} timed out after 0.45 s"),
     ("garbage", garbage(), "{ep} did not answer HTTP: '\\x15\\x03\\x01\\x00\\x02\\x02P"),
-    ("close-mid-headers", close_after(b"HTTP/1.1 200 OK\r\nContent-Le"),
+    ("close-mid-headers", script(None, b"HTTP/1.1 200 OK\r\nContent-Le", close=True),
      "{ep} closed the connection in the middle of the HTTP headers (27 bytes received)"),
-    ("close-mid-body", close_after(OK_HEAD + b"0123456789"),
+    ("close-mid-body", script(None, OK_HEAD + b"0123456789", close=True),
      "{ep} closed the connection after 10 of 100 body bytes"),
-    ("close-before-status", close_after(b""), "{ep} closed the connection before sending a "
-                                              "status line (0 bytes received)"),
-    ("reset", close_after(b"HTTP/1.1 2", reset=True), "failed: connection reset by the server"),
+    ("close-before-status", script(None, b"", close=True),
+     "{ep} closed the connection before sending a status line (0 bytes received)"),
+    ("reset", script(None, b"HTTP/1.1 2", reset=True), "failed: connection reset by the server"),
     ("endless-body", endless(b"HTTP/1.1 200 OK\r\n\r\n"), "HTTP body from {ep} exceeds 1 MiB"),
     ("endless-headers", endless(b"HTTP/1.1 200 OK\r\n", b"X-Pad: " + b"p" * 1000 + b"\r\n"),
      "HTTP headers from {ep} exceed 64 KiB"),
@@ -529,7 +529,8 @@ HOSTILE_TLS = [
     ("silent", silent(), "TLS handshake with {ep} timed out after 0.45 s"),
     ("stalled-handshake", tls_stall(), "TLS handshake with {ep} timed out after 0.45 s"),
     ("garbage", garbage(), "TLS handshake with {ep} failed: "),
-    ("close", close_after(b""), "TLS handshake with {ep} failed: connection closed by the server"),
+    ("close", script(None, b"", close=True),
+     "TLS handshake with {ep} failed: connection closed by the server"),
     ("trickle", trickle(b"\x16\x03\x03\x00\x64\x02\x00"),
      "TLS handshake with {ep} timed out after 0.45 s"),
 ]
@@ -620,7 +621,7 @@ async def test_no_fd_growth_real_servers(nginx: Nginx, tinyproxy: int) -> None:
     ("http", silent(), 0.1),
     ("https", tls_stall(), 0.1),
     ("http", garbage(), 1.0),
-    ("http", close_after(OK_HEAD + b"0123"), 1.0),
+    ("http", script(None, OK_HEAD + b"0123", close=True), 1.0),
     ("http", endless(b"HTTP/1.1 200 OK\r\n\r\n", b"x" * 262144), 2.0),
 ], ids=["silent", "tls-stall", "garbage", "close-mid-body", "endless-body"])
 async def test_no_fd_growth_hostile(check: str, behaviour: object,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
-from hostile_servers import send_then_hold, silent, tcp_server, trickle
+from hostile import hostile_server, script, silent, trickle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from resources import free_port, open_fds, settle
@@ -276,17 +276,17 @@ BIND_OK = bytes.fromhex("300c02010161070a010004000400")
 
 
 @pytest.mark.parametrize(("name", "handler", "phase"), [
-    ("silent", silent, "bind anonymously"),
+    ("silent", silent(), "bind anonymously"),
     ("trickle", trickle(BIND_OK * 20, 0.05), "bind anonymously"),
-    ("garbage", send_then_hold(b"\x00\xff garbage \xfe" * 40), "bind anonymously"),
-    ("garbage at once", send_then_hold(b"HTTP/1.0 200 OK\r\n\r\n" * 4, after_request=False),
+    ("garbage", script(None, b"\x00\xff garbage \xfe" * 40), "bind anonymously"),
+    ("garbage at once", script(b"HTTP/1.0 200 OK\r\n\r\n" * 4),
      "bind anonymously"),
-    ("truncated", send_then_hold(BIND_OK[:7], close=True), "bind anonymously"),
-    ("truncated, held", send_then_hold(BIND_OK[:7]), "bind anonymously"),
-    ("closes", send_then_hold(b"", close=True), "bind anonymously"),
+    ("truncated", script(None, BIND_OK[:7], close=True), "bind anonymously"),
+    ("truncated, held", script(None, BIND_OK[:7]), "bind anonymously"),
+    ("closes", script(None, close=True), "bind anonymously"),
 ])
 async def test_hostile_server_is_down_within_the_deadline(name, handler, phase) -> None:
-    async with tcp_server(handler) as port:
+    async with hostile_server(handler) as port:
         result, elapsed = await timed("ldap", rport=port, negotiate_timeout=0.6)
     assert not result.up
     assert result.reason.startswith(f"{phase} on 127.0.0.1:{port}"), result.reason
@@ -296,7 +296,7 @@ async def test_hostile_server_is_down_within_the_deadline(name, handler, phase) 
 async def test_cancelled_checks_leave_no_threads_or_sockets() -> None:
     """The engine gives up at the deadline; the abandoned threads end promptly anyway."""
     threads, fds = threading.active_count(), open_fds()
-    async with tcp_server(silent) as port:
+    async with hostile_server(silent()) as port:
         async with trio.open_nursery() as nursery:
             for _ in range(LIMITER.tokens * 3):
                 # A deadline shorter than the check's own timeouts: the engine cancels it.
@@ -346,7 +346,7 @@ async def test_ten_thousand_checks_leave_no_threads_or_sockets(slapd: Slapd) -> 
 @given(reply=st.binary(max_size=64), close=st.booleans())
 async def test_fuzz_any_server_bytes_get_a_verdict_from_the_check(reply: bytes, close) -> None:
     """Whatever a server sends, the check itself answers (no exception for the engine)."""
-    async with tcp_server(send_then_hold(BIND_OK[:2] + reply, close=close)) as port:
+    async with hostile_server(script(None, BIND_OK[:2] + reply, close=close)) as port:
         result = await run_check_now("ldap", rport=port, negotiate_timeout=0.2)
     assert not result.up
     assert result.reason.startswith("bind anonymously on 127.0.0.1:"), result.reason

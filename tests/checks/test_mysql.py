@@ -15,7 +15,7 @@ import pymysql
 import pytest
 import trio
 import trustme
-from hostile_servers import send_then_hold, silent, tcp_server, trickle
+from hostile import hostile_server, script, silent, trickle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from resources import free_port, open_fds, settle
@@ -205,25 +205,24 @@ async def test_stopped_server_is_down_at_once() -> None:
 # --------------------------------------------------------------------------- hostile servers
 
 @pytest.mark.parametrize(("name", "handler", "phase"), [
-    ("silent", silent, "login as"),
+    ("silent", silent(), "login as"),
     ("greets, then silent", "greeting", "login as"),
     ("trickles its greeting", "trickle", "login as"),
-    ("garbage", send_then_hold(b"\x00\xff\xfe garbage \x01" * 30, after_request=False),
+    ("garbage", script(b"\x00\xff\xfe garbage \x01" * 30),
      "login as"),
-    ("garbage, then closes", send_then_hold(b"\x07\x00\x00\x00garbage" * 3, after_request=False,
-                                            close=True), "login as"),
+    ("garbage, then closes", script(b"\x07\x00\x00\x00garbage" * 3, close=True), "login as"),
     ("truncated greeting", "truncated", "login as"),
-    ("closes", send_then_hold(b"", after_request=False, close=True), "login as"),
+    ("closes", script(close=True), "login as"),
 ])
 async def test_hostile_server_is_down_within_the_deadline(mariadb: Mariadb, name, handler,
                                                           phase) -> None:
     if handler == "greeting":
-        handler = send_then_hold(mariadb.greeting, after_request=False)
+        handler = script(mariadb.greeting)
     elif handler == "trickle":
         handler = trickle(mariadb.greeting, 0.05)
     elif handler == "truncated":
-        handler = send_then_hold(mariadb.greeting[:20], after_request=False, close=True)
-    async with tcp_server(handler) as port:
+        handler = script(mariadb.greeting[:20], close=True)
+    async with hostile_server(handler) as port:
         result, elapsed = await timed(**login(port), negotiate_timeout=0.6)
     assert not result.up
     assert result.reason.startswith(f"{phase} {USER} to database {DATABASE} on 127.0.0.1:{port}"), \
@@ -234,7 +233,7 @@ async def test_hostile_server_is_down_within_the_deadline(mariadb: Mariadb, name
 async def test_cancelled_checks_leave_no_threads_or_sockets() -> None:
     """The engine gives up at the deadline; the abandoned threads end promptly anyway."""
     threads, fds = threading.active_count(), open_fds()
-    async with tcp_server(silent) as port, trio.open_nursery() as nursery:
+    async with hostile_server(silent()) as port, trio.open_nursery() as nursery:
         for _ in range(LIMITER.tokens * 3):
             # A deadline shorter than the check's own timeouts: the engine cancels it.
             nursery.start_soon(lambda: run_check_now("mysql", **login(port), seconds=0.2,
@@ -281,7 +280,7 @@ async def test_ten_thousand_checks_leave_no_threads_or_sockets(mariadb: Mariadb)
 @given(greeting=st.binary(max_size=64), close=st.booleans())
 async def test_fuzz_any_server_bytes_get_a_verdict_from_the_check(greeting: bytes, close) -> None:
     """Whatever a server sends, the check itself answers (no exception for the engine)."""
-    async with tcp_server(send_then_hold(greeting, after_request=False, close=close)) as port:
+    async with hostile_server(script(greeting, close=close)) as port:
         result = await run_check_now("mysql", **login(port), negotiate_timeout=0.2)
     assert not result.up
     assert result.reason.startswith(f"login as {USER}"), result.reason

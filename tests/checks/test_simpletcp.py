@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
-from hostile import GARBAGE, close_after, endless, garbage, hostile_server, silent, trickle
+from hostile import GARBAGE, endless, garbage, hostile_server, script, silent, trickle
 
 from lbha.checkapi import Transcript
 from lbha.checks.simpletcp import request_bytes
@@ -104,13 +104,14 @@ async def test_refused_and_no_port_and_udp() -> None:
 
 
 HOSTILE = [
-    ("silent", silent(), "waiting for a line matching 'OK' from {ep} timed out after 0.45 s "
-                         "(0 bytes received)"),
-    ("trickle", trickle(b"OK\n"), "waiting for a line matching 'OK' from {ep} timed out after "
-                                  "0.45 s (1 bytes received)"),
-    ("garbage", garbage(), "waiting for a line matching 'OK' from {ep} timed out after 0.45 s "
-                           f"({len(GARBAGE)} bytes received)"),
-    ("close-mid-line", close_after(b"O"),
+    # simpletcp half-closes after its request: that is not goodbye, so the servers hold on.
+    ("silent", silent(hold=True), "waiting for a line matching 'OK' from {ep} timed out after "
+                                  "0.45 s (0 bytes received)"),
+    ("trickle", trickle(b"OK\n", hold=True),
+     "waiting for a line matching 'OK' from {ep} timed out after 0.45 s (1 bytes received)"),
+    ("garbage", garbage(hold=True), "waiting for a line matching 'OK' from {ep} timed out "
+                                    f"after 0.45 s ({len(GARBAGE)} bytes received)"),
+    ("close-mid-line", script(None, b"O", close=True),
      "{ep} closed the connection without a line matching 'OK' (1 lines, 1 bytes)"),
     ("endless", endless(b"", b"no\n" * 8192), "no line matching 'OK' in the first 64 KiB "
                                               "from {ep}"),
@@ -153,10 +154,10 @@ async def test_no_fd_growth() -> None:
         assert await run_many(10_000, 500, rport=port, request="PING\\n",
                               receive="STATUS OK") == {True}
         seen.clear()
-    async with hostile_server(silent()) as port:
+    async with hostile_server(silent(hold=True)) as port:
         assert await run_many(5_000, 1_000, rport=port, receive="OK",
                               negotiate_timeout=0.1) == {False}
         await run_many(5_000, 1_000, cut=0.02, rport=port, receive="OK")
-    async with hostile_server(close_after(b"no\n", wait_for_request=False)) as port:
+    async with hostile_server(script(b"no\n", close=True)) as port:
         assert await run_many(10_000, 500, rport=port, receive="OK") == {False}
     assert open_fds() == before
