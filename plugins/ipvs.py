@@ -352,6 +352,11 @@ class IpvsBackend:
         desired = self.desired()
         generation = self._desired_generation
         result = ReconcileResult(full)
+        if not desired and not self.owned and not self.applied:
+            # No layer-4 service and none left from an earlier run: IPVS is not in use here
+            # (a HAProxy-only pair, perhaps on a kernel without ip_vs): nothing to read.
+            self._mark_synced(generation)
+            return result
         if full:
             scope = None
         else:
@@ -427,8 +432,10 @@ class IpvsBackend:
         else:
             self._reported |= reported
 
-    def status(self) -> dict[str, Any]:
-        """The kernel side as lbha last saw it, for `lbha status`."""
+    def status(self) -> dict[str, Any] | None:
+        """The kernel side as lbha last saw it, for `lbha status` (None: IPVS not in use)."""
+        if not self._desired and not self.owned and self.unavailable is None:
+            return None
         problems = sorted(self._reported)
         if self.unavailable is not None:
             problems.insert(0, f"netlink unavailable: {self.unavailable}")
@@ -541,5 +548,6 @@ def lbha_apply(desired: DesiredTable) -> None:
 
 @hookimpl
 def lbha_status() -> dict[str, Any] | None:
-    return {"ipvs": _backend.status()} if _backend is not None else None
+    state = _backend.status() if _backend is not None else None
+    return {"ipvs": state} if state is not None else None
 

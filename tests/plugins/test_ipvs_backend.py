@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,23 @@ async def test_a_broken_ownership_file_is_reported_and_treated_as_empty(
     backend.close()
     assert backend.owned == set()
     assert "ipvsadm -D" in caplog.text
+
+
+async def test_a_pair_without_layer_4_services_never_touches_netlink(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    # A HAProxy-only pair on a kernel without ip_vs: no error, nothing in `lbha status`.
+    backend = IpvsBackend(IpvsConfig(cleanstop=True, reconcile_interval=0.1), tmp_path)
+    calls = []
+    backend.kernel.read = lambda *args: calls.append(args)  # type: ignore[method-assign]
+    layer7 = DesiredTable(1, (replace(TABLE.services[0], layer=7, haproxy_backend="web",
+                                      haproxy_socket="/run/haproxy.sock"),))
+    with caplog.at_level(logging.INFO, logger="lbha.ipvs"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(backend.run)
+            backend.apply(layer7)
+            await backend.wait_synced(1)
+            await trio.sleep(0.5)  # several periodic passes
+            nursery.cancel_scope.cancel()
+    assert calls == []
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert backend.status() is None
