@@ -1,7 +1,8 @@
 """IPVS propagation and full-reconcile figures (issue 5, item 7, kernel half).
 
-    .venv/bin/python bench/ipvs/run.py                 # in the qemu guest (real IPVS, TCG)
+    .venv/bin/python bench/ipvs/run.py --vm            # in the qemu guest (real IPVS, TCG)
     .venv/bin/python bench/ipvs/run.py --fake-kernel   # on the host: lbha's own CPU cost only
+    sudo .venv/bin/python bench/ipvs/run.py --native   # a host whose kernel has IPVS
 
 A table of N services x M destinations is put into the kernel, then C changes are made one
 at a time, as the engine makes them (one real server's weight flips in one service, the other
@@ -13,7 +14,9 @@ of the unchanged table (read everything, diff, nothing to apply) is timed a few 
 `--fake-kernel` swaps netlink for an in-memory table, to separate lbha's own work (conversion,
 diff, bookkeeping, the hand-off to the worker thread) from netlink and emulation costs; it
 needs no IPVS and no VM. In the guest, `ipvsadm -Ln` and `ipvsadm-save -n` of the same table
-are timed too, as a same-run yardstick for the emulation's slowness.
+are timed too, as a same-run yardstick for the emulation's slowness. `--native` runs in a fresh
+network namespace made for the run: IPVS tables are per namespace, so the host's own services
+are never seen or touched (needs root, ipvsadm, and `modprobe ip_vs` done).
 """
 
 from __future__ import annotations
@@ -266,6 +269,25 @@ def first_table(services: list[DesiredService]) -> dict[ServiceKey, Service]:
     return desired_table(DesiredTable(0, tuple(services)))
 
 
+IN_NETNS = "LBHA_BENCH_IN_NETNS"
+
+
+def in_own_netns() -> int:
+    """Re-run this script inside a fresh network namespace, then remove it."""
+    if not Path("/proc/net/ip_vs").exists():
+        print("bench/ipvs --native: this kernel has no IPVS loaded (try `modprobe ip_vs`; "
+              "without IPVS use --vm)", file=sys.stderr)
+        return 2
+    name = f"lbha-bench-ipvs-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        return subprocess.run(["ip", "netns", "exec", name, sys.executable, *sys.argv],
+                              env={**os.environ, IN_NETNS: "1"}, check=False).returncode
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
 def load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -279,14 +301,20 @@ def main() -> None:
     parser.add_argument("--fake-kernel", action="store_true")
     parser.add_argument("--vm", action="store_true",
                         help="boot the qemu VM (tests/vm/ipvs_vm.py) and run there")
+    parser.add_argument("--native", action="store_true",
+                        help="this host's kernel has IPVS: run in a fresh network namespace")
     args, rest = parser.parse_known_args()
     if args.vm:
         argv = [a for a in sys.argv[1:] if a != "--vm"]
         sys.exit(run_in_vm(args, argv))
     if rest:
         parser.error(f"unknown arguments {rest}")
-    if not args.fake_kernel and os.environ.get("IPVS_VM_GUEST") != "1":
-        parser.error("needs a kernel with IPVS: use --vm (qemu guest) or --fake-kernel")
+    if args.native and not os.environ.get(IN_NETNS):
+        sys.exit(in_own_netns())
+    if not args.fake_kernel and os.environ.get("IPVS_VM_GUEST") != "1" \
+            and not os.environ.get(IN_NETNS):
+        parser.error("needs a kernel with IPVS: use --vm (qemu guest), --native (this host "
+                     "has IPVS) or --fake-kernel")
     if args.fake_kernel:
         print(f"host load average before: {load()}", flush=True)
     trio.run(bench, args)
