@@ -3,8 +3,8 @@
 Real servers run as subprocesses started here and stopped by PID: pyftpdlib, aiosmtpd,
 dovecot (IMAP, IMAPS, POP3, POP3S from a config in a tmp dir) and leafnode (an inetd-style
 NNTP server, spawned per connection by a small accept loop in a private UTS namespace,
-because it insists on a unique fully-qualified host name). Hostile servers run in the
-test's own trio loop.
+because it insists on a unique fully-qualified host name). Hostile servers are in
+hostile.py; the helpers at the end run checks against either kind.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +29,6 @@ from resources import fd_table, free_port, open_fds
 
 from lbha.checkapi import CheckResult, Transcript
 from lbha.testing import run_check_now
-
-Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
 #: Login and password the real servers accept; the password has characters that need
 #: escaping (IMAP quoted strings) and must never show in a transcript.
@@ -313,86 +311,6 @@ def nntp_server() -> Iterator[int]:
         stop(proc)
         if proc.stdout:
             proc.stdout.close()
-
-
-# ------------------------------------------------------------------------------ hostile
-
-
-async def drain(stream: trio.SocketStream) -> None:
-    """Read until the client goes away."""
-    while await stream.receive_some(65536):
-        pass
-
-
-async def silent(stream: trio.SocketStream) -> None:
-    """Accept and never answer."""
-    await drain(stream)
-
-
-def trickle(data: bytes, interval: float = 1.0) -> Handler:
-    """Send `data` one byte every `interval` seconds."""
-    async def handler(stream: trio.SocketStream) -> None:
-        for i in range(len(data)):
-            await stream.send_all(data[i:i + 1])
-            await trio.sleep(interval)
-        await drain(stream)
-    return handler
-
-
-def script(*steps: bytes | None, close: bool = False) -> Handler:
-    """Send each step; None means "read one chunk from the client"; then drain or close."""
-    async def handler(stream: trio.SocketStream) -> None:
-        for step in steps:
-            if step is None:
-                if not await stream.receive_some(65536):
-                    return
-            else:
-                await stream.send_all(step)
-        if not close:
-            await drain(stream)
-    return handler
-
-
-def tls_stall(greeting: bytes | None = None, answer: bytes | None = None) -> Handler:
-    """Optionally greet and answer one command (STARTTLS), then stall the TLS handshake."""
-    async def handler(stream: trio.SocketStream) -> None:
-        if greeting:
-            await stream.send_all(greeting)
-        if answer:
-            await stream.receive_some(65536)
-            await stream.send_all(answer)
-        await drain(stream)  # reads the ClientHello and never answers it
-    return handler
-
-
-async def _guarded(handler: Handler, stream: trio.SocketStream) -> None:
-    try:
-        await handler(stream)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # the check may reset the connection at any time
-    finally:
-        await trio.aclose_forcefully(stream)
-
-
-@asynccontextmanager
-async def hostile_server(handler: Handler) -> AsyncIterator[int]:
-    """Serve `handler` on a free 127.0.0.1 port in this trio loop for the block."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1", backlog=4096)
-    port = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        async def serve() -> None:
-            async with trio.open_nursery() as handlers:
-                async def accept_loop(listener: trio.SocketListener) -> None:
-                    async with listener:
-                        while True:
-                            stream = await listener.accept()
-                            handlers.start_soon(_guarded, handler, stream)
-                await accept_loop(listeners[0])
-        nursery.start_soon(serve)
-        try:
-            yield port
-        finally:
-            nursery.cancel_scope.cancel()
 
 
 # ------------------------------------------------------------------------------ running

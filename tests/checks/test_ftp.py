@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from hostile import hostile_server, script, silent, trickle
 from line_servers import (
     PASSWORD,
     USER,
@@ -14,11 +15,7 @@ from line_servers import (
     cli_check,
     down_in_time,
     ftp_server,
-    hostile_server,
-    script,
-    silent,
     transcript_of,
-    trickle,
 )
 from resources import closed_port
 
@@ -154,7 +151,7 @@ def _ftp_script(pasv: bytes, *, after_retr: bytes | None = None,
     (script(b"220-welcome\r\n220-to the", close=True), {},
      "FTP server 127.0.0.1:{port} closed the connection while waiting for the greeting "
      "after '220-to the'"),
-    (silent, {}, "FTP 127.0.0.1:{port}: timed out after 0.45 s waiting for the greeting"),
+    (silent(), {}, "FTP 127.0.0.1:{port}: timed out after 0.45 s waiting for the greeting"),
     (trickle(b"220 slow\r\n"), {},
      "FTP 127.0.0.1:{port}: timed out after 0.45 s waiting for the greeting (received so "
      "far: '2')"),
@@ -215,7 +212,7 @@ async def test_no_fd_growth_on_failures(kind: str, ftp: int) -> None:
     elif kind == "mismatch":
         await run_against(ftp, 10, request="/health.txt", receive="DEGRADED")
     else:
-        handler = silent if kind == "silent" else _ftp_script(
+        handler = silent() if kind == "silent" else _ftp_script(
             b"227 Entering Passive Mode (127,0,0,1,{port})\r\n", after_retr=b"150 ok\r\n")
         async with hostile_server(handler) as port:
             # The data stall needs time to get through login and PASV first.

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from hostile import hostile_server, script, silent, tls_stall, trickle
 from line_servers import (
     PASSWORD,
     USER,
@@ -20,14 +21,9 @@ from line_servers import (
     cli_check,
     dovecot_server,
     down_in_time,
-    hostile_server,
     make_cert,
-    script,
-    silent,
     smtp_server,
-    tls_stall,
     transcript_of,
-    trickle,
 )
 from resources import closed_port
 
@@ -162,11 +158,11 @@ EHLO_TLS = b"250-smtp.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
     (script(b"220 ok\r\n", None, b"250-smtp.test\r\n250-PIPE", close=True), {},
      "SMTP server 127.0.0.1:{port} closed the connection while waiting for the reply to "
      "EHLO after '250-PIPE'"),
-    (silent, {}, "SMTP 127.0.0.1:{port}: timed out after 0.45 s waiting for the greeting"),
+    (silent(), {}, "SMTP 127.0.0.1:{port}: timed out after 0.45 s waiting for the greeting"),
     (trickle(b"220 slow\r\n"), {},
      "SMTP 127.0.0.1:{port}: timed out after 0.45 s waiting for the greeting (received so "
      "far: '2')"),
-    (tls_stall(b"220 ok\r\n" + EHLO_TLS, b"220 go ahead\r\n"),
+    (tls_stall(b"220 ok\r\n", None, EHLO_TLS, None, b"220 go ahead\r\n"),
      {"options": {"starttls": True}},
      "SMTP 127.0.0.1:{port}: timed out after 0.45 s in the TLS handshake"),
 ], ids=["554", "421", "ehlo-421", "ehlo-helo-refused", "starttls-refused", "garbage",
@@ -256,12 +252,12 @@ async def test_stopped_mail_server_is_refused(service: str) -> None:
      {"login": "bob", "password": "x"},
      "IMAP server 127.0.0.1:{port} closed the connection while waiting for the reply to "
      "LOGIN after 'a1 O'"),
-    ("imap", silent, {}, "IMAP 127.0.0.1:{port}: timed out after 0.45 s waiting for the "
+    ("imap", silent(), {}, "IMAP 127.0.0.1:{port}: timed out after 0.45 s waiting for the "
                          "greeting"),
     ("imap", trickle(b"* OK slow\r\n"), {},
      "IMAP 127.0.0.1:{port}: timed out after 0.45 s waiting for the greeting (received so "
      "far: '*')"),
-    ("imap", tls_stall(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n", b"a1 OK go\r\n"),
+    ("imap", tls_stall(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n", None, b"a1 OK go\r\n"),
      {"options": {"starttls": True}},
      "IMAP 127.0.0.1:{port}: timed out after 0.45 s in the TLS handshake"),
     ("imaps", tls_stall(), {},
@@ -280,12 +276,12 @@ async def test_stopped_mail_server_is_refused(service: str) -> None:
      "PASS after '+O'"),
     ("pop", script(b"\x00\x01\x02" * 2000), {},
      "POP3 server 127.0.0.1:{port} sent a line longer than 4096 bytes"),
-    ("pop", silent, {}, "POP3 127.0.0.1:{port}: timed out after 0.45 s waiting for the "
+    ("pop", silent(), {}, "POP3 127.0.0.1:{port}: timed out after 0.45 s waiting for the "
                         "greeting"),
     ("pop", trickle(b"+OK slow\r\n"), {},
      "POP3 127.0.0.1:{port}: timed out after 0.45 s waiting for the greeting (received so "
      "far: '+')"),
-    ("pop", tls_stall(b"+OK hi\r\n", b"+OK begin TLS\r\n"), {"options": {"starttls": True}},
+    ("pop", tls_stall(b"+OK hi\r\n", None, b"+OK begin TLS\r\n"), {"options": {"starttls": True}},
      "POP3 127.0.0.1:{port}: timed out after 0.45 s in the TLS handshake"),
     ("pops", tls_stall(), {},
      "POP3 127.0.0.1:{port}: timed out after 0.45 s in the TLS handshake"),
@@ -368,7 +364,7 @@ async def test_no_fd_growth_against_real_servers(request, service: str, spec) ->
     ("pop", script(b"+OK hi\r\n", None, b"+OK\r\n", None, b"+O", close=True),
      {"login": "bob", "password": "x"}),
     ("imaps", tls_stall(), {}),
-    ("smtp", tls_stall(b"220 ok\r\n" + EHLO_TLS, b"220 go ahead\r\n"),
+    ("smtp", tls_stall(b"220 ok\r\n", None, EHLO_TLS, None, b"220 go ahead\r\n"),
      {"options": {"starttls": True}}),
 ], ids=["smtp-554", "imap-login-refused", "pop-close-mid", "imaps-tls-stall",
         "smtp-starttls-stall"])
@@ -413,9 +409,9 @@ def test_lbha_check_once_verbose_shows_the_exchange(request, tmp_path: Path, ser
 
 
 @pytest.mark.parametrize(("service", "handler", "spec"), [
-    ("imap", silent, {}),
+    ("imap", silent(), {}),
     ("imaps", tls_stall(), {}),
-    ("smtp", tls_stall(b"220 ok\r\n" + EHLO_TLS, b"220 go ahead\r\n"),
+    ("smtp", tls_stall(b"220 ok\r\n", None, EHLO_TLS, None, b"220 go ahead\r\n"),
      {"options": {"starttls": True}}),
 ], ids=["greeting", "tls-handshake", "starttls-handshake"])
 async def test_cancelled_checks_close_everything(service: str, handler, spec) -> None:

@@ -5,16 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from hostile import hostile_server, script, silent, trickle
 from line_servers import (
     assert_no_fd_growth,
     cli_check,
     down_in_time,
-    hostile_server,
     nntp_server,
-    script,
-    silent,
     transcript_of,
-    trickle,
 )
 from resources import closed_port
 
@@ -77,7 +74,7 @@ async def test_other_good_greetings(greeting: bytes, expected: str) -> None:
      "after '20'"),
     (script(close=True),
      "NNTP server 127.0.0.1:{port} closed the connection while waiting for the greeting"),
-    (silent, "NNTP 127.0.0.1:{port}: timed out after 0.45 s waiting for the greeting"),
+    (silent(), "NNTP 127.0.0.1:{port}: timed out after 0.45 s waiting for the greeting"),
     (trickle(b"200 slow\r\n"),
      "NNTP 127.0.0.1:{port}: timed out after 0.45 s waiting for the greeting (received so "
      "far: '2')"),
@@ -95,7 +92,7 @@ async def test_no_fd_growth(kind: str) -> None:
     # connection in fifteen wait 5 s for it, so the full 10,000-check dialogue (greeting,
     # QUIT, 205) runs against a scripted server speaking the same protocol.
     handlers = {"up": script(b"200 ready\r\n", None, b"205 bye\r\n", close=True),
-                "silent": silent, "garbage": script(b"\xff\xfe garbage\r\n"),
+                "silent": silent(), "garbage": script(b"\xff\xfe garbage\r\n"),
                 "close-mid": script(b"20", close=True), "503": script(b"503 no\r\n")}
 
     async def run_against(port: int) -> None:
