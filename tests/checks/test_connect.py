@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 import trio
+from resources import closed_port, free_port, open_fds
 
 from lbha.checkapi import Transcript
 from lbha.checks.connect import ConnectCheck
@@ -39,26 +39,6 @@ def tcp_listener(host: str = "127.0.0.1", backlog: int = 16) -> Iterator[socket.
         yield s
 
 
-@contextmanager
-def closed_tcp_port(host: str = "127.0.0.1") -> Iterator[int]:
-    """A port that is bound but not listening: held, so nobody else takes it; SYN gets RST."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        yield s.getsockname()[1]
-
-
-def closed_udp_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def test_registered_through_the_entry_point() -> None:
     manager = PluginManager()
     manager.load_entry_points()
@@ -81,7 +61,7 @@ async def test_listening_port_is_up(make_request) -> None:
 
 async def test_closed_port_is_refused(make_request) -> None:
     transcript = Transcript()
-    with closed_tcp_port() as port:
+    with closed_port() as port:
         result = await CHECK.check(make_request("127.0.0.1", port, transcript=transcript))
     assert not result.up
     assert result.reason == f"connect to 127.0.0.1:{port} refused"
@@ -95,7 +75,7 @@ async def test_ipv6_up_and_refused(make_request) -> None:
         up = await CHECK.check(make_request("::1", port))
     assert up.up, up.reason
     assert up.reason == f"connected to [::1]:{port}"
-    with closed_tcp_port("::1") as port:
+    with closed_port("::1") as port:
         down = await CHECK.check(make_request("::1", port))
     assert down.reason == f"connect to [::1]:{port} refused"
 
@@ -212,7 +192,7 @@ async def test_udp_reply_is_up(make_request) -> None:
 
 
 async def test_udp_closed_port_is_down(make_request) -> None:
-    port = closed_udp_port()
+    port = free_port(socket.SOCK_DGRAM)
     result = await CHECK.check(make_request("127.0.0.1", port, protocol="udp"))
     assert not result.up
     assert result.reason == f"UDP port 127.0.0.1:{port} unreachable (ICMP port unreachable)"
@@ -220,7 +200,7 @@ async def test_udp_closed_port_is_down(make_request) -> None:
 
 @needs_ipv6
 async def test_udp_ipv6_closed_and_open(make_request, autojump_clock) -> None:
-    port = closed_udp_port("::1")
+    port = free_port(socket.SOCK_DGRAM, "::1")
     down = await CHECK.check(make_request("::1", port, protocol="udp"))
     assert down.reason == f"UDP port [::1]:{port} unreachable (ICMP port unreachable)"
     with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as server:
@@ -237,7 +217,7 @@ async def test_tcp_udp_service_is_checked_with_tcp(make_request) -> None:
 
 
 async def test_batch_keeps_each_verdict_and_times_out_only_the_silent(make_request) -> None:
-    with tcp_listener() as up, closed_tcp_port() as closed, full_backlog_listener() as silent, \
+    with tcp_listener() as up, closed_port() as closed, full_backlog_listener() as silent, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.bind(("127.0.0.1", 0))
         up_port = up.getsockname()[1]

@@ -22,6 +22,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from resources import open_fds
 
 from lbha.checkapi import CheckRequest, CheckResult, Transcript
 from lbha.checks.dns import (
@@ -465,10 +466,6 @@ async def test_udp_retransmits_within_the_deadline() -> None:
 
 
 # ---------------------------------------------------------------- no socket growth
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 async def test_ten_thousand_checks_leave_no_socket_behind(dnsmasq: Dnsmasq) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 from hostile import endless, garbage, hostile_server, script, silent, tls_stall, trickle
+from resources import closed_port, free_port, open_fds
 
 from lbha.checkapi import Transcript
 from lbha.checks import http as http_module
@@ -30,13 +31,6 @@ trustme = pytest.importorskip("trustme", reason="trustme missing: pip install -e
 DEADLINE = 0.5
 #: What "within the deadline" tolerates: scheduling on a loaded 2-core machine.
 SLACK = 0.1
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def has_ipv6_loopback() -> bool:
@@ -301,9 +295,7 @@ async def test_ipv6_host_header_is_bracketed(nginx: Nginx) -> None:
 
 
 async def test_refused_port() -> None:
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        port = held.getsockname()[1]
+    with closed_port() as port:
         result = await run_check_now("http", rport=port)
     assert result.reason == f"connect to 127.0.0.1:{port} refused"
 
@@ -471,9 +463,7 @@ async def test_proxy_fetches_the_absolute_url(nginx: Nginx, tinyproxy: int) -> N
 
 
 async def test_proxy_reports_an_unreachable_origin(tinyproxy: int) -> None:
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        port = held.getsockname()[1]
+    with closed_port() as port:
         result = await run_check_now("http_proxy", rport=tinyproxy,
                                      request=f"http://127.0.0.1:{port}/")
     assert not result.up
@@ -567,10 +557,6 @@ async def test_https_silent_after_the_handshake() -> None:
 
 # ------------------------------------------------- item 6: no descriptor growth over 10,000 checks
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 async def run_many(count: int, batch: int, cut: float | None = None, **spec: object) -> set[bool]:
     """`count` checks, `batch` at a time; `cut` cancels each from outside (the engine's way)."""
     verdicts: set[bool] = set()
@@ -610,9 +596,7 @@ async def test_no_fd_growth_real_servers(nginx: Nginx, tinyproxy: int) -> None:
     await run_many(half // 2, 250, cut=0.002, check="https", rport=nginx.https)
     assert await run_many(N, 250, check="http_proxy", rport=tinyproxy, receive="OK",
                           request=f"http://127.0.0.1:{nginx.http}/health") == {True}
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        refused = held.getsockname()[1]
+    with closed_port() as refused:
         assert await run_many(N, 1000, check="http", rport=refused) == {False}
     assert open_fds() == before
 

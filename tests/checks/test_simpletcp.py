@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,6 +9,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 from hostile import GARBAGE, endless, garbage, hostile_server, script, silent, trickle
+from resources import closed_port, open_fds
 
 from lbha.checkapi import Transcript
 from lbha.checks.simpletcp import request_bytes
@@ -90,9 +89,7 @@ async def test_empty_receive_is_up_once_sent() -> None:
 
 
 async def test_refused_and_no_port_and_udp() -> None:
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        port = held.getsockname()[1]
+    with closed_port() as port:
         refused = await run_check_now("simpletcp", rport=port, receive="x")
     assert refused.reason == f"connect to 127.0.0.1:{port} refused"
     no_port = await run_check_now("simpletcp", receive="x")
@@ -126,10 +123,6 @@ async def test_hostile_server(behaviour: object, reason: str) -> None:
     assert not up
     assert got == reason.format(ep=f"127.0.0.1:{port}")
     assert elapsed < DEADLINE + SLACK
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 async def run_many(count: int, batch: int, cut: float | None = None,

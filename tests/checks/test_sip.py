@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import shutil
 import socket
@@ -17,6 +16,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from resources import free_port, open_fds
 
 from lbha.checkapi import CheckRequest, CheckResult, Transcript
 from lbha.checks.sip import (
@@ -104,12 +104,6 @@ Content-Length: 0
 ]]></send>
 </scenario>
 """
-
-
-def free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def options_probe() -> bytes:
@@ -505,14 +499,10 @@ async def test_tcp_response_with_a_body_and_keepalives_is_framed() -> None:
 # ---------------------------------------------------------------- no socket growth
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 async def test_ten_thousand_checks_leave_no_socket_behind(sipp_udp: Sipp,
                                                           sipp_tcp: Sipp) -> None:
     """UDP and TCP up, 403, refused, silent and cancelled from outside, concurrently."""
-    dead_port = free_port()
+    dead_port = free_port(socket.SOCK_DGRAM)
     rng = random.Random(11)
     counts = {"up": 0, "down": 0, "cancelled": 0, "finished first": 0}
 
@@ -644,7 +634,7 @@ port = {dead}
 
 
 def test_lbha_check_once_verbose_shows_the_exchange(sipp_udp: Sipp, tmp_path: Path) -> None:
-    dead = free_port()
+    dead = free_port(socket.SOCK_DGRAM)
     config = tmp_path / "lbha.toml"
     config.write_text(CLI_CONFIG.format(tmp=tmp_path, user=USER, port=sipp_udp.port, dead=dead))
     out = subprocess.run([sys.executable, "-m", "lbha", "check", str(config), "voice",
