@@ -488,6 +488,8 @@ def decode_family_id(buf: Buffer, start: int, end: int) -> int:
 #: Called for each reply message of an exchange: (type, flags, seq, start, end) over the
 #: receive buffer; returns True when the exchange is complete.
 Handler = Callable[[int, int, int, int, int], bool]
+#: Sequence numbers run 1..SEQ_MAX, then start again at 1.
+SEQ_MAX = 0x7FFFFFFF
 
 
 class IpvsNetlink:
@@ -526,9 +528,16 @@ class IpvsNetlink:
     def close(self) -> None:
         self._sock.close()
 
-    def _next_seq(self) -> int:
-        self._seq = self._seq % 0x7FFFFFFF + 1
-        return self._seq
+    def _seqs(self, count: int = 1) -> int:
+        """Reserve `count` consecutive sequence numbers; the first of them.
+
+        Never across the wrap: an exchange matches its replies by first <= seq <= last.
+        """
+        if self._seq + count > SEQ_MAX:
+            self._seq = 0
+        first = self._seq + 1
+        self._seq += count
+        return first
 
     def _exchange(self, data: bytes, first: int, last: int, handle: Handler) -> None:
         """Send data (requests first..last) in one sendmsg; feed replies to handle until done.
@@ -556,7 +565,7 @@ class IpvsNetlink:
                     return
 
     def _resolve_family(self) -> int:
-        seq = self._next_seq()
+        seq = self._seqs()
         found: list[int] = []
 
         def handle(kind: int, _flags: int, _seq: int, start: int, end: int) -> bool:
@@ -587,12 +596,12 @@ class IpvsNetlink:
             while stop < len(requests) and (size < BATCH_BYTES or stop == index):
                 size += _HEADERS + len(requests[stop].attrs)
                 stop += 1
-            first = self._seq + 1
+            first = self._seqs(stop - index)
             data = b"".join(
                 message(self.family, NLM_F_REQUEST | (NLM_F_ACK if n == stop - 1 else 0),
-                        self._next_seq(), requests[n].command, requests[n].attrs)
+                        first + n - index, requests[n].command, requests[n].attrs)
                 for n in range(index, stop))
-            base, last = index - first, self._seq
+            base, last = index - first, first + stop - index - 1
 
             def handle(kind: int, _flags: int, seq: int, start: int, end: int,
                        base: int = base, last: int = last) -> bool:
@@ -618,7 +627,7 @@ class IpvsNetlink:
     def services(self) -> list[tuple[ServiceKey, ServiceSettings]]:
         """Every IPVS service in the kernel."""
         found: list[tuple[ServiceKey, ServiceSettings]] = []
-        seq = self._next_seq()
+        seq = self._seqs()
 
         def handle(kind: int, _flags: int, _seq: int, start: int, end: int) -> bool:
             if self._dump_end(kind, start, end, "IPVS service dump"):
@@ -639,7 +648,8 @@ class IpvsNetlink:
         settings: list[ServiceSettings | None] = []
         dests: dict[DestKey, DestSettings] = {}
         decoder = DestDecoder()
-        get, dump = self._next_seq(), self._next_seq()
+        get = self._seqs(2)
+        dump = get + 1
         what = f"IPVS destinations of {key}"
 
         def handle(kind: int, _flags: int, seq: int, start: int, end: int) -> bool:
@@ -678,7 +688,7 @@ class IpvsNetlink:
         found: dict[ServiceKey, dict[DestKey, DestSettings]] = {}
         for key in keys:
             dests: dict[DestKey, DestSettings] = {}
-            seq = self._next_seq()
+            seq = self._seqs()
             what = f"IPVS destinations of {key}"
 
             def handle(kind: int, _flags: int, _seq: int, start: int, end: int,

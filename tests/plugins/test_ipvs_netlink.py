@@ -402,6 +402,23 @@ def test_large_batches_are_split_and_every_part_is_acknowledged(fake):
     assert sum(bool(flags & nl.NLM_F_ACK) for _, flags, _ in kernel.requests) == batches
 
 
+def test_sequence_numbers_never_wrap_inside_an_exchange(fake):
+    # Replies are matched by first <= seq <= last: a batch or a lookup + dump pair that
+    # straddled the wrap would match nothing and time out.
+    kernel = fake(fail=lambda _cmd, n: errno.ESRCH if n == 2 else 0)
+    sock = kernel.socket()
+    key = ServiceKey(4, "tcp", "198.18.0.1", 80)
+    sock._seq = nl.SEQ_MAX - 2
+    ops = [nl.request(DeleteService(ServiceKey(4, "tcp", f"198.18.0.{i}", 80)))
+           for i in range(5)]
+    assert sock.execute(ops) == [0, 0, errno.ESRCH, 0, 0]
+    assert [seq for _, _, seq in kernel.requests] == [1, 2, 3, 4, 5]
+    sock._seq = nl.SEQ_MAX - 1
+    kernel.fail = lambda _cmd, _n: errno.ESRCH
+    assert sock.service(key) == (None, {})
+    assert [seq for _, _, seq in kernel.requests[-2:]] == [1, 2]
+
+
 def test_dumps_and_the_service_lookup_share_one_round_trip(fake):
     key = ServiceKey(4, "tcp", "198.18.0.1", 80)
     want = {DestKey(f"198.18.1.{i}", 80): DestSettings(FWD_MASQ, i) for i in range(1, 4)}
