@@ -216,6 +216,7 @@ async def test_tcp_udp_service_is_checked_with_tcp(make_request) -> None:
     assert result.reason == f"connected to 127.0.0.1:{port}"
 
 
+@pytest.mark.wallclock
 async def test_batch_keeps_each_verdict_and_times_out_only_the_silent(make_request) -> None:
     with tcp_listener() as up, closed_port() as closed, full_backlog_listener() as silent, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:

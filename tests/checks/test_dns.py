@@ -226,6 +226,7 @@ async def test_bad_configuration_is_down_with_its_reason(dnsmasq: Dnsmasq) -> No
     assert bad.reason.startswith(f"request '{'a' * 64}.example.test' is not a valid DNS name")
 
 
+@pytest.mark.wallclock
 async def test_stopped_server_is_down_at_once(tmp_path: Path) -> None:
     server = Dnsmasq(tmp_path)
     port = server.port
@@ -332,6 +333,7 @@ async def test_reply_for_another_question_is_ignored() -> None:
     assert_in_time(elapsed)
 
 
+@pytest.mark.wallclock
 async def test_cut_reply_is_malformed() -> None:
     result, elapsed = await hostile(lambda wire: [response_to(wire).to_wire()[:-3]])
     assert not result.up
@@ -423,6 +425,7 @@ async def test_tc_reply_then_good_tcp_answer() -> None:
     assert "* reply truncated (TC): asking again over TCP" in transcript.lines
 
 
+@pytest.mark.wallclock
 async def test_tcp_closed_mid_reply_is_down() -> None:
     async def half(stream: trio.SocketStream) -> None:
         async with stream:
@@ -450,6 +453,7 @@ async def test_tcp_trickle_is_down_at_the_deadline() -> None:
     assert_in_time(elapsed)
 
 
+@pytest.mark.wallclock
 async def test_udp_retransmits_within_the_deadline() -> None:
     seen: list[bytes] = []
 

@@ -102,6 +102,7 @@ async def test_wrong_password_is_down(ftp: int) -> None:
     assert not any("wrong" in line for line in lines)
 
 
+@pytest.mark.wallclock
 async def test_stopped_server_is_down_even_with_empty_receive() -> None:
     # ldirectord reported this up: its empty receive matched whatever came before.
     with closed_port() as port:
@@ -173,6 +174,7 @@ def _ftp_script(pasv: bytes, *, after_retr: bytes | None = None,
      "FTP server 127.0.0.1:{port} refused RETR /f: 550 'permission denied'"),
 ], ids=["421", "garbage", "login-refused", "close-mid", "silent", "trickle", "bad-pasv",
         "pasv-refused", "data-stall", "data-garbage", "retr-refused"])
+@pytest.mark.wallclock
 async def test_hostile_servers_are_down_in_time(handler, spec, expected: str) -> None:
     async with hostile_server(handler) as port:
         reason = await down_in_time("ftp", port, **spec)

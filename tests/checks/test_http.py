@@ -372,6 +372,7 @@ async def test_response_shapes(response: bytes, reason: str) -> None:
     assert up == got.startswith("HTTP 200 OK") or up == got.startswith("HTTP 200 Fine")
 
 
+@pytest.mark.wallclock
 async def test_chunked_body_over_the_cap() -> None:
     chunk = b"10000\r\n" + b"c" * 0x10000 + b"\r\n"
     async with hostile_server(endless(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -506,6 +507,7 @@ HOSTILE = [
 @pytest.mark.parametrize(("behaviour", "reason"), [h[1:] for h in HOSTILE],
                          ids=[h[0] for h in HOSTILE])
 @pytest.mark.parametrize("check", ["http", "http_proxy"])
+@pytest.mark.wallclock
 async def test_hostile_http_server(check: str, behaviour: object, reason: str) -> None:
     request = "http://origin.example/" if check == "http_proxy" else None
     async with hostile_server(behaviour) as port:  # type: ignore[arg-type]
@@ -528,6 +530,7 @@ HOSTILE_TLS = [
 
 @pytest.mark.parametrize(("behaviour", "reason"), [h[1:] for h in HOSTILE_TLS],
                          ids=[h[0] for h in HOSTILE_TLS])
+@pytest.mark.wallclock
 async def test_hostile_https_server(behaviour: object, reason: str) -> None:
     async with hostile_server(behaviour) as port:  # type: ignore[arg-type]
         up, got, elapsed = await timed("https", rport=port)
@@ -536,6 +539,7 @@ async def test_hostile_https_server(behaviour: object, reason: str) -> None:
     assert elapsed < DEADLINE + SLACK
 
 
+@pytest.mark.wallclock
 async def test_https_silent_after_the_handshake() -> None:
     """A TLS server that completes the handshake, then never answers the request."""
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

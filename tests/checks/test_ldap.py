@@ -194,6 +194,7 @@ async def test_ipv6_real_server_is_up(slapd: Slapd) -> None:
     assert result.up, result.reason
 
 
+@pytest.mark.wallclock
 async def test_wrong_password_is_down(slapd: Slapd) -> None:
     result, elapsed = await timed("ldap", rport=slapd.port, login=ADMIN, password="wrong",
                                   request=SUFFIX)
@@ -240,6 +241,7 @@ async def test_ldaps_verified_against_system_cas_is_down(slapd: Slapd) -> None:
     assert "CERTIFICATE_VERIFY_FAILED" in result.reason
 
 
+@pytest.mark.wallclock
 async def test_ldaps_on_the_plain_port_is_down(slapd: Slapd) -> None:
     result, elapsed = await timed("ldaps", rport=slapd.port, negotiate_timeout=1.0)
     assert not result.up
@@ -260,6 +262,7 @@ async def test_starttls_is_up_and_verifies(slapd: Slapd) -> None:
     assert "StartTLS" in result.reason
 
 
+@pytest.mark.wallclock
 async def test_stopped_server_is_down_at_once(slapd: Slapd) -> None:
     port = free_port()
     result, elapsed = await timed("ldap", rport=port, negotiate_timeout=1.0)
@@ -285,6 +288,7 @@ BIND_OK = bytes.fromhex("300c02010161070a010004000400")
     ("truncated, held", script(None, BIND_OK[:7]), "bind anonymously"),
     ("closes", script(None, close=True), "bind anonymously"),
 ])
+@pytest.mark.wallclock
 async def test_hostile_server_is_down_within_the_deadline(name, handler, phase) -> None:
     async with hostile_server(handler) as port:
         result, elapsed = await timed("ldap", rport=port, negotiate_timeout=0.6)
@@ -293,6 +297,7 @@ async def test_hostile_server_is_down_within_the_deadline(name, handler, phase) 
     assert elapsed < 0.7, (name, elapsed)
 
 
+@pytest.mark.wallclock
 async def test_cancelled_checks_leave_no_threads_or_sockets() -> None:
     """The engine gives up at the deadline; the abandoned threads end promptly anyway."""
     threads, fds = threading.active_count(), open_fds()

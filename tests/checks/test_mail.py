@@ -131,6 +131,7 @@ async def test_smtp_helo_fallback_when_ehlo_is_refused() -> None:
     assert "> HELO localhost.localdomain" in lines
 
 
+@pytest.mark.wallclock
 async def test_smtp_stopped_server_is_refused() -> None:
     with closed_port() as port:
         assert await down_in_time("smtp", port) == f"connect to 127.0.0.1:{port} refused"
@@ -167,6 +168,7 @@ EHLO_TLS = b"250-smtp.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
      "SMTP 127.0.0.1:{port}: timed out after 0.45 s in the TLS handshake"),
 ], ids=["554", "421", "ehlo-421", "ehlo-helo-refused", "starttls-refused", "garbage",
         "endless-reply", "close-mid", "silent", "trickle", "tls-stall"])
+@pytest.mark.wallclock
 async def test_smtp_hostile_servers_are_down_in_time(handler, spec, expected: str) -> None:
     async with hostile_server(handler) as port:
         reason = await down_in_time("smtp", port, **spec)
@@ -231,6 +233,7 @@ async def test_imaps_certificate_verification(dovecot: Dovecot) -> None:
 
 
 @pytest.mark.parametrize("service", ["imap", "imaps", "pop", "pops"])
+@pytest.mark.wallclock
 async def test_stopped_mail_server_is_refused(service: str) -> None:
     with closed_port() as port:
         assert await down_in_time(service, port) == f"connect to 127.0.0.1:{port} refused"
@@ -290,6 +293,7 @@ async def test_stopped_mail_server_is_refused(service: str) -> None:
         "imaps-stall", "imaps-plaintext", "pop-err", "pop-user-refused", "pop-stls-refused",
         "pop-close-mid", "pop-binary", "pop-silent", "pop-trickle", "pop-stls-stall",
         "pops-stall"])
+@pytest.mark.wallclock
 async def test_mail_hostile_servers_are_down_in_time(service: str, handler, spec,
                                                      expected: str) -> None:
     async with hostile_server(handler) as port:

@@ -174,6 +174,7 @@ async def test_bad_query_is_down_with_the_servers_word(mariadb: Mariadb) -> None
     assert result.reason.startswith(f"query on 127.0.0.1:{mariadb.port} failed: (1146) Table")
 
 
+@pytest.mark.wallclock
 async def test_wrong_password_is_down(mariadb: Mariadb) -> None:
     result, elapsed = await timed(**login(mariadb.port, password="wrong"))
     assert not result.up
@@ -194,6 +195,7 @@ async def test_missing_login_is_down() -> None:
     assert result == result.failure("mysql check has no login: set login (and password)")
 
 
+@pytest.mark.wallclock
 async def test_stopped_server_is_down_at_once() -> None:
     port = free_port()
     result, elapsed = await timed(**login(port))
@@ -214,6 +216,7 @@ async def test_stopped_server_is_down_at_once() -> None:
     ("truncated greeting", "truncated", "login as"),
     ("closes", script(close=True), "login as"),
 ])
+@pytest.mark.wallclock
 async def test_hostile_server_is_down_within_the_deadline(mariadb: Mariadb, name, handler,
                                                           phase) -> None:
     if handler == "greeting":

@@ -39,6 +39,7 @@ async def test_leafnode_is_up_and_quit_is_sent(leafnode: int) -> None:
     assert lines[2:] == ["> QUIT", "< 205 Always happy to serve!"]
 
 
+@pytest.mark.wallclock
 async def test_stopped_server_is_refused() -> None:
     with closed_port() as port:
         reason = await down_in_time("nntp", port)
@@ -80,6 +81,7 @@ async def test_other_good_greetings(greeting: bytes, expected: str) -> None:
      "far: '2')"),
 ], ids=["400", "503", "garbage", "endless-line", "close-mid", "close-at-once", "silent",
         "trickle"])
+@pytest.mark.wallclock
 async def test_hostile_servers_are_down_in_time(handler, expected: str) -> None:
     async with hostile_server(handler) as port:
         reason = await down_in_time("nntp", port)

@@ -175,6 +175,7 @@ async def test_ipv6_is_up(freeradius: Freeradius) -> None:
     assert result.up, result.reason
 
 
+@pytest.mark.wallclock
 async def test_wrong_password_is_down_with_the_reply_message(freeradius: Freeradius) -> None:
     # FreeRADIUS delays every Access-Reject by reject_delay (1 s by default).
     result, elapsed = await timed(**creds(freeradius.port, password="wrong"),
@@ -192,6 +193,7 @@ async def test_challenge_is_down(freeradius: Freeradius) -> None:
                              "password (use a PAP test account): Enter your token")
 
 
+@pytest.mark.wallclock
 async def test_wrong_secret_is_down_within_the_deadline(freeradius: Freeradius) -> None:
     # FreeRADIUS drops a request whose Message-Authenticator does not verify, silently.
     result, elapsed = await timed(**creds(freeradius.port, secret="not-the-secret"),
@@ -203,6 +205,7 @@ async def test_wrong_secret_is_down_within_the_deadline(freeradius: Freeradius) 
     assert elapsed < 0.7
 
 
+@pytest.mark.wallclock
 async def test_stopped_server_is_down_at_once() -> None:
     port = free_port(socket.SOCK_DGRAM)
     result, elapsed = await timed(**creds(port))
@@ -283,6 +286,7 @@ HOSTILE: dict[str, tuple[Callable[[int, bytes], list[bytes]], str]] = {
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
+@pytest.mark.wallclock
 async def test_hostile_server_is_down_within_the_deadline(name: str) -> None:
     respond, words = HOSTILE[name]
     async with udp_server(respond) as port:
@@ -294,6 +298,7 @@ async def test_hostile_server_is_down_within_the_deadline(name: str) -> None:
     assert elapsed < 0.7, elapsed
 
 
+@pytest.mark.wallclock
 async def test_a_flood_of_junk_ends_the_check() -> None:
     async with udp_server(lambda n, d: [b"junk"] * (MAX_DATAGRAMS + 10)) as port:
         result, elapsed = await timed(**creds(port), negotiate_timeout=3.0)
@@ -318,6 +323,7 @@ async def test_junk_before_the_real_reply_is_ignored() -> None:
     ]
 
 
+@pytest.mark.wallclock
 async def test_a_lost_request_is_sent_again_within_the_deadline() -> None:
     # The first two requests are "lost"; the third one is answered.
     async with udp_server(lambda n, d: [reply_to(d)] if n == 3 else []) as port:

@@ -117,6 +117,7 @@ HOSTILE = [
 
 @pytest.mark.parametrize(("behaviour", "reason"), [h[1:] for h in HOSTILE],
                          ids=[h[0] for h in HOSTILE])
+@pytest.mark.wallclock
 async def test_hostile_server(behaviour: object, reason: str) -> None:
     async with hostile_server(behaviour) as port:  # type: ignore[arg-type]
         up, got, elapsed = await timed(rport=port, request="PING\\n", receive="OK")

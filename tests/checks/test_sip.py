@@ -253,6 +253,7 @@ async def test_not_found_is_down(tmp_path: Path) -> None:
     assert result == CheckResult(False, f"SIP 404 Not Found from 127.0.0.1:{server.port}")
 
 
+@pytest.mark.wallclock
 async def test_stopped_server_is_down_at_once(tmp_path: Path) -> None:
     server = Sipp(tmp_path, UAS)
     port = server.port
@@ -267,6 +268,7 @@ async def test_stopped_server_is_down_at_once(tmp_path: Path) -> None:
     assert tcp == CheckResult(False, f"SIP OPTIONS to 127.0.0.1:{port} refused")
 
 
+@pytest.mark.wallclock
 async def test_bad_login_and_option_are_down_with_their_reason() -> None:
     assert (await sip_check(9, login="alice smith@example.test")).reason == \
         "login 'alice smith@example.test' is not a SIP user@host"
@@ -371,6 +373,7 @@ async def test_provisional_only_is_down_at_the_deadline() -> None:
     assert_in_time(elapsed)
 
 
+@pytest.mark.wallclock
 async def test_flood_of_non_final_responses_is_bounded() -> None:
     result, elapsed = await hostile(lambda request: [response(request, "100 Trying")] * 70)
     assert not result.up
@@ -402,6 +405,7 @@ async def test_authentication_challenge_is_down_with_a_hint() -> None:
     )
 
 
+@pytest.mark.wallclock
 async def test_udp_retransmits_per_timer_e() -> None:
     seen: list[bytes] = []
 
@@ -445,6 +449,7 @@ async def read_request(stream: trio.SocketStream) -> bytes:
     return data
 
 
+@pytest.mark.wallclock
 async def test_tcp_close_mid_response_is_down() -> None:
     async def half(stream: trio.SocketStream) -> None:
         async with stream:
@@ -471,6 +476,7 @@ async def test_tcp_trickle_is_down_at_the_deadline() -> None:
     assert_in_time(elapsed)
 
 
+@pytest.mark.wallclock
 async def test_tcp_endless_header_is_garbage() -> None:
     async def endless(stream: trio.SocketStream) -> None:
         async with stream:

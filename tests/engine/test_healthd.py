@@ -177,6 +177,7 @@ def test_status_without_daemon_says_so(tmp_path: Path) -> None:
     assert "does not exist: is the daemon running?" in out.stderr
 
 
+@pytest.mark.wallclock
 def test_sigterm_stops_cleanly_within_a_second(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path, real("a", 1))
     started = time.monotonic()

@@ -16,7 +16,7 @@ import pytest
 from .netns import PYTHON, unavailable, wait_for
 from .pair import NODES, VIP4, VIP6, Pair
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.wallclock]
 
 SKIP = unavailable()
 
