@@ -49,10 +49,6 @@ def describe_error(action: str, endpoint: str, exc: OSError) -> str:
     return f"{action} {endpoint} failed: {detail}"
 
 
-def _family(target: Target) -> int:
-    return socket.AF_INET6 if target.rip.version == 6 else socket.AF_INET
-
-
 class ConnectCheck:
     name = "connect"
     negotiate = False
@@ -106,7 +102,7 @@ async def _tcp_batch(requests: Sequence[CheckRequest], indexes: list[int],
         for index in indexes:
             target = requests[index].target
             # Non-blocking from birth: one system call fewer per check than setblocking().
-            sock = socket.socket(_family(target), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock = socket.socket(target.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             code = sock.connect_ex((target.host, target.rport))
             if code == errno.EINPROGRESS:
                 pending[sock.fileno()] = (index, sock)
@@ -163,7 +159,7 @@ async def tcp_connect(target: Target, request: CheckRequest) -> CheckResult:
     transcript = request.transcript
     if transcript:
         transcript.note(f"TCP connect to {endpoint}")
-    sock = socket.socket(_family(target), socket.SOCK_STREAM)
+    sock = socket.socket(target.family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         code = sock.connect_ex((target.host, target.rport))
@@ -189,7 +185,7 @@ async def udp_probe(target: Target, wait: float, request: CheckRequest) -> Check
     """Send one empty datagram and listen `wait` seconds for a reply or an ICMP error."""
     endpoint = target.endpoint
     transcript = request.transcript
-    with trio.socket.socket(_family(target), socket.SOCK_DGRAM) as sock:
+    with trio.socket.socket(target.family, socket.SOCK_DGRAM) as sock:
         try:
             # A connected UDP socket is what turns a later ICMP error into ECONNREFUSED.
             await sock.connect((str(target.rip), target.rport))

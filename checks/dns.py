@@ -29,7 +29,7 @@ import dns.reversename
 import trio
 
 from lbha import hookimpl
-from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec, Target
+from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec
 from lbha.checks.connect import describe_error
 
 #: Record types a name may be asked for (option `type`); an address is always asked as PTR.
@@ -198,10 +198,6 @@ def describe_message(wire: bytes) -> str:
     )
 
 
-def _family(target: Target) -> int:
-    return socket.AF_INET6 if target.rip.version == 6 else socket.AF_INET
-
-
 class _Exchange:
     """One query to one server over UDP and/or TCP; counts what it had to ignore."""
 
@@ -238,7 +234,7 @@ class _Exchange:
         )
 
     async def udp(self) -> CheckResult | Truncated:
-        with trio.socket.socket(_family(self.target), socket.SOCK_DGRAM) as sock:
+        with trio.socket.socket(self.target.family, socket.SOCK_DGRAM) as sock:
             # Connected: the kernel drops other senders and reports ICMP port unreachable.
             await sock.connect(self.address)
             send_at = trio.current_time()
@@ -263,7 +259,7 @@ class _Exchange:
 
     async def tcp(self) -> CheckResult:
         self.over_tcp = True
-        with trio.socket.socket(_family(self.target), socket.SOCK_STREAM) as sock:
+        with trio.socket.socket(self.target.family, socket.SOCK_STREAM) as sock:
             await sock.connect(self.address)
             stream = trio.SocketStream(sock)
             if self.transcript:

@@ -72,9 +72,8 @@ class LineSession:
         """Open a TCP connection to the real server (another port for FTP data)."""
         target = self.request.target
         port = target.rport if port is None else port
-        family = socket.AF_INET6 if target.rip.version == 6 else socket.AF_INET
-        sock = trio.socket.socket(family, socket.SOCK_STREAM)
-        endpoint = f"[{target.rip}]:{port}" if family == socket.AF_INET6 \
+        sock = trio.socket.socket(target.family, socket.SOCK_STREAM)
+        endpoint = f"[{target.rip}]:{port}" if target.family == socket.AF_INET6 \
             else f"{target.rip}:{port}"
         try:
             await sock.connect((str(target.rip), port))

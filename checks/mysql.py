@@ -151,7 +151,7 @@ def probe_for(request: CheckRequest) -> MysqlProbe:
     query = query[1:] if query.startswith("/") else query
     return MysqlProbe(
         host=str(target.rip), port=target.rport, endpoint=target.endpoint,
-        family=socket.AF_INET6 if target.rip.version == 6 else socket.AF_INET,
+        family=target.family,
         login=spec.login, password=spec.password or "", database=spec.database or None,
         query=query or DEFAULT_QUERY, transcript=request.transcript,
         tls=tls_context(spec.verify_tls, str(spec.ca_file) if spec.ca_file else None)

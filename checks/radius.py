@@ -177,8 +177,7 @@ class RadiusCheck:
             return CheckResult.failure(f"cannot build the Access-Request: {exc}")
         attempts = int(request.options.get("attempts", 3))
         budget = budget_for(request.timeout)
-        family = trio.socket.AF_INET6 if target.rip.version == 6 else trio.socket.AF_INET
-        with trio.socket.socket(family, trio.socket.SOCK_DGRAM) as sock:
+        with trio.socket.socket(target.family, trio.socket.SOCK_DGRAM) as sock:
             try:
                 # Connected: the kernel drops datagrams from anyone else and reports ICMP
                 # port unreachable as ECONNREFUSED.

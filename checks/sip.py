@@ -22,7 +22,7 @@ from types import MappingProxyType
 import trio
 
 from lbha import hookimpl
-from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec, Target
+from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec
 from lbha.checks.connect import describe_error
 
 #: Option `transport`: "auto" is TCP for a TCP virtual service, else UDP.
@@ -272,10 +272,6 @@ def build_options(tx: Transaction, login: str, local: tuple[str, int], transport
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def _family(target: Target) -> int:
-    return socket.AF_INET6 if target.rip.version == 6 else socket.AF_INET
-
-
 class _Exchange:
     """One OPTIONS transaction with one server; remembers what it ignored and saw."""
 
@@ -318,7 +314,7 @@ class _Exchange:
         )
 
     async def udp(self) -> CheckResult:
-        with trio.socket.socket(_family(self.target), socket.SOCK_DGRAM) as sock:
+        with trio.socket.socket(self.target.family, socket.SOCK_DGRAM) as sock:
             # Connected: the kernel drops other senders and reports ICMP port unreachable.
             await sock.connect(self.address)
             message = build_options(self.tx, self.login, sock.getsockname()[:2], "UDP")
@@ -344,7 +340,7 @@ class _Exchange:
             return self._too_many()
 
     async def tcp(self) -> CheckResult:
-        with trio.socket.socket(_family(self.target), socket.SOCK_STREAM) as sock:
+        with trio.socket.socket(self.target.family, socket.SOCK_STREAM) as sock:
             await sock.connect(self.address)
             stream = trio.SocketStream(sock)
             message = build_options(self.tx, self.login, sock.getsockname()[:2], "TCP")

@@ -119,8 +119,7 @@ async def open_tcp(target: Target, progress: Progress,
     progress.step = f"connect to {endpoint}"
     if transcript:
         transcript.note(f"TCP connect to {endpoint}")
-    family = socket.AF_INET6 if target.rip.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(target.family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)

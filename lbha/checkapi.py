@@ -7,6 +7,7 @@ everything it opened when it is cancelled.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -62,6 +63,11 @@ class Target:
     def host(self) -> str:
         """The real server's address as text (cached: checks use it thousands of times)."""
         return str(self.rip)
+
+    @property
+    def family(self) -> int:
+        """The socket address family to reach the real server with."""
+        return socket.AF_INET6 if self.rip.version == 6 else socket.AF_INET
 
     @cached_property
     def endpoint(self) -> str:

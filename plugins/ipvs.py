@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 import trio
 
 from lbha import hookimpl
+from lbha.atomic_file import write_atomically
 from lbha.desired import DesiredService, DesiredTable
 from lbha.hookspecs import DaemonContext
 from lbha.hookspecs import Service as DaemonService
@@ -197,11 +198,8 @@ def load_owned(path: Path) -> set[ServiceKey]:
 
 
 def save_owned(path: Path, owned: Iterable[ServiceKey]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"version": 1, "services": [
+    write_atomically(path, json.dumps({"version": 1, "services": [
         key.to_json() for key in sorted(owned)]}, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ the backend

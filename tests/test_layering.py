@@ -12,11 +12,11 @@ ROOT = Path(__file__).resolve().parent.parent
 #: What a built-in check or sink plugin may import from the core: the public plugin API.
 PLUGIN_API = {
     "lbha", "lbha.checkapi", "lbha.hookspecs", "lbha.model", "lbha.errors", "lbha.desired",
-    "lbha.events", "lbha.durations",
+    "lbha.events", "lbha.durations", "lbha.atomic_file",
 }
 #: What the heartbeat daemon may import from the core.
 HEARTBEAT_API = PLUGIN_API | {
-    "lbha.config", "lbha.control", "lbha.plugin_manager", "lbha.logs", "lbha.atomic_file",
+    "lbha.config", "lbha.control", "lbha.plugin_manager", "lbha.logs",
 }
 #: Decision modules: pure functions, no I/O at all.
 PURE = ["heartbeat/fsm.py", "lbha/health.py", "lbha/table.py"]

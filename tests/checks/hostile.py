@@ -1,4 +1,4 @@
-"""Scripted hostile TCP servers on loopback, for any check that talks TCP.
+"""Scripted hostile TCP servers on loopback, for any check that talks TCP (and a UDP one).
 
     async with hostile_server(trickle(b"HTTP/1.1 200 OK\\r\\n")) as port:
         result = await run_check_now("http", rport=port, negotiate_timeout=0.5)
@@ -25,6 +25,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import trio
 
 Behaviour = Callable[[trio.SocketStream], Awaitable[None]]
+#: A hostile UDP server: gets each datagram, returns the datagrams to answer with.
+Answer = Callable[[bytes], list[bytes]]
 
 #: Bytes a garbage server sends: a TLS alert-looking header, NULs and high bytes.
 GARBAGE = b"\x15\x03\x01\x00\x02\x02\x50\x00\xff\xfe\x00garbage\x00\x1b[0m" * 4
@@ -123,3 +125,14 @@ async def hostile_server(behaviour: Behaviour, host: str = "127.0.0.1") -> Async
         listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host=host))
         yield listeners[0].socket.getsockname()[1]
         nursery.cancel_scope.cancel()
+
+
+async def serve_udp(answer: Answer, *, task_status: trio.TaskStatus[int]) -> None:
+    """Answer every datagram on 127.0.0.1 as `answer` says, until cancelled; reports the port."""
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        await sock.bind(("127.0.0.1", 0))
+        task_status.started(sock.getsockname()[1])
+        while True:
+            data, peer = await sock.recvfrom(65535)
+            for datagram in answer(data):
+                await sock.sendto(datagram, peer)

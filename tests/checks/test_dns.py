@@ -20,6 +20,7 @@ import dns.rcode
 import dns.rrset
 import pytest
 import trio
+from hostile import Answer, serve_udp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from resources import open_fds
@@ -243,26 +244,12 @@ async def test_stopped_server_is_down_at_once(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- hostile servers
 
-#: A hostile UDP server: gets the query's wire bytes, returns the datagrams to answer with.
-Answer = Callable[[bytes], list[bytes]]
-
-
 def response_to(wire: bytes, *, address: str = "192.0.2.10") -> dns.message.Message:
     query = dns.message.from_wire(wire)
     reply = dns.message.make_response(query)
     name = query.question[0].name
     reply.answer.append(dns.rrset.from_text(name, 60, "IN", "A", address))
     return reply
-
-
-async def serve_udp(answer: Answer, *, task_status: trio.TaskStatus[int]) -> None:
-    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        await sock.bind(("127.0.0.1", 0))
-        task_status.started(sock.getsockname()[1])
-        while True:
-            wire, peer = await sock.recvfrom(65535)
-            for datagram in answer(wire):
-                await sock.sendto(datagram, peer)
 
 
 async def hostile(answer: Answer, **spec: object) -> tuple[CheckResult, float]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from hostile import Answer, serve_udp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from resources import free_port, open_fds
@@ -292,20 +293,6 @@ def response(request: bytes, status: str = "200 OK", **replace: str) -> bytes:
     for name in ("Via", "From", "To", "Call-ID", "CSeq"):
         lines.append(replace.get(name.replace("-", "_"), header(request, name)))
     return ("\r\n".join([*lines, "Content-Length: 0", "", ""])).encode()
-
-
-#: A hostile UDP server: gets the request, returns the datagrams to answer with.
-Answer = Callable[[bytes], list[bytes]]
-
-
-async def serve_udp(answer: Answer, *, task_status: trio.TaskStatus[int]) -> None:
-    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        await sock.bind(("127.0.0.1", 0))
-        task_status.started(sock.getsockname()[1])
-        while True:
-            data, peer = await sock.recvfrom(65535)
-            for datagram in answer(data):
-                await sock.sendto(datagram, peer)
 
 
 async def hostile(answer: Answer, **spec: object) -> tuple[CheckResult, float]:
