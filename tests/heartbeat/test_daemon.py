@@ -126,6 +126,7 @@ class Cluster:
         self.scopes: dict[str, trio.CancelScope] = {}
         self.events: list[ClusterEvent] = []
         self.addresses: dict[str, FakeAddresses] = {}
+        self.finished: dict[str, trio.Event] = {}
 
     async def start(self, name: str, generations: GenerationStore | None = None) -> Heartbeat:
         config = load_config_text(config_text(name, self.auto_failback))
@@ -140,17 +141,25 @@ class Cluster:
 
         node = Heartbeat(config, None, transport, self.addresses[name], emit, generations)
         scope = trio.CancelScope()
+        finished = self.finished[name] = trio.Event()
 
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with scope:
-                await node.run(task_status=task_status)
+            try:
+                with scope:
+                    await node.run(task_status=task_status)
+            finally:
+                finished.set()
 
         await self.nursery.start(run)
         self.nodes[name], self.scopes[name] = node, scope
         return node
 
     async def stop(self, name: str) -> None:
+        # Wait for the daemon itself to finish, not only a virtual delay: a state-file fsync
+        # in a worker thread lets the autojump clock race past any delay while the old node
+        # still holds its socket. Then give the peer its moment to take over.
         self.scopes[name].cancel()
+        await self.finished[name].wait()
         await trio.sleep(0.05)
 
     def active(self) -> set[str]:
