@@ -32,8 +32,9 @@ from lbha.heartbeat.errors import HeartbeatError
 from lbha.heartbeat.floating_ips import AddressManager, NetlinkAddresses, floating_ips
 from lbha.heartbeat.generation import FILE_NAME as GENERATION_FILE
 from lbha.heartbeat.generation import GenerationStore
-from lbha.heartbeat.protocol import Frame, KeyRing, Receiver, Verdict, encode, load_key_file
-from lbha.heartbeat.transport import Transport, UdpTransport
+from lbha.heartbeat.keepalive_pump import KeepalivePump
+from lbha.heartbeat.protocol import Frame, KeyRing, Receiver, Verdict, dropped, load_key_file
+from lbha.heartbeat.transport import ThreadedUdpTransport, Transport
 from lbha.hookspecs import DaemonContext
 from lbha.logs import redact_secrets
 from lbha.model import ClusterConfig, Config, Role
@@ -84,7 +85,6 @@ class Heartbeat:
         self.cluster = cluster
         self._ips = floating_ips(config)
         self.settings = settings_from(cluster)
-        self.keys = keys
         self.transport = transport
         self.addresses = addresses
         self.emit = emit
@@ -92,19 +92,20 @@ class Heartbeat:
         self._generations = generations
         now_us = time.time_ns() // 1000
         self.generation = generations.start(now_us) if generations is not None else now_us
-        self.receiver = Receiver(
-            cluster.cluster_id, cluster.node, {self.settings.peer}, keys, transport.links(),
-            floors=generations.peers if generations is not None else None,
-            on_new_generation=self._peer_restarted if generations is not None else None,
-        )
+        floors = generations.peers if generations is not None else {}
+        self.receiver = Receiver(cluster.cluster_id, cluster.node, {self.settings.peer}, keys,
+                                 transport.links(), floors=floors)
+        self.pump = KeepalivePump(
+            self.receiver, keys, cluster_id=cluster.cluster_id, node=cluster.node,
+            generation=self.generation, interval=cluster.keepalive, deadtime=cluster.deadtime)
+        #: Frames the pump handed over that this daemon has handled.
+        self._handled = 0
+        self._peer_generation = floors.get(self.settings.peer, 0)
         self._state_limiter = trio.CapacityLimiter(1)
         self._stale_warned = -math.inf
-        self.seq = 0
         self.state = fsm.initial(trio.current_time())
-        self.sent = 0
+        self._publish()
         self._lock = trio.Lock()
-        self._wake = trio.Event()
-        self._wake_at = -math.inf
         self._nursery: trio.Nursery | None = None
         self._announcing: trio.CancelScope | None = None
         self._changed = trio.Event()
@@ -122,8 +123,7 @@ class Heartbeat:
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    await nursery.start(self.transport.run, self._on_datagram)
-                    nursery.start_soon(self._clock)
+                    await nursery.start(self.transport.run, self.pump, self)
                     task_status.started()
             finally:
                 self._nursery = None
@@ -140,18 +140,25 @@ class Heartbeat:
         if self._announcing is not None:
             self._announcing.cancel()
         async with self._lock:
-            await self._step(fsm.Stop(trio.current_time()))
+            await self._handle(fsm.Stop(trio.current_time()))
             await self._send()  # a second LEAVING, in case the first is lost
 
-    async def _on_datagram(self, data: bytes, link: str) -> None:
-        verdict, frame = self.receiver.accept(data, link)
+    async def on_frame(self, verdict: Verdict, frame: Frame | None, link: str) -> None:
+        """transport.Sink: a frame the pump handed over, or a stale verdict."""
         if frame is None:
             if verdict is Verdict.STALE_GENERATION and self._generations is not None:
                 self._warn_stale(link)
-            log.debug("dropped a frame on %s: %s", link, verdict)
             return
+        if frame.generation > self._peer_generation:
+            self._peer_generation = frame.generation
+            self._peer_restarted(frame.node, frame.generation)
         async with self._lock:
-            await self._step(fsm.Received(trio.current_time(), link, frame.state, frame.flags))
+            try:
+                await self._handle(fsm.Received(trio.current_time(), link, frame.state,
+                                                frame.flags))
+            finally:
+                self._handled += 1
+                self._expect()
 
     def _warn_stale(self, link: str) -> None:
         # Authenticated but older than the newest generation seen: a replay, or a peer that
@@ -167,30 +174,32 @@ class Heartbeat:
                     self.settings.peer, self.settings.peer, self._generations.path)
 
     def _peer_restarted(self, node: str, generation: int) -> None:
-        # Rare (once per boot of the peer) but an fsync: kept off the trio thread.
+        # Once per boot of the peer, but an fsync: kept off the trio thread.
         if self._nursery is not None and self._generations is not None:
             self._nursery.start_soon(partial(
                 trio.to_thread.run_sync, self._generations.saw_peer, node, generation,
                 limiter=self._state_limiter))
 
-    async def _clock(self) -> None:
-        """Send keepalives every `keepalive` and tick the state machine at its deadlines."""
-        next_send = trio.current_time()
-        while True:
-            deadline = fsm.next_deadline(self.settings, self.state)
-            self._wake_at = min(next_send, deadline if deadline is not None else math.inf)
-            with trio.move_on_at(self._wake_at):
-                await self._wake.wait()
-            self._wake = trio.Event()
-            now = trio.current_time()
-            if deadline is not None and now >= deadline:
-                async with self._lock:
-                    await self._step(fsm.Tick(now))
-            if now >= next_send:
-                await self._send()
-                next_send = now + self.settings.timers.keepalive
+    async def on_deadline(self) -> None:
+        """transport.Sink: the state machine's next deadline has come."""
+        async with self._lock:
+            try:
+                await self._handle(fsm.Tick(trio.current_time()))
+            finally:
+                self._handled += 1
+                self._expect()
 
     # ------------------------------------------------------------------ actions
+
+    async def _sync(self) -> None:
+        """Show the state machine the routine frames the pump timed (caller holds the lock)."""
+        for a in self.pump.arrivals():
+            await self._step(fsm.Received(a.at, a.link, a.state, a.flags))
+
+    async def _handle(self, event: fsm.Event) -> list[fsm.Action]:
+        """Apply one event after the routine frames before it (caller holds the lock)."""
+        await self._sync()
+        return await self._step(event)
 
     async def _step(self, event: fsm.Event) -> list[fsm.Action]:
         """Apply one event and carry out its actions, in order (caller holds the lock)."""
@@ -198,11 +207,8 @@ class Heartbeat:
         self.state, actions = fsm.step(self.settings, self.state, event)
         for action in actions:
             await self._do(action)
+        self._publish()
         if self.state != old:
-            # Most frames only push deadlines later: wake the clock only when one came closer.
-            deadline = fsm.next_deadline(self.settings, self.state)
-            if deadline is not None and deadline < self._wake_at:
-                self._wake.set()
             self._changed.set()
             self._changed = trio.Event()
         return actions
@@ -250,16 +256,23 @@ class Heartbeat:
                 await trio.sleep(self.cluster.garp_refresh)
                 await self.addresses.announce()
 
+    def _tell_state(self) -> None:
+        # Only where the peer may hear our new state: at a Send action (after the Release
+        # before it) or once every action of a step is done. Never mid-step.
+        self.pump.announce(fsm.frame_state(self.state),
+                           fsm.frame_flags(self.settings, self.state))
+
+    def _expect(self) -> None:
+        self.pump.expect(fsm.routine(self.settings, self.state),
+                         fsm.next_deadline(self.settings, self.state), self._handled)
+
+    def _publish(self) -> None:
+        self._tell_state()
+        self._expect()
+
     async def _send(self) -> None:
-        self.seq += 1
-        frame = Frame(
-            cluster_id=self.cluster.cluster_id, node=self.cluster.node,
-            generation=self.generation, seq=self.seq, state=fsm.frame_state(self.state),
-            flags=fsm.frame_flags(self.settings, self.state),
-            deadtime_ms=int(self.settings.timers.deadtime * 1000),
-        )
-        await self.transport.send(encode(frame, self.keys))
-        self.sent += 1
+        self._tell_state()
+        await self.transport.send(self.pump.frame())
 
     def _notify(self, action: fsm.Notify) -> None:
         severity = Severity(action.severity)
@@ -286,7 +299,7 @@ class Heartbeat:
     async def _manual(self, cmd: str) -> dict[str, Any]:
         event = fsm.Takeover if cmd == "takeover" else fsm.Standby
         async with self._lock:
-            actions = await self._step(event(trio.current_time()))
+            actions = await self._handle(event(trio.current_time()))
         reply = next((a for a in actions if isinstance(a, fsm.Reply)), None)
         if reply is not None and not reply.ok:
             raise ControlError(reply.message)
@@ -302,12 +315,16 @@ class Heartbeat:
         return {"message": reply.message if reply else "done", **await self.status()}
 
     async def status(self) -> dict[str, Any]:
+        if not self._lock.locked():  # never wait behind a step stuck in netlink
+            async with self._lock:
+                await self._sync()
         s = self.state
         age = None if s.last_heard is None else trio.current_time() - s.last_heard
         try:
             held = await self.addresses.held()
         except HeartbeatError as exc:
             held = [f"unknown ({exc})"]
+        verdicts = self.pump.verdicts()
         return {
             "node": self.cluster.node,
             "role": "master" if self.settings.master else "slave",
@@ -322,9 +339,9 @@ class Heartbeat:
             "takeover_pending": s.takeover_pending,
             "yielded": s.yielded,
             "auto_failback": self.settings.auto_failback,
-            "frames_sent": self.sent,
-            "frames_accepted": self.receiver.counts[Verdict.OK],
-            "frames_dropped": self.receiver.dropped(),
+            "frames_sent": self.pump.sent,
+            "frames_accepted": verdicts[Verdict.OK],
+            "frames_dropped": dropped(verdicts),
             "uptime": time.time() - self._started_wall,
         }
 
@@ -345,8 +362,7 @@ class Heartbeat:
                           master=self.settings.master)
         async with self._lock:
             self.settings = new
-            self.keys = keys
-            self.receiver.keys = keys
+            self.pump.reconfigure(keys, cluster.keepalive, cluster.deadtime)
             self.cluster = replace(cluster, node=self.cluster.node, peers=self.cluster.peers,
                                    role=self.cluster.role, udp_port=self.cluster.udp_port,
                                    bind=self.cluster.bind)
@@ -363,7 +379,7 @@ class Heartbeat:
                     self._start_announcing("reload")
             except HeartbeatError as exc:
                 log.error("reload: floating IPs not fully applied: %s", exc)
-            self._wake.set()
+            self._expect()  # the timers may have changed
         log.info("reloaded configuration")
 
 
@@ -415,7 +431,8 @@ async def run_daemon(
         _go_realtime()
     manager.call("lbha_configure", config=config)
     plugins = _Plugins(manager)
-    transport = UdpTransport(cluster.peers[0].addresses, cluster.udp_port, cluster.bind)
+    transport = ThreadedUdpTransport(cluster.peers[0].addresses, cluster.udp_port,
+                                     cluster.bind)
     node = Heartbeat(config, keys, transport, NetlinkAddresses(floating_ips(config)),
                      plugins.emit, GenerationStore(config.paths.state_dir / GENERATION_FILE))
     context = DaemonContext("heartbeat", config)

@@ -24,6 +24,7 @@ Becoming active, or the peer coming back while active, always announces the addr
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from lbha.heartbeat.protocol import Flags, PeerState
@@ -216,6 +217,46 @@ def _we_win(settings: Settings, state: State) -> bool:
 
 def _role(settings: Settings) -> str:
     return "master" if settings.master else "slave"
+
+
+@dataclass(frozen=True)
+class Routine:
+    """Frames that would change nothing but the time of their link: a peer still in
+    `peer_state` with `peer_flags`, on a link already up. A keepalive thread may time these
+    without waking the driver, as long as it wakes it at `deadline(...)`."""
+
+    peer_state: PeerState
+    peer_flags: Flags
+    #: Up link -> time of its last frame, as the state machine knows it.
+    links: Mapping[str, float]
+    last_heard: float
+    deadtime: float
+    #: warntime while a late-keepalive warning is still to come, else None.
+    warntime: float | None
+
+    def deadline(self, heard: Mapping[str, float]) -> float:
+        """`next_deadline` once the routine frames last `heard` (link -> time, each at or
+        after `last_heard`) are shown to the state machine; cheap enough to run per frame."""
+        deadline = min(heard.get(link, t) for link, t in self.links.items()) + self.deadtime
+        if self.warntime is not None:
+            deadline = min(deadline, max([self.last_heard, *heard.values()]) + self.warntime)
+        return deadline
+
+
+def routine(settings: Settings, state: State) -> Routine | None:
+    """The frames that are routine in `state`, or None when every frame may matter."""
+    if state.peer_state is None or state.last_heard is None or not state.links:
+        return None
+    t = state.last_heard
+    for link in state.links:
+        # Decided by the state machine itself, so this can never disagree with `step`.
+        after, actions = step(settings, state, Received(t, link, state.peer_state,
+                                                        state.peer_flags))
+        if actions or after != replace(state, links={**state.links, link: t}, last_heard=t):
+            return None
+    warns = state.peer_alive and not state.warned
+    return Routine(state.peer_state, state.peer_flags, dict(state.links), t,
+                   settings.timers.deadtime, settings.timers.warntime if warns else None)
 
 
 # ----------------------------------------------------------------------------- transitions

@@ -44,8 +44,9 @@ import stat
 import struct
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from lbha.heartbeat.errors import KeyFileError
 
@@ -58,6 +59,9 @@ MIN_KEY_LENGTH = 16
 REPLAY_WINDOW = 64
 
 _HEADER = struct.Struct(">2sBBBBBBQQI")
+#: The sequence number's place in the header.
+_SEQ_AT = 16
+_SEQ = struct.Struct(">Q")
 MAX_FRAME = _HEADER.size + 2 * 256 + MAC_SIZE
 _ALL_FLAGS = 0x07
 
@@ -79,6 +83,11 @@ class Flags(enum.IntFlag):
     YIELDED = 4
 
 
+#: Wire value -> member, without the enum machinery on every frame.
+_STATES = tuple(sorted(PeerState))
+_FLAGS = tuple(Flags(i) for i in range(_ALL_FLAGS + 1))
+
+
 class Verdict(enum.StrEnum):
     """Why a received datagram was accepted or dropped (counted per verdict)."""
 
@@ -96,8 +105,7 @@ class Verdict(enum.StrEnum):
     UNKNOWN_LINK = "unknown_link"
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(NamedTuple):
     cluster_id: str
     node: str
     generation: int
@@ -108,16 +116,37 @@ class Frame:
     key_id: int = 0
 
 
+class HmacSha256:
+    """HMAC-SHA256 (RFC 2104) with the key's two pads hashed once, not per frame: a third
+    of the CPU of `hmac.digest`, which matters at 50 frames a second each way."""
+
+    _BLOCK = 64
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > self._BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(self._BLOCK, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+    def digest(self, message: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
 @dataclass(frozen=True)
 class KeyRing:
     """Keys by id; `send_id` is the key frames are signed with (the first in the file)."""
 
     keys: dict[int, bytes]
     send_id: int
+    macs: dict[int, HmacSha256] = field(init=False, repr=False, compare=False)
 
-    @property
-    def send_key(self) -> bytes:
-        return self.keys[self.send_id]
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "macs", {i: HmacSha256(k) for i, k in self.keys.items()})
 
 
 def load_key_file(path: Path) -> KeyRing:
@@ -168,22 +197,30 @@ def parse_keys(text: str, source: str = "<keys>") -> KeyRing:
     return KeyRing(keys, first)
 
 
-def _mac(key: bytes, body: bytes) -> bytes:
-    return hmac.new(key, body, hashlib.sha256).digest()
-
-
 def encode(frame: Frame, keys: KeyRing | None) -> bytes:
     """Serialize and sign `frame` (unsigned when `keys` is None, i.e. auth = "none")."""
+    return encoder(frame, keys)(frame.seq)
+
+
+def encoder(frame: Frame, keys: KeyRing | None) -> Callable[[int], bytes]:
+    """`encode` of `frame` with a given sequence number, the rest packed once."""
     cluster, node = frame.cluster_id.encode(), frame.node.encode()
     if len(cluster) > 255 or len(node) > 255:
         raise ValueError("cluster id and node name must be at most 255 bytes")
     auth = AUTH_NONE if keys is None else AUTH_HMAC_SHA256
     key_id = 0 if keys is None else keys.send_id
     body = _HEADER.pack(
-        MAGIC, VERSION, auth, key_id, frame.state, frame.flags, 0, frame.generation, frame.seq,
+        MAGIC, VERSION, auth, key_id, frame.state, frame.flags, 0, frame.generation, 0,
         frame.deadtime_ms,
     ) + bytes([len(cluster)]) + cluster + bytes([len(node)]) + node
-    return body if keys is None else body + _mac(keys.send_key, body)
+    head, tail = body[:_SEQ_AT], body[_SEQ_AT + _SEQ.size:]
+    mac = None if keys is None else keys.macs[keys.send_id]
+
+    def encode_seq(seq: int) -> bytes:
+        signed = head + _SEQ.pack(seq) + tail
+        return signed if mac is None else signed + mac.digest(signed)
+
+    return encode_seq
 
 
 def decode(data: bytes, keys: KeyRing | None) -> tuple[Verdict, Frame | None]:
@@ -216,17 +253,17 @@ def decode(data: bytes, keys: KeyRing | None) -> tuple[Verdict, Frame | None]:
     elif auth == AUTH_HMAC_SHA256 and keys is not None:
         if len(mac) != MAC_SIZE:
             return Verdict.MALFORMED, None
-        key = keys.keys.get(key_id)
+        key = keys.macs.get(key_id)
         if key is None:
             return Verdict.UNKNOWN_KEY, None
-        if not hmac.compare_digest(mac, _mac(key, body)):
+        if not hmac.compare_digest(mac, key.digest(body)):
             return Verdict.BAD_MAC, None
     else:
         # An unsigned frame when we expect a MAC (or the reverse) is refused outright.
         return Verdict.AUTH_MISMATCH, None
-    if state > max(PeerState) or flags & ~_ALL_FLAGS:
+    if state >= len(_STATES) or flags & ~_ALL_FLAGS:
         return Verdict.MALFORMED, None
-    frame = Frame(fields[0], fields[1], gen, seq, PeerState(state), Flags(flags), dead, key_id)
+    frame = Frame(fields[0], fields[1], gen, seq, _STATES[state], _FLAGS[flags], dead, key_id)
     return Verdict.OK, frame
 
 
@@ -236,12 +273,12 @@ class Receiver:
     `links`: the link names frames may arrive on (None: any, for transports without
     addresses). The MAC is checked first, so forged frames count as forged wherever they
     come from. `floors`: per peer, the newest generation seen before this process started
-    (older ones are refused); `on_new_generation` hears of each newer one accepted.
+    (older ones are refused).
     """
 
     def __init__(self, cluster_id: str, node: str, peers: set[str], keys: KeyRing | None,
-                 links: set[str] | None = None, *, floors: Mapping[str, int] | None = None,
-                 on_new_generation: Callable[[str, int], None] | None = None) -> None:
+                 links: set[str] | None = None, *,
+                 floors: Mapping[str, int] | None = None) -> None:
         self.cluster_id = cluster_id
         self.node = node
         self.peers = peers
@@ -253,12 +290,26 @@ class Receiver:
         #: Per (peer, link): (generation, last accepted sequence number).
         self._last: dict[tuple[str, str], tuple[int, int]] = {}
         self._floors = dict(floors or {})
-        self._on_new_generation = on_new_generation
+        #: Per link: the last accepted datagram's layout, for `_decode_same_shape`.
+        self._shapes: dict[str, _Shape] = {}
 
     def accept(self, data: bytes, link: str = "") -> tuple[Verdict, Frame | None]:
-        verdict, frame = decode(data, self.keys)
+        shape = self._shapes.get(link)
+        same_shape = shape is not None and shape.keys is self.keys \
+            and len(data) == shape.size and data.startswith(shape.head) \
+            and data[_SEQ_AT + _SEQ.size:shape.body_end] == shape.tail
+        if same_shape:
+            assert shape is not None
+            verdict, frame = _decode_same_shape(data, shape)
+        else:
+            verdict, frame = decode(data, self.keys)
         if frame is not None:
+            decoded = frame
             verdict, frame = self._check(frame, link)
+            if verdict is Verdict.OK and not same_shape:
+                body_end = len(data) - (0 if self.keys is None else MAC_SIZE)
+                self._shapes[link] = _Shape(self.keys, len(data), body_end, data[:_SEQ_AT],
+                                            data[_SEQ_AT + _SEQ.size:body_end], decoded)
         self.counts[verdict] += 1
         return verdict, frame if verdict is Verdict.OK else None
 
@@ -283,13 +334,35 @@ class Receiver:
                 return Verdict.REPLAY, frame
             if frame.seq <= newest.seq:
                 self._last[(frame.node, link)] = (frame.generation, frame.seq)
-                return Verdict.OK, replace(frame, state=newest.state, flags=newest.flags)
+                return Verdict.OK, frame._replace(state=newest.state, flags=newest.flags)
         self._newest[frame.node] = frame
         self._last[(frame.node, link)] = (frame.generation, frame.seq)
-        if self._on_new_generation is not None and \
-                (newest is None or frame.generation > newest.generation):
-            self._on_new_generation(frame.node, frame.generation)
         return Verdict.OK, frame
 
-    def dropped(self) -> dict[str, int]:
-        return {str(v): n for v, n in sorted(self.counts.items()) if v is not Verdict.OK}
+
+class _Shape(NamedTuple):
+    """A datagram accepted on a link, minus its sequence number and MAC. A peer in a steady
+    state sends the same bytes but those every time, so the next one is recognised by
+    comparing bytes rather than parsed: the same fields `decode` would find, checked with
+    the same key ring."""
+
+    keys: KeyRing | None
+    size: int
+    body_end: int
+    head: bytes
+    tail: bytes
+    frame: Frame
+
+
+def _decode_same_shape(data: bytes, shape: _Shape) -> tuple[Verdict, Frame | None]:
+    body_end = shape.body_end
+    if shape.keys is not None:
+        mac = shape.keys.macs[shape.frame.key_id]
+        if not hmac.compare_digest(data[body_end:], mac.digest(data[:body_end])):
+            return Verdict.BAD_MAC, None
+    return Verdict.OK, shape.frame._replace(seq=_SEQ.unpack_from(data, _SEQ_AT)[0])
+
+
+def dropped(counts: Mapping[Verdict, int]) -> dict[str, int]:
+    """The verdicts other than OK, by name, for status output."""
+    return {str(v): n for v, n in sorted(counts.items()) if v is not Verdict.OK}

@@ -1,9 +1,16 @@
 """Heartbeat links. `Transport` is the seam: UDP unicast today, a serial line later.
 
-A transport carries opaque frames both ways. It never interprets them: authentication and
-replay checks happen in `protocol.Receiver`, so a forged frame costs one HMAC and nothing else.
-Each received frame is tagged with a link name ("udp:198.18.0.2"); the state machine keeps a
-link up while valid frames arrive on it.
+A transport carries frames both ways and drives the steady-state keepalive exchange of a
+`KeepalivePump`: it sends the pump's frame every `interval`, passes what it receives through
+the pump (authentication and replay checks happen in `protocol.Receiver`, so a forged frame
+costs one HMAC and nothing else), hands the daemon only what can change something and wakes
+it at the pump's deadline. Each received frame is tagged with a link name
+("udp:198.18.0.2"); the state machine keeps a link up while valid frames arrive on it.
+
+`UdpTransport` does all this on the trio loop (the daemon's tests run it on a fake network).
+`ThreadedUdpTransport`, the one `lbha heartbeat` uses, does it on a plain thread, so the trio
+loop sleeps through routine keepalives: a wake-up of the loop costs several times the CPU of
+the keepalive itself (bench/README.md).
 """
 
 from __future__ import annotations
@@ -11,20 +18,44 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import math
+import select
 import socket
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
+from contextlib import suppress
+from functools import partial
+from typing import Protocol
 
 import trio
 
 from lbha.heartbeat.errors import TransportError
-from lbha.heartbeat.protocol import MAX_FRAME
+from lbha.heartbeat.keepalive_pump import KeepalivePump
+from lbha.heartbeat.protocol import MAX_FRAME, Frame, Verdict
 from lbha.model import IPAddress
 
 log = logging.getLogger(__name__)
 
-#: Awaited with (frame bytes, link name) for every datagram received, before the next receive.
-Deliver = Callable[[bytes, str], Awaitable[None]]
+class Sink(Protocol):
+    """The daemon side of a transport; each call is awaited before the next."""
+
+    async def on_frame(self, verdict: Verdict, frame: Frame | None, link: str) -> None:
+        """A frame the pump did not take as routine (it may change something), or a
+        STALE_GENERATION verdict to warn about."""
+
+    async def on_deadline(self) -> None:
+        """The pump's deadline has come."""
+
+
+#: What the keepalive thread hands the trio side: a frame (or stale verdict), or None for
+#: the deadline.
+_Handoff = tuple[Verdict, Frame | None, str] | None
+
+
+def for_daemon(verdict: Verdict, frame: Frame | None) -> bool:
+    """Whether a pump result goes to the daemon (other drops are only counted)."""
+    return frame is not None or verdict is Verdict.STALE_GENERATION
 
 #: DSCP CS6 (network control), so a busy LAN queues keepalives ahead of bulk traffic.
 _TOS_CS6 = 0xC0
@@ -43,9 +74,13 @@ class Transport(ABC):
 
     @abstractmethod
     async def run(
-        self, deliver: Deliver, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, pump: KeepalivePump, sink: Sink, *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Deliver received frames until cancelled (after `open`)."""
+        """Until cancelled (after `open`): send `pump.frame()` every `pump.interval`, pass
+        received frames through `pump.received` and hand `sink` what it does not keep, and
+        call `sink.on_deadline()` when `pump.due()`; set `pump.rearm` to be woken when the
+        pump's deadline moves earlier."""
 
     @abstractmethod
     async def send(self, frame: bytes) -> None:
@@ -95,9 +130,12 @@ class UdpTransport(Transport):
     def links(self) -> set[str] | None:
         return {f"udp:{p}" for p in self.peers}
 
+    def _new_socket(self, family: socket.AddressFamily) -> trio.socket.SocketType:
+        return trio.socket.socket(family, socket.SOCK_DGRAM)
+
     async def _open_one(self, local: IPAddress) -> trio.socket.SocketType:
         family = socket.AF_INET if local.version == 4 else socket.AF_INET6
-        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+        sock = self._new_socket(family)
         try:
             if local.version == 6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -129,18 +167,40 @@ class UdpTransport(Transport):
             sock.close()
         self._sockets.clear()
 
+    def _socket_for(self, peer: IPAddress) -> trio.socket.SocketType | None:
+        return next((s for local, s in self._sockets.items() if local.version == peer.version),
+                    None)
+
     async def run(
-        self, deliver: Deliver, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, pump: KeepalivePump, sink: Sink, *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         if not self._sockets:
             raise TransportError("UdpTransport.run() before open()")
+        rearmed = trio.Event()
+
+        def rearm() -> None:
+            rearmed.set()  # the pump is only used from the trio thread here
+
+        pump.rearm = rearm
         async with trio.open_nursery() as nursery:
             for sock in self._sockets.values():
-                nursery.start_soon(self._receive, sock, deliver)
+                nursery.start_soon(self._receive, sock, pump, sink)
             task_status.started()
+            next_send = trio.current_time()
+            while True:
+                now = trio.current_time()
+                if now >= next_send:
+                    await self.send(pump.frame())
+                    next_send = now + pump.interval
+                if pump.due(now):
+                    await sink.on_deadline()
+                with trio.move_on_at(min(next_send, pump.deadline())):
+                    await rearmed.wait()
+                rearmed = trio.Event()
 
     @staticmethod
-    async def _receive(sock: trio.socket.SocketType, deliver: Deliver) -> None:
+    async def _receive(sock: trio.socket.SocketType, pump: KeepalivePump, sink: Sink) -> None:
         while True:
             try:
                 data, address = await sock.recvfrom(MAX_FRAME + 1)
@@ -148,12 +208,16 @@ class UdpTransport(Transport):
                 # ICMP errors from an earlier send surface here (ECONNREFUSED): not fatal.
                 log.debug("heartbeat receive: %s", exc)
                 continue
-            await deliver(data, f"udp:{address[0]}")
+            link = f"udp:{address[0]}"
+            verdict, frame = pump.received(data, link, trio.current_time())
+            if for_daemon(verdict, frame):
+                await sink.on_frame(verdict, frame, link)
+            elif verdict is not Verdict.OK:
+                log.debug("dropped a frame on %s: %s", link, verdict)
 
     async def send(self, frame: bytes) -> None:
         for peer in self.peers:
-            sock = next((s for local, s in self._sockets.items()
-                         if local.version == peer.version), None)
+            sock = self._socket_for(peer)
             if sock is None:
                 continue
             try:
@@ -161,3 +225,137 @@ class UdpTransport(Transport):
             except OSError as exc:
                 # Link down or no route: the peer's silence will tell the state machine.
                 log.debug("heartbeat send to %s failed: %s", peer, exc)
+
+
+def _hand(channel: trio.MemorySendChannel[_Handoff], item: _Handoff) -> None:
+    # Runs as a trio callback, where an exception would crash the loop: never raise.
+    try:
+        channel.send_nowait(item)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        log.debug("heartbeat hand-off while stopping; dropped")
+
+
+class ThreadedUdpTransport(UdpTransport):
+    """`UdpTransport` with the keepalive exchange on a plain thread (see the module doc).
+
+    The thread owns receiving, the periodic keepalives and the pump's deadline; the daemon's
+    own frames (a state change) still go out from trio through `send`. What the pump hands
+    over reaches the daemon in order through a channel. The thread's clock is
+    `time.perf_counter`: trio's default clock minus a constant offset, measured at `run`.
+    """
+
+    #: At most one STALE_GENERATION verdict a second reaches the daemon (it only warns).
+    STALE_EVERY = 1.0
+
+    def __init__(self, peers: Sequence[IPAddress], port: int,
+                 bind: Sequence[IPAddress] = ()) -> None:
+        super().__init__(peers, port, bind)
+        self._plain: dict[int, socket.socket] = {}
+
+    def _new_socket(self, family: socket.AddressFamily) -> trio.socket.SocketType:
+        plain = socket.socket(family, socket.SOCK_DGRAM)
+        plain.setblocking(False)
+        self._plain[plain.fileno()] = plain
+        return trio.socket.from_stdlib_socket(plain)
+
+    def close(self) -> None:
+        super().close()
+        self._plain.clear()
+
+    async def run(
+        self, pump: KeepalivePump, sink: Sink, *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        if not self._sockets:
+            raise TransportError("ThreadedUdpTransport.run() before open()")
+        to_trio, from_thread = trio.open_memory_channel[_Handoff](math.inf)
+        offset = trio.current_time() - time.perf_counter()
+        # The thread sleeps in poll() on the sockets and on this pair: a byte wakes it to
+        # look at the deadline again (rearm) or, once the socket is closed, to stop.
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+
+        def rearm() -> None:
+            with suppress(BlockingIOError):  # a byte already waiting wakes it just as well
+                wake_w.send(b"r")
+
+        pump.rearm = rearm
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._from_thread, from_thread, sink)
+                nursery.start_soon(self._stop_thread_on_cancel, wake_w)
+                nursery.start_soon(partial(
+                    trio.to_thread.run_sync, self._pump_thread, pump, to_trio,
+                    trio.lowlevel.current_trio_token(), offset, wake_r,
+                    limiter=trio.CapacityLimiter(1)))
+                task_status.started()
+        finally:
+            pump.rearm = lambda: None
+            wake_r.close()
+            wake_w.close()
+
+    @staticmethod
+    async def _from_thread(from_thread: trio.MemoryReceiveChannel[_Handoff],
+                           sink: Sink) -> None:
+        async for item in from_thread:
+            if item is None:
+                await sink.on_deadline()
+            else:
+                await sink.on_frame(*item)
+
+    @staticmethod
+    async def _stop_thread_on_cancel(wake_w: socket.socket) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            wake_w.shutdown(socket.SHUT_WR)  # the thread reads EOF and returns
+
+    def _pump_thread(self, pump: KeepalivePump, to_trio: trio.MemorySendChannel[_Handoff],
+                     token: trio.lowlevel.TrioToken, offset: float, wake: socket.socket) -> None:
+        routes = [(self._plain[sock.fileno()], (str(peer), self.port))
+                  for peer in self.peers if (sock := self._socket_for(peer)) is not None]
+        poller = select.poll()
+        for fd in self._plain:
+            poller.register(fd, select.POLLIN)
+        poller.register(wake, select.POLLIN)
+        next_send = time.perf_counter()
+        stale_handed = -math.inf
+        while True:
+            now = time.perf_counter()
+            if now >= next_send:
+                frame = pump.frame()
+                for plain, destination in routes:
+                    try:
+                        plain.sendto(frame, destination)
+                    except OSError as exc:
+                        log.debug("heartbeat send to %s failed: %s", destination[0], exc)
+                next_send = now + pump.interval
+            if pump.due(now + offset):
+                token.run_sync_soon(_hand, to_trio, None)
+            wake_at = min(next_send, pump.deadline() - offset)
+            for fd, _ in poller.poll(max(0, math.ceil((wake_at - now) * 1000))):
+                if fd == wake.fileno():
+                    if not wake.recv(64):
+                        return
+                    continue
+                try:
+                    data, address = self._plain[fd].recvfrom(MAX_FRAME + 1)
+                except OSError as exc:  # EAGAIN, or an ICMP error from an earlier send
+                    log.debug("heartbeat receive: %s", exc)
+                    continue
+                link = f"udp:{address[0]}"
+                at = time.perf_counter()
+                if next_send - at < pump.interval / 2:
+                    # Answer now rather than wake again in a moment: nodes fall into step,
+                    # one wake-up a keepalive instead of two. Gaps stay within `interval`.
+                    next_send = at
+                verdict, frame = pump.received(data, link, at + offset)
+                if frame is None and verdict is Verdict.STALE_GENERATION:
+                    if at - stale_handed < self.STALE_EVERY:
+                        continue
+                    stale_handed = at
+                if for_daemon(verdict, frame):
+                    token.run_sync_soon(_hand, to_trio, (verdict, frame, link))
+                elif verdict is not Verdict.OK:
+                    log.debug("dropped a frame on %s: %s", link, verdict)

@@ -316,8 +316,8 @@ async def test_forged_and_replayed_frames_change_nothing(
         await c.start("lb1")
         node2 = await c.start("lb2")
         await trio.sleep(0.5)
-        node2.keys = node2.receiver.keys = KEYS
-        c.nodes["lb1"].keys = c.nodes["lb1"].receiver.keys = KEYS
+        for node in c.nodes.values():
+            node.pump.reconfigure(KEYS, KEEPALIVE, DEADTIME)
         await trio.sleep(0.2)
         attacker = ("198.18.0.66", 6694)
         spoofed = (ADDR["lb1"], 6694)  # the attacker forges lb1's source address

@@ -6,6 +6,9 @@ import itertools
 from dataclasses import replace
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from lbha.heartbeat import fsm
 from lbha.heartbeat.fsm import (
@@ -258,3 +261,68 @@ def test_exhaustive_pairs_converge_to_exactly_one_active(a_master: bool,
             keeper = a if a.holds else b
             assert not any(isinstance(x, Release) for x in keeper.actions)
             assert any(isinstance(x, Announce) for x in keeper.actions)
+
+
+EVENTS = st.one_of(
+    st.builds(lambda dt, link, state, flags: ("frame", dt, link, state, flags),
+              st.floats(0, 0.4), st.sampled_from(["udp:a", "udp:b"]),
+              st.sampled_from(PeerState), st.sampled_from(list(Flags))),
+    st.builds(lambda dt: ("tick", dt), st.floats(0, 0.4)),
+    st.builds(lambda dt, cmd: (cmd, dt), st.floats(0, 0.4),
+              st.sampled_from(["takeover", "standby"])),
+)
+
+
+def step_through(s: Settings, script: list[tuple[object, ...]]) -> list[State]:
+    """The states a node passes through under `script`, from start-up."""
+    state, now, seen = fsm.initial(0.0), 0.0, []
+    for kind, dt, *rest in script:
+        now += float(dt)  # type: ignore[arg-type]
+        event: fsm.Event
+        if kind == "frame":
+            link, peer_state, flags = rest
+            event = Received(now, link, peer_state, flags)  # type: ignore[arg-type]
+        elif kind == "tick":
+            event = Tick(now)
+        else:
+            event = Takeover(now) if kind == "takeover" else Standby(now)
+        state, _ = fsm.step(s, state, event)
+        seen.append(state)
+    return seen
+
+
+@hyp_settings(max_examples=300, deadline=None)
+@given(st.booleans(), st.booleans(), st.lists(EVENTS, max_size=25), st.floats(0, 1))
+def test_routine_frames_change_nothing_but_their_time(
+    master: bool, auto_failback: bool, script: list[tuple[object, ...]], at: float,
+) -> None:
+    # What a keepalive thread may take without waking the daemon must be exactly what
+    # the state machine would ignore, until the deadline the routine promises.
+    s = settings(master, auto_failback)
+    for state in step_through(s, script):
+        routine = fsm.routine(s, state)
+        if routine is None:
+            continue
+        assert routine.deadline({}) == fsm.next_deadline(s, state)
+        for link in routine.links:
+            assert state.last_heard is not None
+            t = state.last_heard + at * (routine.deadline({}) - state.last_heard) * 0.999
+            after, actions = fsm.step(s, state, Received(t, link, routine.peer_state,
+                                                         routine.peer_flags))
+            assert actions == []
+            assert after == replace(state, links={**state.links, link: t}, last_heard=t)
+            assert routine.deadline({link: t}) == fsm.next_deadline(s, after)
+
+
+def test_no_routine_while_starting_or_after_a_late_warning() -> None:
+    s = settings()
+    state = fsm.initial(0.0)
+    assert fsm.routine(s, state) is None
+    state, _ = fsm.step(s, state, Received(0.1, "udp", PeerState.PASSIVE, Flags.NONE))
+    state, _ = fsm.step(s, state, Received(0.2, "udp", PeerState.PASSIVE, Flags.NONE))
+    routine = fsm.routine(s, state)
+    assert routine is not None
+    assert routine.links == {"udp": 0.2}
+    state, actions = fsm.step(s, state, Tick(0.2 + TIMERS.warntime))
+    assert [type(a) for a in actions] == [fsm.Log]
+    assert fsm.routine(s, state) is None  # the next frame clears the warning: a change

@@ -1,0 +1,138 @@
+"""The keepalive pump: which frames wake the daemon, its deadline, the frames it sends."""
+
+from __future__ import annotations
+
+import math
+
+from lbha.heartbeat import fsm
+from lbha.heartbeat.keepalive_pump import Arrival, KeepalivePump
+from lbha.heartbeat.protocol import Flags, Frame, KeyRing, PeerState, Receiver, Verdict, encode
+
+KEYS = KeyRing({1: b"0123456789abcdef0123"}, 1)
+SETTINGS = fsm.Settings("lb1", "lb2", True, True, fsm.Timers(0.02, 0.06, 0.1, 1.0))
+LINK = "udp:198.18.0.2"
+
+
+def pump() -> KeepalivePump:
+    return KeepalivePump(Receiver("lbha", "lb1", {"lb2"}, KEYS, {LINK}), KEYS,
+                         cluster_id="lbha", node="lb1", generation=7, interval=0.02,
+                         deadtime=0.1)
+
+
+class Peer:
+    def __init__(self, generation: int = 1000) -> None:
+        self.generation = generation
+        self.seq = 0
+
+    def frame(self, state: PeerState = PeerState.PASSIVE, flags: Flags = Flags.NONE) -> bytes:
+        self.seq += 1
+        return encode(Frame("lbha", "lb2", self.generation, self.seq, state, flags), KEYS)
+
+
+class Daemon:
+    """What Heartbeat does with the pump, without trio."""
+
+    def __init__(self, p: KeepalivePump) -> None:
+        self.pump = p
+        self.state = fsm.initial(0.0)
+        self.handled = 0
+        self.publish()
+
+    def publish(self) -> None:
+        self.pump.expect(fsm.routine(SETTINGS, self.state),
+                         fsm.next_deadline(SETTINGS, self.state), self.handled)
+
+    def sync(self) -> None:
+        for a in self.pump.arrivals():
+            self.state, _ = fsm.step(SETTINGS, self.state,
+                                     fsm.Received(a.at, a.link, a.state, a.flags))
+
+    def handle(self, frame: Frame, now: float) -> None:
+        self.sync()
+        self.state, _ = fsm.step(SETTINGS, self.state,
+                                 fsm.Received(now, LINK, frame.state, frame.flags))
+        self.handled += 1
+        self.publish()
+
+
+def steady() -> tuple[KeepalivePump, Daemon, Peer]:
+    """lb1 has heard lb2 (passive) at 0.0, and lb2's frame at 0.02 said nothing new."""
+    p, peer = pump(), Peer()
+    daemon = Daemon(p)
+    verdict, frame = p.received(peer.frame(), LINK, 0.0)
+    assert verdict is Verdict.OK
+    assert frame is not None  # the first frame changes everything
+    daemon.handle(frame, 0.0)
+    assert p.received(peer.frame(), LINK, 0.02) == (Verdict.OK, None)
+    daemon.sync()
+    daemon.publish()
+    return p, daemon, peer
+
+
+def test_routine_frames_are_timed_not_handed() -> None:
+    p, daemon, peer = steady()
+    for i in range(1, 20):
+        assert p.received(peer.frame(), LINK, 0.02 + i * 0.02) == (Verdict.OK, None)
+    assert p.arrivals() == [Arrival(LINK, 0.02 + 19 * 0.02, PeerState.PASSIVE, Flags.NONE)]
+    assert p.arrivals() == []  # taken once
+    assert daemon.handled == 1
+
+
+def test_deadline_moves_on_with_routine_frames_and_comes_once() -> None:
+    p, _daemon, peer = steady()
+    assert p.deadline() == 0.02 + SETTINGS.timers.warntime
+    p.received(peer.frame(), LINK, 0.05)
+    assert p.deadline() == 0.05 + SETTINGS.timers.warntime
+    assert not p.due(0.1)
+    assert p.due(0.11)
+    assert not p.due(0.12)  # handed once; the daemon republishes after handling it
+    assert p.deadline() == math.inf
+    # Until then nothing is routine: the daemon must see frames itself.
+    assert p.received(peer.frame(), LINK, 0.12)[1] is not None
+
+
+def test_a_frame_that_changes_something_is_handed_and_stops_the_shortcut() -> None:
+    p, daemon, peer = steady()
+    changed = p.received(peer.frame(flags=Flags.WANTS_ACTIVE), LINK, 0.04)[1]
+    assert changed is not None
+    # Frames after it are handed too, until the daemon has handled it.
+    assert p.received(peer.frame(flags=Flags.WANTS_ACTIVE), LINK, 0.045)[1] is not None
+    daemon.publish()  # published before the daemon handled those two: ignored
+    assert p.received(peer.frame(flags=Flags.WANTS_ACTIVE), LINK, 0.05)[1] is not None
+
+
+def test_a_new_generation_is_always_handed() -> None:
+    p, _daemon, _peer = steady()
+    restarted = Peer(generation=2000)
+    frame = p.received(restarted.frame(), LINK, 0.04)[1]
+    assert frame is not None
+    assert frame.generation == 2000
+
+
+def test_forged_frames_are_counted_not_handed() -> None:
+    p, _daemon, _peer = steady()
+    forged = encode(Frame("lbha", "lb2", 1000, 99, PeerState.LEAVING),
+                    KeyRing({1: b"guessed-key-000000000"}, 1))
+    assert p.received(forged, LINK, 0.03) == (Verdict.BAD_MAC, None)
+    assert p.verdicts()[Verdict.BAD_MAC] == 1
+
+
+def test_rearm_when_the_deadline_comes_closer() -> None:
+    p, daemon, _peer = steady()
+    calls: list[None] = []
+    p.rearm = lambda: calls.append(None)
+    p.expect(None, p.deadline() + 1, daemon.handled)
+    assert calls == []
+    p.expect(None, 0.03, daemon.handled)
+    assert calls == [None]
+
+
+def test_frames_sent_take_new_sequence_numbers_and_the_announced_state() -> None:
+    p = pump()
+    rx = Receiver("lbha", "lb2", {"lb1"}, KEYS)
+    first = rx.accept(p.frame())[1]
+    p.announce(PeerState.ACTIVE, Flags.MASTER)
+    second = rx.accept(p.frame())[1]
+    assert first == Frame("lbha", "lb1", 7, 1, PeerState.STARTING, Flags.NONE, 100, 1)
+    assert second == Frame("lbha", "lb1", 7, 2, PeerState.ACTIVE, Flags.MASTER, 100, 1)
+    assert p.sent == 2
