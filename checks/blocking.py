@@ -27,16 +27,8 @@ from typing import TypeVar
 import trio
 
 T = TypeVar("T")
-
-#: Seconds kept back from the engine's deadline so our own verdict arrives first.
-MAX_MARGIN = 0.1
 #: Smallest socket timeout handed to a library: 0 would make its sockets non-blocking.
 MIN_SOCKET_TIMEOUT = 0.001
-
-
-def budget_for(deadline: float) -> float:
-    """The part of the engine's deadline a check spends before it gives up itself."""
-    return max(deadline - min(MAX_MARGIN, deadline / 10), MIN_SOCKET_TIMEOUT)
 
 
 class RunLimiter:

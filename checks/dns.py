@@ -335,8 +335,7 @@ class DnsCheck:
             return CheckResult.failure(str(exc))
         exchange = _Exchange(request, question, matcher)
         use_tcp = transport == "tcp" or (transport == "auto" and target.protocol == "tcp")
-        # Stop a little before the engine does, so the reason says what was seen.
-        budget = request.timeout - min(0.05, request.timeout / 10)
+        budget = request.own_budget
         with trio.move_on_after(budget):
             try:
                 if not use_tcp:

@@ -30,7 +30,6 @@ from lbha.checks.blocking import (
     Interrupted,
     RunLimiter,
     Worker,
-    budget_for,
     run_blocking,
 )
 
@@ -203,7 +202,7 @@ class LdapCheck:
         if request.target.rport is None:
             return CheckResult.failure(f"no port to connect to on {request.target.rip}")
         probe = probe_for(request, self.implicit_tls)
-        budget = budget_for(request.timeout)
+        budget = request.own_budget
         try:
             return await run_blocking(lambda worker: run_probe(worker, probe),
                                       budget=budget, limiter=LIMITER)

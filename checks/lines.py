@@ -20,7 +20,6 @@ import trio
 from lbha.checkapi import CheckRequest, CheckResult, Transcript
 from lbha.checks.connect import describe_error
 from lbha.checks.tcpclient import CheckFailed, tls_context
-from lbha.checks.tcpclient import budget as own_budget
 
 #: Longest line accepted from a server; a longer one is garbage or an attack.
 MAX_LINE = 4096
@@ -232,7 +231,7 @@ async def run_session(
     if request.target.rport is None:
         return CheckResult.failure(f"no port to check {protocol} on {request.target.rip}")
     # Our own timeout, which names the step, fires before the engine's bare one.
-    budget = own_budget(request.timeout)
+    budget = request.own_budget
     session = LineSession(request, protocol)
     result: CheckResult | None = None
     try:

@@ -29,7 +29,6 @@ from lbha.checks.blocking import (
     Interrupted,
     RunLimiter,
     Worker,
-    budget_for,
     run_blocking,
 )
 from lbha.checks.connect import describe_error
@@ -176,7 +175,7 @@ class MysqlCheck:
         probe = probe_for(request)
         try:
             return await run_blocking(lambda worker: run_query(worker, probe),
-                                      budget=budget_for(request.timeout), limiter=LIMITER)
+                                      budget=request.own_budget, limiter=LIMITER)
         except BudgetExceeded as exc:
             return CheckResult.failure(str(exc))
 

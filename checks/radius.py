@@ -26,7 +26,6 @@ from pyrad.packet import AccessAccept, AccessChallenge, AccessReject, AuthPacket
 
 from lbha import hookimpl
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec, Transcript
-from lbha.checks.blocking import budget_for
 from lbha.checks.connect import describe_error
 
 #: The attributes we send or quote, so no dictionary file has to be installed.
@@ -176,7 +175,7 @@ class RadiusCheck:
         except ValueError as exc:  # a password over 128 octets, a name over 253
             return CheckResult.failure(f"cannot build the Access-Request: {exc}")
         attempts = int(request.options.get("attempts", 3))
-        budget = budget_for(request.timeout)
+        budget = request.own_budget
         with trio.socket.socket(target.family, trio.socket.SOCK_DGRAM) as sock:
             try:
                 # Connected: the kernel drops datagrams from anyone else and reports ICMP

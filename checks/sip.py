@@ -406,8 +406,7 @@ class SipCheck:
             return CheckResult.failure(str(exc))
         exchange = _Exchange(request, login)
         use_tcp = transport == "tcp" or (transport == "auto" and target.protocol == "tcp")
-        # Stop a little before the engine does, so the reason says what was seen.
-        budget = request.timeout - min(0.05, request.timeout / 10)
+        budget = request.own_budget
         with trio.move_on_after(budget):
             try:
                 return await (exchange.tcp() if use_tcp else exchange.udp())

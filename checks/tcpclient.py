@@ -3,7 +3,7 @@
 A check runs its exchange under `run_exchange`, which gives it a budget a little shorter than
 the engine's deadline: when the budget runs out the check still reports *which step* the
 server failed to finish ("waiting for the status line from 198.18.0.21:80 timed out after
-4.75 s (0 bytes received)") instead of the engine's bare "timeout after 5.0 s". Failures found
+4.9 s (0 bytes received)") instead of the engine's bare "timeout after 5.0 s". Failures found
 on the way are raised as `CheckFailed` and become the reason.
 """
 
@@ -28,8 +28,6 @@ from lbha.checks.connect import describe_error
 #: l_onoff=1, l_linger=0: close() resets the connection, so checks leave no TIME_WAIT
 #: sockets on the director (as the connect check and HAProxy's checks do).
 _LINGER_RESET = struct.pack("ii", 1, 0)
-#: At most this much of the deadline is kept back for the check's own timeout verdict.
-_MAX_MARGIN = 0.25
 #: Bytes asked for per receive.
 RECEIVE_SIZE = 65536
 _OPENSSL_LOCATION = re.compile(r"\s*\(_ssl\.c:\d+\)$")
@@ -59,16 +57,11 @@ class Progress:
         return f"{self.step} timed out after {seconds:.3g} s ({self.received} bytes received)"
 
 
-def budget(timeout: float) -> float:
-    """The check's own time limit: 10 % (at most 0.25 s) before the engine's deadline."""
-    return timeout - min(timeout * 0.1, _MAX_MARGIN)
-
-
 async def run_exchange(
     request: CheckRequest, progress: Progress, exchange: Callable[[], Awaitable[CheckResult]],
 ) -> CheckResult:
     """Run `exchange` within the budget; CheckFailed, broken streams and timeouts are reasons."""
-    seconds = budget(request.timeout)
+    seconds = request.own_budget
     transcript = request.transcript
     with trio.move_on_after(seconds):
         try:

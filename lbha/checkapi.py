@@ -16,6 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 from lbha.errors import PluginError
 from lbha.model import CheckSpec, IPAddress
 
+#: Seconds a check keeps back from the engine's deadline at most (see CheckRequest.own_budget).
+OWN_VERDICT_MARGIN = 0.1
 #: Option value types a check schema may declare; "duration" takes "500ms" / "3s" / "2m".
 OPTION_TYPES: frozenset[str] = frozenset({"str", "int", "float", "bool", "duration"})
 
@@ -110,6 +112,13 @@ class CheckRequest:
     #: The deadline the engine enforces, for libraries that need their own socket timeout.
     timeout: float
     transcript: Transcript | None = None
+
+    @property
+    def own_budget(self) -> float:
+        """The part of `timeout` a check spends before it gives up itself: 10 % of it, at
+        most OWN_VERDICT_MARGIN, is kept back so the check's verdict, with a reason that
+        says what was seen, arrives before the engine's bare timeout."""
+        return max(self.timeout - min(OWN_VERDICT_MARGIN, self.timeout / 10), 0.001)
 
 
 @dataclass(frozen=True)
