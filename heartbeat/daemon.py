@@ -152,13 +152,8 @@ class Heartbeat:
         if frame.generation > self._peer_generation:
             self._peer_generation = frame.generation
             self._peer_restarted(frame.node, frame.generation)
-        async with self._lock:
-            try:
-                await self._handle(fsm.Received(trio.current_time(), link, frame.state,
-                                                frame.flags))
-            finally:
-                self._handled += 1
-                self._expect()
+        await self._handle_handed(fsm.Received(trio.current_time(), link, frame.state,
+                                               frame.flags))
 
     def _warn_stale(self, link: str) -> None:
         # Authenticated but older than the newest generation seen: a replay, or a peer that
@@ -182,9 +177,14 @@ class Heartbeat:
 
     async def on_deadline(self) -> None:
         """transport.Sink: the state machine's next deadline has come."""
+        await self._handle_handed(fsm.Tick(trio.current_time()))
+
+    async def _handle_handed(self, event: fsm.Event) -> None:
+        """Handle what the pump handed over, then count it, so the routine filter published
+        next is known to include its effect."""
         async with self._lock:
             try:
-                await self._handle(fsm.Tick(trio.current_time()))
+                await self._handle(event)
             finally:
                 self._handled += 1
                 self._expect()

@@ -122,6 +122,8 @@ class KeepalivePump:
 
     def due(self, now: float) -> bool:
         """True (once) when the deadline has come: hand the daemon a deadline."""
+        if now < self._deadline:  # the common case, read without the lock: only `expect`
+            return False          # lowers the deadline, and it rearms the caller
         with self._lock:
             if now < self._deadline:
                 return False

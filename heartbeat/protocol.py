@@ -290,26 +290,21 @@ class Receiver:
         #: Per (peer, link): (generation, last accepted sequence number).
         self._last: dict[tuple[str, str], tuple[int, int]] = {}
         self._floors = dict(floors or {})
-        #: Per link: the last accepted datagram's layout, for `_decode_same_shape`.
+        #: Per link: the last accepted datagram's layout (see _Shape).
         self._shapes: dict[str, _Shape] = {}
 
     def accept(self, data: bytes, link: str = "") -> tuple[Verdict, Frame | None]:
         shape = self._shapes.get(link)
-        same_shape = shape is not None and shape.keys is self.keys \
-            and len(data) == shape.size and data.startswith(shape.head) \
-            and data[_SEQ_AT + _SEQ.size:shape.body_end] == shape.tail
-        if same_shape:
-            assert shape is not None
-            verdict, frame = _decode_same_shape(data, shape)
+        if shape is not None and shape.fits(data, self.keys):
+            verdict, frame = shape.decode(data)
         else:
+            shape = None
             verdict, frame = decode(data, self.keys)
         if frame is not None:
             decoded = frame
             verdict, frame = self._check(frame, link)
-            if verdict is Verdict.OK and not same_shape:
-                body_end = len(data) - (0 if self.keys is None else MAC_SIZE)
-                self._shapes[link] = _Shape(self.keys, len(data), body_end, data[:_SEQ_AT],
-                                            data[_SEQ_AT + _SEQ.size:body_end], decoded)
+            if verdict is Verdict.OK and shape is None:
+                self._shapes[link] = _Shape.of(data, decoded, self.keys)
         self.counts[verdict] += 1
         return verdict, frame if verdict is Verdict.OK else None
 
@@ -353,14 +348,24 @@ class _Shape(NamedTuple):
     tail: bytes
     frame: Frame
 
+    @classmethod
+    def of(cls, data: bytes, frame: Frame, keys: KeyRing | None) -> _Shape:
+        """The shape of `data`, which `decode(data, keys)` found to be `frame`."""
+        body_end = len(data) - (0 if keys is None else MAC_SIZE)
+        return cls(keys, len(data), body_end, data[:_SEQ_AT],
+                   data[_SEQ_AT + _SEQ.size:body_end], frame)
 
-def _decode_same_shape(data: bytes, shape: _Shape) -> tuple[Verdict, Frame | None]:
-    body_end = shape.body_end
-    if shape.keys is not None:
-        mac = shape.keys.macs[shape.frame.key_id]
-        if not hmac.compare_digest(data[body_end:], mac.digest(data[:body_end])):
-            return Verdict.BAD_MAC, None
-    return Verdict.OK, shape.frame._replace(seq=_SEQ.unpack_from(data, _SEQ_AT)[0])
+    def fits(self, data: bytes, keys: KeyRing | None) -> bool:
+        return keys is self.keys and len(data) == self.size and data.startswith(self.head) \
+            and data[_SEQ_AT + _SEQ.size:self.body_end] == self.tail
+
+    def decode(self, data: bytes) -> tuple[Verdict, Frame | None]:
+        """`decode` of a datagram that fits: only the MAC and the sequence number differ."""
+        if self.keys is not None:
+            mac = self.keys.macs[self.frame.key_id]
+            if not hmac.compare_digest(data[self.body_end:], mac.digest(data[:self.body_end])):
+                return Verdict.BAD_MAC, None
+        return Verdict.OK, self.frame._replace(seq=_SEQ.unpack_from(data, _SEQ_AT)[0])
 
 
 def dropped(counts: Mapping[Verdict, int]) -> dict[str, int]:

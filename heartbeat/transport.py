@@ -37,6 +37,7 @@ from lbha.model import IPAddress
 
 log = logging.getLogger(__name__)
 
+
 class Sink(Protocol):
     """The daemon side of a transport; each call is awaited before the next."""
 
@@ -48,14 +49,25 @@ class Sink(Protocol):
         """The pump's deadline has come."""
 
 
+#: A received frame for the daemon: (verdict, frame or None, link name).
+_ForDaemon = tuple[Verdict, Frame | None, str]
 #: What the keepalive thread hands the trio side: a frame (or stale verdict), or None for
 #: the deadline.
-_Handoff = tuple[Verdict, Frame | None, str] | None
+_Handoff = _ForDaemon | None
 
 
-def for_daemon(verdict: Verdict, frame: Frame | None) -> bool:
-    """Whether a pump result goes to the daemon (other drops are only counted)."""
-    return frame is not None or verdict is Verdict.STALE_GENERATION
+def _take(pump: KeepalivePump, data: bytes, address: tuple[str, ...], now: float,
+          ) -> _ForDaemon | None:
+    """Pass one datagram through the pump; what the daemon must see, if anything (a frame
+    that may change something, or a stale verdict to warn about). Other drops are counted
+    by the pump's receiver and logged here."""
+    link = f"udp:{address[0]}"
+    verdict, frame = pump.received(data, link, now)
+    if frame is not None or verdict is Verdict.STALE_GENERATION:
+        return verdict, frame, link
+    if verdict is not Verdict.OK:
+        log.debug("dropped a frame on %s: %s", link, verdict)
+    return None
 
 #: DSCP CS6 (network control), so a busy LAN queues keepalives ahead of bulk traffic.
 _TOS_CS6 = 0xC0
@@ -167,6 +179,10 @@ class UdpTransport(Transport):
             sock.close()
         self._sockets.clear()
 
+    def _require_open(self) -> None:
+        if not self._sockets:
+            raise TransportError(f"{type(self).__name__}.run() before open()")
+
     def _socket_for(self, peer: IPAddress) -> trio.socket.SocketType | None:
         return next((s for local, s in self._sockets.items() if local.version == peer.version),
                     None)
@@ -175,8 +191,7 @@ class UdpTransport(Transport):
         self, pump: KeepalivePump, sink: Sink, *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        if not self._sockets:
-            raise TransportError("UdpTransport.run() before open()")
+        self._require_open()
         rearmed = trio.Event()
 
         def rearm() -> None:
@@ -208,12 +223,9 @@ class UdpTransport(Transport):
                 # ICMP errors from an earlier send surface here (ECONNREFUSED): not fatal.
                 log.debug("heartbeat receive: %s", exc)
                 continue
-            link = f"udp:{address[0]}"
-            verdict, frame = pump.received(data, link, trio.current_time())
-            if for_daemon(verdict, frame):
-                await sink.on_frame(verdict, frame, link)
-            elif verdict is not Verdict.OK:
-                log.debug("dropped a frame on %s: %s", link, verdict)
+            taken = _take(pump, data, address, trio.current_time())
+            if taken is not None:
+                await sink.on_frame(*taken)
 
     async def send(self, frame: bytes) -> None:
         for peer in self.peers:
@@ -266,8 +278,7 @@ class ThreadedUdpTransport(UdpTransport):
         self, pump: KeepalivePump, sink: Sink, *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        if not self._sockets:
-            raise TransportError("ThreadedUdpTransport.run() before open()")
+        self._require_open()
         to_trio, from_thread = trio.open_memory_channel[_Handoff](math.inf)
         offset = trio.current_time() - time.perf_counter()
         # The thread sleeps in poll() on the sockets and on this pair: a byte wakes it to
@@ -344,18 +355,16 @@ class ThreadedUdpTransport(UdpTransport):
                 except OSError as exc:  # EAGAIN, or an ICMP error from an earlier send
                     log.debug("heartbeat receive: %s", exc)
                     continue
-                link = f"udp:{address[0]}"
                 at = time.perf_counter()
                 if next_send - at < pump.interval / 2:
                     # Answer now rather than wake again in a moment: nodes fall into step,
                     # one wake-up a keepalive instead of two. Gaps stay within `interval`.
                     next_send = at
-                verdict, frame = pump.received(data, link, at + offset)
-                if frame is None and verdict is Verdict.STALE_GENERATION:
+                taken = _take(pump, data, address, at + offset)
+                if taken is None:
+                    continue
+                if taken[1] is None:  # a stale verdict: the daemon only warns, rarely
                     if at - stale_handed < self.STALE_EVERY:
                         continue
                     stale_handed = at
-                if for_daemon(verdict, frame):
-                    token.run_sync_soon(_hand, to_trio, (verdict, frame, link))
-                elif verdict is not Verdict.OK:
-                    log.debug("dropped a frame on %s: %s", link, verdict)
+                token.run_sync_soon(_hand, to_trio, taken)
