@@ -59,6 +59,12 @@ class Lab:
         self.processes: list[subprocess.Popen[bytes]] = []
         self._netlink: dict[str, IPRoute] = {}
         self._add_namespace(self.switch)
+        # A switch forwards frames; it does not run them through netfilter (the kernel's
+        # default for a bridge). With veth, that work would land in the sender's send call.
+        subprocess.run(["ip", "netns", "exec", self.switch, "sysctl", "-qw",
+                        "net.bridge.bridge-nf-call-iptables=0",
+                        "net.bridge.bridge-nf-call-ip6tables=0",
+                        "net.bridge.bridge-nf-call-arptables=0"], check=True, timeout=10)
         # A hub (MAC ageing 0) floods every frame to every port, so a sniffer sees it all.
         self.ip("-n", self.switch, "link", "add", "br0", "type", "bridge", "ageing_time",
                 "0" if hub else "30000", "stp_state", "0")
