@@ -237,9 +237,10 @@ class Routine:
     def deadline(self, heard: Mapping[str, float]) -> float:
         """`next_deadline` once the routine frames last `heard` (link -> time, each at or
         after `last_heard`) are shown to the state machine; cheap enough to run per frame."""
-        deadline = min(heard.get(link, t) for link, t in self.links.items()) + self.deadtime
+        # map() over C methods, not a generator: this runs on every keepalive.
+        deadline = min(map(heard.get, self.links, self.links.values())) + self.deadtime
         if self.warntime is not None:
-            deadline = min(deadline, max([self.last_heard, *heard.values()]) + self.warntime)
+            deadline = min(deadline, max((self.last_heard, *heard.values())) + self.warntime)
         return deadline
 
 

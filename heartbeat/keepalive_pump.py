@@ -27,6 +27,7 @@ from lbha.heartbeat.protocol import (
     KeyRing,
     PeerState,
     Receiver,
+    Said,
     Verdict,
     encoder,
 )
@@ -61,15 +62,16 @@ class KeepalivePump:
         self._encode = self._encoder()
         self._seq = 0
         self._routine: Routine | None = None
+        #: What a routine frame says (see _set_routine).
+        self._quiet: Said | None = None
         self._deadline = math.inf
         self._heard: dict[str, float] = {}
-        #: Link -> (time, state, flags) of the last routine frame not yet collected.
-        self._arrivals: dict[str, tuple[float, PeerState, Flags]] = {}
+        #: Link -> (time, what it said) of the last routine frame not yet collected.
+        self._arrivals: dict[str, tuple[float, Said]] = {}
         #: Frames and deadlines handed to the daemon. A routine filter published before the
         #: daemon handled them all does not know their effect yet and is ignored.
         self._handed = 0
-        #: The generation of the last frame handed over: a new one (the peer restarted) is
-        #: always handed, so the daemon can remember it.
+        #: The generation of the last frame handed over.
         self._generation_handed = 0
         self.sent = 0
 
@@ -104,7 +106,7 @@ class KeepalivePump:
         `handled` of the frames and deadlines handed to it."""
         with self._lock:
             old = self._deadline
-            self._routine = routine if handled == self._handed else None
+            self._set_routine(routine if handled == self._handed else None)
             # Routine frames timed since the daemon last collected them are not in its state
             # yet; they still move the deadline on.
             self._heard = {link: a[0] for link, a in self._arrivals.items()}
@@ -128,7 +130,7 @@ class KeepalivePump:
             if now < self._deadline:
                 return False
             self._deadline = math.inf
-            self._routine = None
+            self._set_routine(None)
             self._handed += 1
             return True
 
@@ -136,27 +138,38 @@ class KeepalivePump:
         """Authenticate one datagram. A routine frame is timed and returned as (OK, None);
         any other valid frame is returned for the daemon, which must then handle it."""
         with self._lock:
-            verdict, frame = self.receiver.accept(data, link)
-            if frame is None:
-                return verdict, None
+            rx = self.receiver
+            said = rx.repeat(data, link)
+            frame = None
+            if said is None:
+                verdict, frame = rx.parse(data, link)
+                if frame is None:
+                    return verdict, None
+                said = (frame.generation, frame.state, frame.flags)
             r = self._routine
-            if r is not None and now < self._deadline and link in r.links \
-                    and frame.state is r.peer_state and frame.flags == r.peer_flags \
-                    and frame.generation == self._generation_handed:
-                self._arrivals[link] = (now, frame.state, frame.flags)
+            if r is not None and said == self._quiet and now < self._deadline and link in r.links:
+                self._arrivals[link] = (now, said)
                 self._heard[link] = now
                 self._deadline = r.deadline(self._heard)
-                return verdict, None
-            self._routine = None
+                return Verdict.OK, None
+            self._set_routine(None)
             self._handed += 1
-            self._generation_handed = frame.generation
-            return verdict, frame
+            self._generation_handed = said[0]
+            return Verdict.OK, frame if frame is not None else rx.repeated(link)
+
+    def _set_routine(self, routine: Routine | None) -> None:
+        # A routine frame says what the routine's peer said, in the generation last handed
+        # over: a new one (the peer restarted) is always handed, so the daemon can remember it.
+        self._routine = routine
+        self._quiet = None if routine is None else (
+            self._generation_handed, routine.peer_state, routine.peer_flags)
 
     def arrivals(self) -> list[Arrival]:
         """Take the routine frames timed since the last call, oldest first."""
         with self._lock:
             taken, self._arrivals = self._arrivals, {}
-        return sorted((Arrival(link, *a) for link, a in taken.items()), key=lambda a: a.at)
+        return sorted((Arrival(link, at, said[1], said[2]) for link, (at, said) in taken.items()),
+                      key=lambda a: a.at)
 
     def verdicts(self) -> Counter[Verdict]:
         """A copy of the receiver's counts (the thread may be adding to them)."""

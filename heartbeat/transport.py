@@ -326,45 +326,47 @@ class ThreadedUdpTransport(UdpTransport):
                      token: trio.lowlevel.TrioToken, offset: float, wake: socket.socket) -> None:
         routes = [(self._plain[sock.fileno()], (str(peer), self.port))
                   for peer in self.peers if (sock := self._socket_for(peer)) is not None]
-        poller = select.poll()
-        for fd in self._plain:
-            poller.register(fd, select.POLLIN)
-        poller.register(wake, select.POLLIN)
+        wake_fd = wake.fileno()
         next_send = time.perf_counter()
         stale_handed = -math.inf
-        while True:
-            now = time.perf_counter()
-            if now >= next_send:
-                frame = pump.frame()
-                for plain, destination in routes:
-                    try:
-                        plain.sendto(frame, destination)
-                    except OSError as exc:
-                        log.debug("heartbeat send to %s failed: %s", destination[0], exc)
-                next_send = now + pump.interval
-            if pump.due(now + offset):
-                token.run_sync_soon(_hand, to_trio, None)
-            wake_at = min(next_send, pump.deadline() - offset)
-            for fd, _ in poller.poll(max(0, math.ceil((wake_at - now) * 1000))):
-                if fd == wake.fileno():
-                    if not wake.recv(64):
-                        return
-                    continue
-                try:
-                    data, address = self._plain[fd].recvfrom(MAX_FRAME + 1)
-                except OSError as exc:  # EAGAIN, or an ICMP error from an earlier send
-                    log.debug("heartbeat receive: %s", exc)
-                    continue
-                at = time.perf_counter()
-                if next_send - at < pump.interval / 2:
-                    # Answer now rather than wake again in a moment: nodes fall into step,
-                    # one wake-up a keepalive instead of two. Gaps stay within `interval`.
-                    next_send = at
-                taken = _take(pump, data, address, at + offset)
-                if taken is None:
-                    continue
-                if taken[1] is None:  # a stale verdict: the daemon only warns, rarely
-                    if at - stale_handed < self.STALE_EVERY:
+        # epoll, not poll: the registration stays put instead of being redone at every wake.
+        with select.epoll() as poller:
+            for fd in self._plain:
+                poller.register(fd, select.EPOLLIN)
+            poller.register(wake, select.EPOLLIN)
+            while True:
+                now = time.perf_counter()
+                if now >= next_send:
+                    frame = pump.frame()
+                    for plain, destination in routes:
+                        try:
+                            plain.sendto(frame, destination)
+                        except OSError as exc:
+                            log.debug("heartbeat send to %s failed: %s", destination[0], exc)
+                    next_send = now + pump.interval
+                if pump.due(now + offset):
+                    token.run_sync_soon(_hand, to_trio, None)
+                wake_at = min(next_send, pump.deadline() - offset)
+                for fd, _ in poller.poll(max(0.0, wake_at - now)):
+                    if fd == wake_fd:
+                        if not wake.recv(64):
+                            return
                         continue
-                    stale_handed = at
-                token.run_sync_soon(_hand, to_trio, taken)
+                    try:
+                        data, address = self._plain[fd].recvfrom(MAX_FRAME + 1)
+                    except OSError as exc:  # EAGAIN, or an ICMP error from an earlier send
+                        log.debug("heartbeat receive: %s", exc)
+                        continue
+                    at = time.perf_counter()
+                    if next_send - at < pump.interval / 2:
+                        # Answer now rather than wake again in a moment: nodes fall into step,
+                        # one wake-up a keepalive instead of two. Gaps stay within `interval`.
+                        next_send = at
+                    taken = _take(pump, data, address, at + offset)
+                    if taken is None:
+                        continue
+                    if taken[1] is None:  # a stale verdict: the daemon only warns, rarely
+                        if at - stale_handed < self.STALE_EVERY:
+                            continue
+                        stale_handed = at
+                    token.run_sync_soon(_hand, to_trio, taken)

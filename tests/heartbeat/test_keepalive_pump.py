@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from lbha.heartbeat import fsm
 from lbha.heartbeat.keepalive_pump import Arrival, KeepalivePump
 from lbha.heartbeat.protocol import Flags, Frame, KeyRing, PeerState, Receiver, Verdict, encode
@@ -136,3 +139,35 @@ def test_frames_sent_take_new_sequence_numbers_and_the_announced_state() -> None
     assert first == Frame("lbha", "lb1", 7, 1, PeerState.STARTING, Flags.NONE, 100, 1)
     assert second == Frame("lbha", "lb1", 7, 2, PeerState.ACTIVE, Flags.MASTER, 100, 1)
     assert p.sent == 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(-2, 3), st.sampled_from([PeerState.PASSIVE,
+                                                                PeerState.ACTIVE]),
+                          st.sampled_from([Flags.NONE, Flags.MASTER, Flags.WANTS_ACTIVE]),
+                          st.sampled_from([1000, 1000, 1000, 2000]), st.booleans(),
+                          st.booleans()), max_size=40))
+def test_the_repeat_lane_times_and_hands_what_a_full_parse_would(
+    stream: list[tuple[int, PeerState, Flags, int, bool, bool]],
+) -> None:
+    fast, full = pump(), pump()
+    fast_daemon, full_daemon = Daemon(fast), Daemon(full)
+    forger = KeyRing({1: b"guessed-key-000000000"}, 1)
+    seq, now = 0, 0.0
+    for step, state, flags, generation, forged, tick in stream:
+        seq, now = max(0, seq + step), now + 0.01
+        data = encode(Frame("lbha", "lb2", generation, seq, state, flags),
+                      forger if forged else KEYS)
+        full.receiver._lanes.clear()  # never the lane: parse every datagram
+        got, want = fast.received(data, LINK, now), full.received(data, LINK, now)
+        assert got == want
+        if got[1] is not None and want[1] is not None:
+            fast_daemon.handle(got[1], now)
+            full_daemon.handle(want[1], now)
+        if tick:
+            assert fast.due(now) == full.due(now)
+        assert fast.deadline() == full.deadline()
+    fast_daemon.sync()
+    full_daemon.sync()
+    assert fast_daemon.state == full_daemon.state
+    assert fast.verdicts() == full.verdicts()

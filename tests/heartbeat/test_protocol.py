@@ -132,6 +132,20 @@ def test_late_copy_refreshes_link_but_not_state() -> None:
     assert rx.accept(b"junk", "udp:evil")[0] is Verdict.MALFORMED
 
 
+def test_a_repeat_is_parsed_when_another_link_carried_something_newer() -> None:
+    rx = Receiver("lbha", "lb1", {"lb2"}, RING, {"udp:a", "udp:b"})
+    passive = PeerState.PASSIVE
+    assert rx.accept(encode(frame(seq=1, state=passive), RING), "udp:a")[0] is Verdict.OK
+    assert rx.repeat(encode(frame(seq=2, state=passive), RING), "udp:a") is not None
+    assert rx.accept(encode(frame(seq=3), RING), "udp:b")[1] == frame(seq=3, key_id=1)
+    # The same bytes as udp:a's last frame, but the peer's newest frame said ACTIVE since.
+    repeat = encode(frame(seq=4, state=passive), RING)
+    assert rx.repeat(repeat, "udp:a") is None
+    assert rx.accept(repeat, "udp:a")[1] == frame(seq=4, state=passive, key_id=1)
+    assert rx.accept(encode(frame(seq=4), RING), "udp:b")[1] \
+        == frame(seq=4, state=passive, key_id=1)  # an older copy: the newest state
+
+
 def test_one_frame_counts_once_per_link() -> None:
     rx = receiver()
     data = encode(frame(seq=3), RING)
@@ -202,7 +216,7 @@ def test_same_shape_shortcut_gives_the_verdicts_of_a_full_decode(
     fast = Receiver("lbha", "lb1", {"lb2"}, RING)
     full = Receiver("lbha", "lb1", {"lb2"}, RING)
     for data, link in stream:
-        full._shapes.clear()  # never a shortcut: decode every datagram
+        full._lanes.clear()  # never a shortcut: decode every datagram
         assert fast.accept(data, link) == full.accept(data, link)
     assert fast.counts == full.counts
 
