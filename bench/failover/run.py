@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import signal
 import statistics
@@ -22,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -84,6 +86,16 @@ json.dump({{"sent": seq, "start": start, "replies": replies}}, open(out, "w"))
 """
 
 
+class Probes(NamedTuple):
+    """What the client's prober saw: its start time, probes sent, those answered, and the
+    times of the answers."""
+
+    start: float
+    sent: int
+    replied: set[int]
+    times: list[float]
+
+
 class Run:
     """One lab, both daemons, responders on both nodes and the client prober."""
 
@@ -101,12 +113,11 @@ class Run:
                                                       str(self.out)], tmp / "prober.log")
         time.sleep(1.0)  # steady state: the client's ARP entry points at lb1
 
-    def finish(self) -> tuple[list[float], int]:
+    def finish(self) -> Probes:
         self.prober.wait(timeout=600)
         data = json.loads(self.out.read_text())
-        replied = {seq for seq, _t in data["replies"]}
-        times = sorted(t for _seq, t in data["replies"])
-        return times, data["sent"] - len(replied)
+        return Probes(data["start"], data["sent"], {seq for seq, _t in data["replies"]},
+                      sorted(t for _seq, t in data["replies"]))
 
     def close(self) -> None:
         self.pair.close()
@@ -122,10 +133,13 @@ def max_gap(times: list[float], start: float, end: float) -> float:
     return max(b - a for a, b in itertools.pairwise(points)) * 1000
 
 
-def lost_between(times: list[float], start: float, end: float) -> int:
-    expected = int((end - start) / INTERVAL)
-    got = sum(1 for t in times if start <= t <= end)
-    return max(0, expected - got)
+def lost_between(probes: Probes, start: float, end: float) -> int:
+    """Probes sent in [start, end] that got no reply. The prober sends probe k at
+    `start + k * INTERVAL` (catching up at once after a stall), so this is by sequence number,
+    not a count of replies in a window (off by one with the window's phase)."""
+    first = max(0, math.ceil((start - probes.start) / INTERVAL))
+    last = min(probes.sent - 1, math.floor((end - probes.start) / INTERVAL))
+    return sum(1 for k in range(first, last + 1) if k not in probes.replied)
 
 
 def scenario_death(run: Run, timers: str) -> dict[str, float]:
@@ -134,8 +148,8 @@ def scenario_death(run: Run, timers: str) -> dict[str, float]:
     run.pair.link("lb1", up=False)
     wait_for(lambda: run.pair.holds("lb2"), DEADTIME[timers] * 2 + 2, 0.005)
     time.sleep(1.0)
-    times, _ = run.finish()
-    return {"outage_ms": max_gap(times, t0, t0 + DEADTIME[timers] + 1.5)}
+    probes = run.finish()
+    return {"outage_ms": max_gap(probes.times, t0, t0 + DEADTIME[timers] + 1.5)}
 
 
 def scenario_partition(run: Run, timers: str) -> dict[str, float]:
@@ -147,10 +161,10 @@ def scenario_partition(run: Run, timers: str) -> dict[str, float]:
     run.pair.attach("lb1")
     wait_for(lambda: run.pair.holders() == {"lb1"}, 5, 0.005)
     time.sleep(1.0)
-    times, _ = run.finish()
-    return {"outage_ms": max_gap(times, t0, t1 - 0.05),
-            "heal_extra_ms": max_gap(times, t1, t1 + 1.0),
-            "heal_lost": lost_between(times, t1, t1 + 1.0)}
+    probes = run.finish()
+    return {"outage_ms": max_gap(probes.times, t0, t1 - 0.05),
+            "heal_extra_ms": max_gap(probes.times, t1, t1 + 1.0),
+            "heal_lost": lost_between(probes, t1, t1 + 1.0)}
 
 
 def scenario_takeover(run: Run, timers: str) -> dict[str, float]:
@@ -159,8 +173,9 @@ def scenario_takeover(run: Run, timers: str) -> dict[str, float]:
     if result.returncode != 0:
         raise RuntimeError(result.stderr)
     time.sleep(1.0)
-    times, _ = run.finish()
-    return {"outage_ms": max_gap(times, t0, t0 + 1.0), "lost": lost_between(times, t0, t0 + 1.0)}
+    probes = run.finish()
+    return {"outage_ms": max_gap(probes.times, t0, t0 + 1.0),
+            "lost": lost_between(probes, t0, t0 + 1.0)}
 
 
 def scenario_stop(run: Run, timers: str) -> dict[str, float]:
@@ -168,8 +183,9 @@ def scenario_stop(run: Run, timers: str) -> dict[str, float]:
     run.pair.stop("lb1")
     wait_for(lambda: run.pair.holds("lb2"), 5, 0.005)
     time.sleep(1.0)
-    times, _ = run.finish()
-    return {"outage_ms": max_gap(times, t0, t0 + 1.0), "lost": lost_between(times, t0, t0 + 1.0)}
+    probes = run.finish()
+    return {"outage_ms": max_gap(probes.times, t0, t0 + 1.0),
+            "lost": lost_between(probes, t0, t0 + 1.0)}
 
 
 SCENARIOS: dict[str, tuple[Callable[[Run, str], dict[str, float]], dict[str, float]]] = {
