@@ -219,7 +219,7 @@ class Heartbeat:
                 await self.addresses.acquire()
             except HeartbeatError as exc:
                 log.error("takeover (%s): %s", action.reason, exc)
-            self._start_announcing(action.reason)
+            await self._start_announcing(action.reason)
         elif isinstance(action, fsm.Release):
             if self._announcing is not None:
                 self._announcing.cancel()
@@ -228,7 +228,7 @@ class Heartbeat:
             except HeartbeatError as exc:
                 log.error("release (%s): %s", action.reason, exc)
         elif isinstance(action, fsm.Announce):
-            self._start_announcing(action.reason)
+            await self._start_announcing(action.reason)
         elif isinstance(action, fsm.Send):
             await self._send()
         elif isinstance(action, fsm.Notify):
@@ -236,21 +236,23 @@ class Heartbeat:
         elif isinstance(action, fsm.Log):
             log.log(logging.getLevelName(action.level.upper()), "%s", action.message)
 
-    def _start_announcing(self, reason: str) -> None:
+    async def _start_announcing(self, reason: str) -> None:
         if self._nursery is None or self._garp_count <= 0:
             return
         if self._announcing is not None:
             self._announcing.cancel()
+        # The first at once, before the rest of the step (events, logs, our frame): until
+        # it arrives, clients send to the node that released the addresses.
+        await self.addresses.announce()
+        log.info("announced floating IPs (%s)", reason)
         scope = trio.CancelScope()
         self._announcing = scope
-        log.info("announcing floating IPs (%s)", reason)
         self._nursery.start_soon(self._announce, scope)
 
     async def _announce(self, scope: trio.CancelScope) -> None:
         with scope:
-            for i in range(self._garp_count):
-                if i:
-                    await trio.sleep(self.cluster.garp_interval)
+            for _ in range(self._garp_count - 1):
+                await trio.sleep(self.cluster.garp_interval)
                 await self.addresses.announce()
             while self.cluster.garp_refresh > 0:
                 await trio.sleep(self.cluster.garp_refresh)
@@ -376,7 +378,7 @@ class Heartbeat:
                     await self.addresses.remove(dropped)
                 if self.state.active:
                     await self.addresses.acquire()
-                    self._start_announcing("reload")
+                    await self._start_announcing("reload")
             except HeartbeatError as exc:
                 log.error("reload: floating IPs not fully applied: %s", exc)
             self._expect()  # the timers may have changed

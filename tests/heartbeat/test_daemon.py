@@ -253,6 +253,30 @@ async def test_master_comes_back(autojump_clock: trio.testing.MockClock,
         assert c.active() == ({"lb1"} if auto_failback else {"lb2"})
 
 
+async def test_the_first_announcement_precedes_the_rest_of_a_takeover(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with cluster() as c:
+        await c.start("lb1")
+        lb2 = await c.start("lb2")
+        await trio.sleep(0.5)
+        announced: list[tuple[str, int]] = []
+        emit = lb2.emit
+
+        def watch(event: Event) -> None:
+            assert isinstance(event, ClusterEvent)
+            announced.append((event.kind, len(c.addresses["lb2"].announcements)))
+            emit(event)
+
+        lb2.emit = watch
+        before = len(c.addresses["lb2"].announcements)
+        await lb2.command("takeover", {})
+        # Clients follow the announcement; events, logs and our frame come after it.
+        assert ("takeover", before + 1) in announced
+        await trio.sleep(1.0)
+        assert len(c.addresses["lb2"].announcements) == before + 3  # garp_count
+
+
 async def test_manual_takeover_and_standby(autojump_clock: trio.testing.MockClock) -> None:
     async with cluster() as c:
         await c.start("lb1")
