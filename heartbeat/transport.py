@@ -281,7 +281,7 @@ class ThreadedUdpTransport(UdpTransport):
         self._require_open()
         to_trio, from_thread = trio.open_memory_channel[_Handoff](math.inf)
         offset = trio.current_time() - time.perf_counter()
-        # The thread sleeps in poll() on the sockets and on this pair: a byte wakes it to
+        # The thread sleeps in epoll on the sockets and on this pair: a byte wakes it to
         # look at the deadline again (rearm) or, once the socket is closed, to stop.
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
