@@ -219,6 +219,8 @@ async def test_peer_death_takeover_within_deadtime(
         c.world.holders.discard("lb1")
         outage = await c.world.until_held_by("lb2")
         assert DEADTIME - KEEPALIVE <= outage <= DEADTIME + 0.01
+        # The takeover goes on once the addresses are up: announcement, then its events.
+        await trio.testing.wait_all_tasks_blocked()
         event = next(e for e in c.events if e.node == "lb2" and e.kind == "failover")
         assert "lb1" in event.reason
         assert event.old_state == "passive"
