@@ -210,13 +210,13 @@ def mutated_stream() -> st.SearchStrategy[list[tuple[bytes, str]]]:
 
 @settings(max_examples=500)
 @given(mutated_stream())
-def test_same_shape_shortcut_gives_the_verdicts_of_a_full_decode(
+def test_the_repeat_lane_gives_the_verdicts_of_a_full_decode(
     stream: list[tuple[bytes, str]],
 ) -> None:
     fast = Receiver("lbha", "lb1", {"lb2"}, RING)
     full = Receiver("lbha", "lb1", {"lb2"}, RING)
     for data, link in stream:
-        full._lanes.clear()  # never a shortcut: decode every datagram
+        full._lanes.clear()  # never the lane: decode every datagram
         assert fast.accept(data, link) == full.accept(data, link)
     assert fast.counts == full.counts
 
