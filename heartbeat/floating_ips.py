@@ -1,8 +1,9 @@
 """Floating IPs: add / remove them with pyroute2 and announce them with GARP / unsolicited NA.
 
-pyroute2 0.9 runs an asyncio loop per thread, so every netlink call happens in a worker thread
-(`trio.to_thread.run_sync` behind a one-slot limiter, never on the trio thread), with an
-IPRoute opened and closed inside that call: no netlink object ever crosses threads.
+Netlink requests go through one kept-open rtnetlink socket (rtnetlink.py) in a worker thread
+(`trio.to_thread.run_sync` behind a one-slot limiter, never on the trio thread): the kernel may
+make a request wait for its RTNL lock. Each acquire and release lists the addresses afresh, so
+a takeover places the floating IPs by the interfaces as they are at that moment.
 
 Placement: an explicit `device` wins; otherwise the interface holding an address whose subnet
 contains the floating IP. A floating IP written without a prefix (/32, /128) takes the prefix
@@ -22,21 +23,21 @@ import logging
 import socket
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import trio
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
 from lbha.heartbeat.errors import FloatingIPError
+from lbha.heartbeat.rtnetlink import Address, Rtnetlink
 from lbha.model import Config, FloatingIP, IPInterface
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-IFA_F_NODAD = 0x02
 _ETH_P_ARP = 0x0806
 _BROADCAST = b"\xff" * 6
 
@@ -105,23 +106,22 @@ def _default_label(device: str, n: int) -> str | None:
     return label if len(label) <= 15 else device
 
 
-def _resolve(ipr: Any, ips: Sequence[FloatingIP]) -> list[Placement]:
-    links = {link["index"]: link for link in ipr.get_links()}
-    names = {link.get("IFLA_IFNAME"): index for index, link in links.items()}
+def _resolve(ips: Sequence[FloatingIP], addresses: Sequence[Address],
+             names: Mapping[int, str], mac: Callable[[str], bytes]) -> list[Placement]:
+    indexes = {name: index for index, name in names.items()}
     ours = {fip.address for fip in ips}
     subnets = []
-    for msg in ipr.get_addr():
-        address = ipaddress.ip_address(msg.get("IFA_ADDRESS"))
+    for a in addresses:
+        address = ipaddress.ip_address(a.address)
         if address not in ours and not address.is_link_local:
-            subnets.append((ipaddress.ip_interface(f"{address}/{msg['prefixlen']}"),
-                            msg["index"]))
+            subnets.append((ipaddress.ip_interface(f"{address}/{a.prefixlen}"), a.index))
     placements = []
     per_device: dict[str, int] = {}
     for fip in ips:
         full = fip.interface.network.prefixlen == fip.interface.max_prefixlen
         interface = fip.interface
         if fip.device is not None:
-            index = names.get(fip.device)
+            index = indexes.get(fip.device)
             if index is None:
                 raise FloatingIPError(f"floating IP {fip.address}: device {fip.device!r} "
                                       "does not exist")
@@ -138,46 +138,42 @@ def _resolve(ipr: Any, ips: Sequence[FloatingIP]) -> list[Placement]:
             net, index = max(match, key=lambda m: m[0].network.prefixlen)
             if full:
                 interface = ipaddress.ip_interface(f"{fip.address}/{net.network.prefixlen}")
-        device = links[index].get("IFLA_IFNAME")
-        mac = bytes.fromhex((links[index].get("IFLA_ADDRESS") or "00" * 6).replace(":", ""))
+        device = names[index]
         label = None
         if fip.address.version == 4:
             n = per_device.get(device, 0)
             per_device[device] = n + 1
             label = fip.label or _default_label(device, n)
-        placements.append(Placement(interface, index, device, label, mac))
+        placements.append(Placement(interface, index, device, label, mac(device)))
     return placements
 
 
-def _add(ipr: Any, placements: Sequence[Placement]) -> None:
+def _place(rtnl: Rtnetlink, ips: Sequence[FloatingIP]) -> list[Placement]:
+    placements = _resolve(ips, rtnl.addresses(), dict(socket.if_nameindex()),
+                          rtnl.hardware_address)
     for p in placements:
-        extra: dict[str, Any] = {"label": p.label} if p.label else {"flags": IFA_F_NODAD}
         try:
-            ipr.addr("add", index=p.index, address=p.address,
-                     prefixlen=p.interface.network.prefixlen, **extra)
+            rtnl.add_address(p.index, p.address, p.interface.network.prefixlen, label=p.label,
+                             flags=0 if p.label else IFA_F_NODAD)
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise FloatingIPError(f"cannot add {p.interface} to {p.device}: {exc}") from None
+    return placements
 
 
-def _present(ipr: Any, addresses: set[str]) -> list[tuple[int, str, int]]:
-    found = []
-    for msg in ipr.get_addr():
-        address = msg.get("IFA_ADDRESS")
-        if address in addresses:
-            found.append((msg["index"], address, msg["prefixlen"]))
-    return found
+def _present(rtnl: Rtnetlink, addresses: set[str]) -> list[Address]:
+    return [a for a in rtnl.addresses() if a.address in addresses]
 
 
-def _delete(ipr: Any, addresses: set[str]) -> list[str]:
+def _delete(rtnl: Rtnetlink, addresses: set[str]) -> list[str]:
     removed = []
-    for index, address, prefixlen in _present(ipr, addresses):
+    for a in _present(rtnl, addresses):
         try:
-            ipr.addr("del", index=index, address=address, prefixlen=prefixlen)
+            rtnl.delete_address(*a)
         except NetlinkError as exc:
             if exc.code != errno.EADDRNOTAVAIL:
-                raise FloatingIPError(f"cannot remove {address}: {exc}") from None
-        removed.append(address)
+                raise FloatingIPError(f"cannot remove {a.address}: {exc}") from None
+        removed.append(a.address)
     return removed
 
 
@@ -220,53 +216,61 @@ def send_na(index: int, mac: bytes, address: ipaddress.IPv6Address) -> None:
 
 
 class NetlinkAddresses(AddressManager):
-    """The real thing: pyroute2 in one worker thread, raw sockets for the announcements."""
+    """The real thing: netlink in one worker thread, raw sockets for the announcements."""
 
     def __init__(self, ips: Sequence[FloatingIP]) -> None:
         self._ips = tuple(ips)
         self._placements: list[Placement] = []
         self._limiter = trio.CapacityLimiter(1)
         self._packet: socket.socket | None = None
+        self._rtnl: Rtnetlink | None = None
 
     def close(self) -> None:
         if self._packet is not None:
             self._packet.close()
             self._packet = None
+        if self._rtnl is not None:
+            self._rtnl.close()
+            self._rtnl = None
 
     def reconfigure(self, ips: Sequence[FloatingIP]) -> None:
         self._ips = tuple(ips)
         self._placements = []
 
-    async def _netlink(self, work: Callable[[Any], T]) -> T:
+    async def _netlink(self, work: Callable[[Rtnetlink], T]) -> T:
         def call() -> T:
-            with IPRoute() as ipr:
-                return work(ipr)
+            try:
+                if self._rtnl is None:
+                    self._rtnl = Rtnetlink()
+                return work(self._rtnl)
+            except NetlinkError as exc:
+                raise FloatingIPError(f"netlink: {exc}") from None
+            except OSError as exc:
+                # A timed-out dump may still be running on that socket: start afresh.
+                if self._rtnl is not None:
+                    self._rtnl.close()
+                    self._rtnl = None
+                raise FloatingIPError(f"netlink: {exc}") from None
 
         return await trio.to_thread.run_sync(call, limiter=self._limiter)
 
     async def acquire(self) -> None:
         ips = self._ips
-
-        def work(ipr: Any) -> list[Placement]:
-            placements = _resolve(ipr, ips)
-            _add(ipr, placements)
-            return placements
-
-        self._placements = await self._netlink(work)
+        self._placements = await self._netlink(lambda rtnl: _place(rtnl, ips))
 
     async def release(self) -> None:
         await self.remove({str(fip.address) for fip in self._ips})
 
     async def remove(self, addresses: Collection[str]) -> None:
         wanted = set(addresses)
-        removed = await self._netlink(lambda ipr: _delete(ipr, wanted))
+        removed = await self._netlink(lambda rtnl: _delete(rtnl, wanted))
         if removed:
             log.info("removed floating IPs %s", ", ".join(removed))
 
     async def held(self) -> list[str]:
         addresses = {str(fip.address) for fip in self._ips}
-        present = await self._netlink(lambda ipr: _present(ipr, addresses))
-        return sorted({address for _index, address, _prefixlen in present})
+        present = await self._netlink(lambda rtnl: _present(rtnl, addresses))
+        return sorted({a.address for a in present})
 
     async def announce(self) -> None:
         for p in self._placements:

@@ -1,44 +1,35 @@
-"""Floating-IP placement (pure, against a fake netlink view) and the GARP / NA frames."""
+"""Floating-IP placement (pure, against a fixed address list) and the GARP / NA frames."""
 
 from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import Any
 
 import pytest
 
 from lbha.config import load_config_text
 from lbha.heartbeat.errors import FloatingIPError
-from lbha.heartbeat.floating_ips import _resolve, floating_ips, garp_frame, na_message
+from lbha.heartbeat.floating_ips import (
+    Placement,
+    _resolve,
+    floating_ips,
+    garp_frame,
+    na_message,
+)
+from lbha.heartbeat.rtnetlink import Address
 from lbha.model import FloatingIP
 
 MAC = bytes.fromhex("020000000001")
 
 
-class FakeIPRoute:
-    """Answers get_links / get_addr like pyroute2 does, from a small table."""
-
-    def __init__(self, links: dict[int, str], addrs: list[tuple[int, str, int]]) -> None:
-        self.links = links
-        self.addrs = addrs
-
-    def get_links(self) -> list[dict[str, Any]]:
-        return [_Msg(index=i, IFLA_IFNAME=name, IFLA_ADDRESS="02:00:00:00:00:01")
-                for i, name in self.links.items()]
-
-    def get_addr(self) -> list[dict[str, Any]]:
-        return [_Msg(index=i, IFA_ADDRESS=a, prefixlen=p) for i, a, p in self.addrs]
+NAMES = {1: "lo", 2: "eth0", 3: "a-very-long-nam"}
+ADDRESSES = [Address(1, "127.0.0.1", 8), Address(2, "198.18.0.1", 24),
+             Address(2, "2001:db8::1", 64), Address(3, "198.18.7.1", 24),
+             Address(2, "198.18.0.10", 32)]
 
 
-class _Msg(dict[str, Any]):
-    def get(self, key: str, default: Any = None) -> Any:
-        return super().get(key, default)
-
-
-IPR = FakeIPRoute({1: "lo", 2: "eth0", 3: "a-very-long-nam"},
-                  [(1, "127.0.0.1", 8), (2, "198.18.0.1", 24), (2, "2001:db8::1", 64),
-                   (3, "198.18.7.1", 24), (2, "198.18.0.10", 32)])
+def resolve(ips: list[FloatingIP]) -> list[Placement]:
+    return _resolve(ips, ADDRESSES, NAMES, lambda _device: MAC)
 
 
 def fip(text: str, device: str | None = None, label: str | None = None) -> FloatingIP:
@@ -46,7 +37,7 @@ def fip(text: str, device: str | None = None, label: str | None = None) -> Float
 
 
 def test_placement_by_subnet_inherits_prefix_and_gets_a_label() -> None:
-    placements = _resolve(IPR, [fip("198.18.0.10"), fip("198.18.0.11/32", label="eth0:web"),
+    placements = resolve([fip("198.18.0.10"), fip("198.18.0.11/32", label="eth0:web"),
                                 fip("2001:db8::10"), fip("198.18.7.9")])
     assert [(str(p.interface), p.device, p.label) for p in placements] == [
         ("198.18.0.10/24", "eth0", "eth0:h0"),  # its own stale /32 copy is not its subnet
@@ -58,7 +49,7 @@ def test_placement_by_subnet_inherits_prefix_and_gets_a_label() -> None:
 
 
 def test_explicit_device_and_prefix_win() -> None:
-    (p,) = _resolve(IPR, [fip("203.0.113.5/28", device="eth0")])
+    (p,) = resolve([fip("203.0.113.5/28", device="eth0")])
     assert (str(p.interface), p.device, p.index) == ("203.0.113.5/28", "eth0", 2)
 
 
@@ -69,7 +60,7 @@ def test_explicit_device_and_prefix_win() -> None:
 )
 def test_unplaceable(ip: FloatingIP, message: str) -> None:
     with pytest.raises(FloatingIPError, match=message):
-        _resolve(IPR, [ip])
+        resolve([ip])
 
 
 def test_every_vip_plus_extra_floating_ips_once() -> None:

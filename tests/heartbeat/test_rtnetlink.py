@@ -1,0 +1,125 @@
+"""The rtnetlink client against the real kernel, in a namespace of its own."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTM_NEWADDR
+from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD, ifaddrmsg
+from pyroute2.netns import setns
+
+from lbha.heartbeat.rtnetlink import Address, Rtnetlink
+
+from .netns import Lab, unavailable
+
+pytestmark = [pytest.mark.netns]
+
+SKIP = unavailable()
+
+
+class Host:
+    """One namespace with eth0 (198.18.0.1/24, 2001:db8::1/64) and a client for it."""
+
+    def __init__(self) -> None:
+        self.lab = Lab()
+        self.ns = self.lab.add_host("lb", ["198.18.0.1/24", "2001:db8::1/64"])
+        self.index = int(self.lab.ip("-n", self.ns, "-o", "link", "show", "eth0").split(":")[0])
+        self.rtnl = self._open()
+
+    def _open(self) -> Rtnetlink:
+        # A socket stays in the namespace it was made in; setns only moves that thread.
+        made: list[Rtnetlink] = []
+        thread = threading.Thread(target=lambda: (setns(f"/run/netns/{self.ns}", flags=0),
+                                                  made.append(Rtnetlink())))
+        thread.start()
+        thread.join(10)
+        return made[0]
+
+    def show(self, *args: str) -> str:
+        return self.lab.ip("-n", self.ns, *args)
+
+    def close(self) -> None:
+        self.rtnl.close()
+        self.lab.close()
+
+
+@pytest.fixture
+def host() -> Iterator[Host]:
+    if SKIP:
+        pytest.skip(SKIP)
+    h = Host()
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def test_add_list_and_delete_an_ipv4_address_with_its_label(host: Host) -> None:
+    host.rtnl.add_address(host.index, "198.18.0.10", 24, label="eth0:h0")
+    assert Address(host.index, "198.18.0.10", 24) in host.rtnl.addresses()
+    assert "198.18.0.10/24" in host.show("-4", "addr", "show", "label", "eth0:h0")
+    with pytest.raises(NetlinkError) as exists:
+        host.rtnl.add_address(host.index, "198.18.0.10", 24, label="eth0:h0")
+    assert exists.value.code == errno.EEXIST
+
+    host.rtnl.delete_address(host.index, "198.18.0.10", 24)
+    assert "198.18.0.10" not in {a.address for a in host.rtnl.addresses()}
+    with pytest.raises(NetlinkError) as absent:
+        host.rtnl.delete_address(host.index, "198.18.0.10", 24)
+    assert absent.value.code == errno.EADDRNOTAVAIL
+
+
+def test_ipv6_address_added_without_dad_is_usable_at_once(host: Host) -> None:
+    host.rtnl.add_address(host.index, "2001:db8::10", 64, flags=IFA_F_NODAD)
+    assert Address(host.index, "2001:db8::10", 64) in host.rtnl.addresses()
+    line = host.show("-6", "addr", "show", "to", "2001:db8::10/128")
+    assert "2001:db8::10/64" in line
+    assert "tentative" not in line
+
+
+def test_point_to_point_address_is_listed_by_its_local_side(host: Host) -> None:
+    host.show("addr", "add", "198.18.5.1", "peer", "198.18.5.2", "dev", "eth0")
+    listed = {a.address for a in host.rtnl.addresses()}
+    assert "198.18.5.1" in listed
+    assert "198.18.5.2" not in listed
+
+
+def test_missing_device_is_a_netlink_error(host: Host) -> None:
+    with pytest.raises(NetlinkError) as missing:
+        host.rtnl.add_address(99999, "198.18.0.10", 24)
+    assert missing.value.code == errno.ENODEV
+    with pytest.raises(OSError, match="No such device"):
+        host.rtnl.hardware_address("nosuchdev")
+
+
+def test_hardware_address_is_the_link_mac(host: Host) -> None:
+    mac = host.show("-o", "link", "show", "eth0").split("link/ether ")[1].split()[0]
+    assert host.rtnl.hardware_address("eth0") == bytes.fromhex(mac.replace(":", ""))
+    assert host.rtnl.hardware_address("lo") == b"\0" * 6
+
+
+def test_late_replies_to_an_abandoned_request_are_skipped(host: Host) -> None:
+    # A request whose caller gave up leaves its answer queued on the socket; the next request
+    # must read past it to its own.
+    host.rtnl._sock.send(_add_request(host.index, "198.18.0.10", sequence=4_000_000))
+    assert Address(host.index, "198.18.0.10", 24) in host.rtnl.addresses()
+    host.rtnl.delete_address(host.index, "198.18.0.10", 24)
+
+
+def _add_request(index: int, address: str, sequence: int) -> bytes:
+    msg = ifaddrmsg()
+    msg["header"]["type"] = RTM_NEWADDR
+    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE
+    msg["header"]["sequence_number"] = sequence
+    msg["family"] = socket.AF_INET
+    msg["prefixlen"] = 24
+    msg["index"] = index
+    msg["attrs"] = [("IFA_LOCAL", address), ("IFA_ADDRESS", address)]
+    msg.encode()
+    return bytes(msg.data)
