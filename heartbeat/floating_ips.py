@@ -138,7 +138,10 @@ def _resolve(ips: Sequence[FloatingIP], addresses: Sequence[Address],
             net, index = max(match, key=lambda m: m[0].network.prefixlen)
             if full:
                 interface = ipaddress.ip_interface(f"{fip.address}/{net.network.prefixlen}")
-        device = names[index]
+        device = names.get(index)
+        if device is None:  # the interface went away between two netlink reads
+            raise FloatingIPError(f"floating IP {fip.address}: interface {index} vanished "
+                                  "while it was being placed")
         label = None
         if fip.address.version == 4:
             n = per_device.get(device, 0)

@@ -106,3 +106,8 @@ def test_unsolicited_na_has_override_and_target_lladdr() -> None:
     assert flags == 0x2000_0000  # Override only: not a router, not solicited
     assert message[8:24] == address.packed
     assert message[24:] == bytes([2, 1]) + MAC
+
+
+def test_interface_gone_between_reads_is_a_clear_error() -> None:
+    with pytest.raises(FloatingIPError, match="interface 3 vanished"):
+        _resolve([fip("198.18.7.9")], ADDRESSES, {1: "lo", 2: "eth0"}, lambda _device: MAC)
