@@ -277,13 +277,11 @@ class Heartbeat:
         await self.transport.send(self.pump.frame())
 
     def _notify(self, action: fsm.Notify) -> None:
-        severity = Severity(action.severity)
+        # Not logged here: the built-in log plugin logs every event, as for the health engine.
         message = f"{self.cluster.node}: {action.kind.replace('_', ' ')}: {action.reason}"
-        level = {Severity.INFO: logging.INFO, Severity.WARNING: logging.WARNING}.get(
-            severity, logging.ERROR)
-        log.log(level, "%s", message)
         self.emit(ClusterEvent(
-            kind=action.kind, message=message, severity=severity, node=self.cluster.node,
+            kind=action.kind, message=message, severity=Severity(action.severity),
+            node=self.cluster.node,
             old_state=action.old_state, new_state=action.new_state, peer=self.settings.peer,
             reason=action.reason,
         ))

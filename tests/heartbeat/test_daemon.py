@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
@@ -194,6 +195,24 @@ async def test_startup_master_takes_the_ips(autojump_clock: trio.testing.MockClo
         assert status["link"] == "up"
         assert status["peer_state"] == "active"
         assert status["last_keepalive_age"] <= KEEPALIVE
+
+
+async def test_events_are_left_to_the_event_hook_to_log(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The built-in log plugin logs every lbha_event; the daemon logging them too doubled
+    # every line an operator reads.
+    with caplog.at_level(logging.DEBUG):
+        async with cluster() as c:
+            await c.start("lb1")
+            await c.start("lb2")
+            await trio.sleep(0.5)
+            c.scopes["lb1"].cancel()
+            await c.world.until_held_by("lb2")
+            await trio.sleep(0.1)
+    messages = {e.message for e in c.events}
+    assert {"takeover", "failover"} <= {e.kind for e in c.events}
+    assert not [r.getMessage() for r in caplog.records if r.getMessage() in messages]
 
 
 async def test_lone_node_waits_initdead(autojump_clock: trio.testing.MockClock) -> None:

@@ -93,6 +93,8 @@ def test_takeover_and_standby_never_overlap(pair: Pair) -> None:
         assert result.returncode == 0, result.stderr
         assert "now active" in result.stdout
         assert pair.holders() == {"lb2"}
+        # Logged once, by the built-in log plugin the daemon loads (not by the daemon too).
+        assert pair.log("lb2").count("lb2: takeover: manual takeover") == 1
         time.sleep(0.5)
         assert pair.holders() == {"lb2"}  # lb1 yielded: no failback
         result = pair.cli("lb2", "standby")
