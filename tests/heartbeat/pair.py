@@ -114,6 +114,21 @@ class Pair:
     def holders(self, address: str = VIP4) -> set[str]:
         return {node for node in NODES if self.holds(node, address)}
 
+    def both_hold(self, address: str = VIP4) -> bool:
+        """Whether both nodes surely held `address` at one moment.
+
+        Reads of two namespaces are not atomic and a handoff takes a millisecond or two, so
+        "lb1 then lb2" can see both across a clean handoff. Reading one node on both sides of
+        a read of the other, (lb1, lb2, lb1) or (lb2, lb1, lb2), proves an overlap.
+        """
+        first, second = NODES
+        a = self.holds(first, address)
+        b = self.holds(second, address)
+        a_again = self.holds(first, address)
+        if a and b and a_again:
+            return True
+        return b and a_again and self.holds(second, address)
+
     def cli(self, node: str, command: str, *args: str) -> subprocess.CompletedProcess[str]:
         return self.lab.run(node, [PYTHON, "-m", "lbha.heartbeat", command, "--config",
                                    str(self.configs[node]), *args])
