@@ -183,11 +183,18 @@ async def cluster(seed: int = 0, auto_failback: bool = True,
     assert not c.world.overlaps, f"both nodes held the floating IP at {c.world.overlaps}"
 
 
-async def test_startup_master_takes_the_ips(autojump_clock: trio.testing.MockClock) -> None:
-    async with cluster() as c:
+@asynccontextmanager
+async def settled(auto_failback: bool = True) -> AsyncIterator[Cluster]:
+    """Both daemons started and past start-up: lb1 active, lb2 passive."""
+    async with cluster(auto_failback=auto_failback) as c:
         await c.start("lb1")
         await c.start("lb2")
         await trio.sleep(0.5)
+        yield c
+
+
+async def test_startup_master_takes_the_ips(autojump_clock: trio.testing.MockClock) -> None:
+    async with settled() as c:
         assert c.active() == {"lb1"}
         assert "takeover" in c.kinds("lb1")
         status = await c.nodes["lb2"].command("status", {})
@@ -203,10 +210,7 @@ async def test_events_are_left_to_the_event_hook_to_log(
     # The built-in log plugin logs every lbha_event; the daemon logging them too doubled
     # every line an operator reads.
     with caplog.at_level(logging.DEBUG):
-        async with cluster() as c:
-            await c.start("lb1")
-            await c.start("lb2")
-            await trio.sleep(0.5)
+        async with settled() as c:
             c.scopes["lb1"].cancel()
             await c.world.until_held_by("lb2")
             await trio.sleep(0.1)
@@ -228,10 +232,7 @@ async def test_lone_node_waits_initdead(autojump_clock: trio.testing.MockClock) 
 async def test_peer_death_takeover_within_deadtime(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with cluster() as c:
-        await c.start("lb1")
-        await c.start("lb2")
-        await trio.sleep(0.5)
+    async with settled() as c:
         # Cut lb1 off entirely (daemon killed + link down, as lb2 sees it).
         c.net.partition(ADDR["lb1"], ADDR["lb2"])
         c.world.ignore.add("lb1")
@@ -248,10 +249,7 @@ async def test_peer_death_takeover_within_deadtime(
 
 
 async def test_graceful_stop_hands_over_at_once(autojump_clock: trio.testing.MockClock) -> None:
-    async with cluster() as c:
-        await c.start("lb1")
-        await c.start("lb2")
-        await trio.sleep(0.5)
+    async with settled() as c:
         c.scopes["lb1"].cancel()
         assert await c.world.until_held_by("lb2") < 0.01
         assert "lb1" not in c.world.holders
@@ -263,10 +261,7 @@ async def test_graceful_stop_hands_over_at_once(autojump_clock: trio.testing.Moc
 @pytest.mark.parametrize("auto_failback", [True, False])
 async def test_master_comes_back(autojump_clock: trio.testing.MockClock,
                                  auto_failback: bool) -> None:
-    async with cluster(auto_failback=auto_failback) as c:
-        await c.start("lb1")
-        await c.start("lb2")
-        await trio.sleep(0.5)
+    async with settled(auto_failback=auto_failback) as c:
         await c.stop("lb1")
         assert c.active() == {"lb2"}
         await c.start("lb1")
@@ -299,10 +294,7 @@ async def test_the_first_announcement_precedes_the_rest_of_a_takeover(
 
 
 async def test_manual_takeover_and_standby(autojump_clock: trio.testing.MockClock) -> None:
-    async with cluster() as c:
-        await c.start("lb1")
-        await c.start("lb2")
-        await trio.sleep(0.5)
+    async with settled() as c:
         reply = await c.nodes["lb2"].command("takeover", {})
         assert reply["message"] == "now active"
         assert c.active() == {"lb2"}
@@ -318,10 +310,7 @@ async def test_manual_takeover_and_standby(autojump_clock: trio.testing.MockCloc
 async def test_partition_heal_one_steps_down_keeper_announces(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with cluster() as c:
-        await c.start("lb1")
-        await c.start("lb2")
-        await trio.sleep(0.5)
+    async with settled() as c:
         c.net.partition(ADDR["lb1"], ADDR["lb2"])
         c.world.ignore.add("lb2")  # each side holds it in its own half of the LAN
         await trio.sleep(15)
