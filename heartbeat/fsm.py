@@ -157,6 +157,8 @@ class Reply:
 
 
 Action = Acquire | Release | Announce | Send | Notify | Log | Reply
+#: Actions that tell people; they go after those the peer and the clients wait on.
+_TELLS = Notify | Log | Reply
 
 
 # ----------------------------------------------------------------------------- queries
@@ -264,7 +266,17 @@ def routine(settings: Settings, state: State) -> Routine | None:
 
 
 def step(settings: Settings, state: State, event: Event) -> tuple[State, list[Action]]:
-    """Apply one event; return the new state and the actions to carry out, in order."""
+    """Apply one event; return the new state and the actions to carry out, in order.
+
+    Addresses, frames and announcements come first, then events, logs and the reply: the peer
+    and the clients wait on the former, people do not.
+    """
+    state, actions = _step(settings, state, event)
+    return state, ([a for a in actions if not isinstance(a, _TELLS)]
+                   + [a for a in actions if isinstance(a, _TELLS)])
+
+
+def _step(settings: Settings, state: State, event: Event) -> tuple[State, list[Action]]:
     actions: list[Action] = []
     if state.leaving:
         return state, [Reply(False, "the daemon is stopping")] if isinstance(

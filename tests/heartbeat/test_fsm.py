@@ -36,6 +36,13 @@ def settings(master: bool = True, auto_failback: bool = True) -> Settings:
     return Settings(node, peer, master, auto_failback, TIMERS)
 
 
+def assert_events_last(actions: list[fsm.Action]) -> None:
+    """Addresses, frames and announcements before events, logs and replies: the peer and the
+    clients wait on the former, people do not."""
+    tells = [isinstance(a, Notify | fsm.Log | Reply) for a in actions]
+    assert tells == sorted(tells), actions
+
+
 class Node:
     """One FSM with its actions applied instantly (holds = the addresses are on it)."""
 
@@ -47,6 +54,7 @@ class Node:
 
     def feed(self, event: fsm.Event) -> list[fsm.Action]:
         self.state, actions = fsm.step(self.s, self.state, event)
+        assert_events_last(actions)
         for action in actions:
             if isinstance(action, Acquire):
                 assert not self.holds
@@ -286,7 +294,8 @@ def step_through(s: Settings, script: list[tuple[object, ...]]) -> list[State]:
             event = Tick(now)
         else:
             event = Takeover(now) if kind == "takeover" else Standby(now)
-        state, _ = fsm.step(s, state, event)
+        state, actions = fsm.step(s, state, event)
+        assert_events_last(actions)
         seen.append(state)
     return seen
 
