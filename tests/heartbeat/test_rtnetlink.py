@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import errno
 import socket
-import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST
@@ -33,13 +33,14 @@ class Host:
         self.rtnl = self._open()
 
     def _open(self) -> Rtnetlink:
-        # A socket stays in the namespace it was made in; setns only moves that thread.
-        made: list[Rtnetlink] = []
-        thread = threading.Thread(target=lambda: (setns(f"/run/netns/{self.ns}", flags=0),
-                                                  made.append(Rtnetlink())))
-        thread.start()
-        thread.join(10)
-        return made[0]
+        # A socket stays in the namespace it was made in; setns moves only the thread that
+        # calls it, here a throwaway one.
+        def open_inside() -> Rtnetlink:
+            setns(f"/run/netns/{self.ns}", flags=0)
+            return Rtnetlink()
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(open_inside).result(timeout=10)
 
     def show(self, *args: str) -> str:
         return self.lab.ip("-n", self.ns, *args)
