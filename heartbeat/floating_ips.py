@@ -232,8 +232,8 @@ class NetlinkAddresses(AddressManager):
         if self._packet is not None:
             self._packet.close()
             self._packet = None
-        if self._rtnl is not None:
-            self._rtnl.close()
+        if self._rtnl is not None and not self._limiter.borrowed_tokens:
+            self._rtnl.close()  # else an abandoned request still uses it: left to the exit
             self._rtnl = None
 
     def reconfigure(self, ips: Sequence[FloatingIP]) -> None:
@@ -255,7 +255,10 @@ class NetlinkAddresses(AddressManager):
                     self._rtnl = None
                 raise FloatingIPError(f"netlink: {exc}") from None
 
-        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+        # Abandoned when cancelled, so the daemon's bounded stop holds even while a request
+        # waits on another process's RTNL lock; the limiter stays taken until the thread is
+        # done, so no two threads ever use the socket.
+        return await trio.to_thread.run_sync(call, limiter=self._limiter, abandon_on_cancel=True)
 
     async def acquire(self) -> None:
         ips = self._ips

@@ -1,15 +1,21 @@
-"""Floating-IP placement (pure, against a fixed address list) and the GARP / NA frames."""
+"""Floating-IP placement (pure, against a fixed address list), the GARP / NA frames, and
+cancelling a stuck netlink request."""
 
 from __future__ import annotations
 
 import ipaddress
 import struct
+import threading
 
 import pytest
+import trio
+import trio.testing
 
 from lbha.config import load_config_text
+from lbha.heartbeat import floating_ips as floating_ips_module
 from lbha.heartbeat.errors import FloatingIPError
 from lbha.heartbeat.floating_ips import (
+    NetlinkAddresses,
     Placement,
     _resolve,
     floating_ips,
@@ -111,3 +117,30 @@ def test_unsolicited_na_has_override_and_target_lladdr() -> None:
 def test_interface_gone_between_reads_is_a_clear_error() -> None:
     with pytest.raises(FloatingIPError, match="interface 3 vanished"):
         _resolve([fip("198.18.7.9")], ADDRESSES, {1: "lo", 2: "eth0"}, lambda _device: MAC)
+
+
+async def test_a_stuck_netlink_request_gives_way_to_cancellation(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The daemon bounds its stop clean-up with a cancel scope; a worker thread stuck in the
+    # kernel (another process holding the RTNL lock) must not hold that up, nor have its
+    # socket closed under it.
+    unstick = threading.Event()
+
+    class StuckRtnetlink:
+        def addresses(self) -> list[Address]:
+            unstick.wait(30)
+            return []
+
+        def close(self) -> None:
+            raise AssertionError("closed while a request was still using it")
+
+    monkeypatch.setattr(floating_ips_module, "Rtnetlink", StuckRtnetlink)
+    addresses = NetlinkAddresses([fip("198.18.0.10")])
+    try:
+        with trio.move_on_after(5) as scope:
+            await addresses.release()
+        assert scope.cancelled_caught
+        addresses.close()
+    finally:
+        unstick.set()
