@@ -191,14 +191,15 @@ class Heartbeat:
 
     # ------------------------------------------------------------------ actions
 
-    async def _sync(self) -> None:
-        """Show the state machine the routine frames the pump timed (caller holds the lock)."""
+    def _sync(self) -> None:
+        """Give the state machine the times of the routine frames the pump took (caller holds
+        the lock)."""
         for a in self.pump.arrivals():
-            await self._step(fsm.Received(a.at, a.link, a.state, a.flags))
+            self.state = fsm.heard(self.state, a.link, a.at)
 
     async def _handle(self, event: fsm.Event) -> list[fsm.Action]:
         """Apply one event after the routine frames before it (caller holds the lock)."""
-        await self._sync()
+        self._sync()
         return await self._step(event)
 
     async def _step(self, event: fsm.Event) -> list[fsm.Action]:
@@ -317,7 +318,7 @@ class Heartbeat:
     async def status(self) -> dict[str, Any]:
         if not self._lock.locked():  # never wait behind a step stuck in netlink
             async with self._lock:
-                await self._sync()
+                self._sync()
         s = self.state
         age = None if s.last_heard is None else trio.current_time() - s.last_heard
         try:

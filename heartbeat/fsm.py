@@ -246,6 +246,17 @@ class Routine:
         return deadline
 
 
+def heard(state: State, link: str, at: float) -> State:
+    """`state` after the routine frames (see `routine`) on `link` up to the one at `at`.
+
+    Exactly what `step` makes of them one by one, since each arrived before the routine's
+    deadline: only the times move. So the keepalive thread keeps the last one per link, and
+    the daemon applies that, not a `Received` step at its time: stepped after a quiet spell
+    longer than deadtime, that frame would read the spell as silence (link down, peer dead).
+    """
+    return replace(state, links={**state.links, link: at}, last_heard=at)
+
+
 def routine(settings: Settings, state: State) -> Routine | None:
     """The frames that are routine in `state`, or None when every frame may matter."""
     if state.peer_state is None or state.last_heard is None or not state.links:

@@ -4,10 +4,10 @@ At sub-second timers almost every frame says what the last one said. Waking the 
 for each costs more CPU than the work itself (bench/README.md, failover), so the transport
 runs the exchange: it sends a keepalive every `interval`, and of the frames it receives it
 hands the daemon only those that can change something. The rest ("routine", decided by
-`fsm.routine`) are only timed; the daemon collects their times before its next step, so the
-state machine sees every frame, in order, just later. The transport also wakes the daemon
-at the state machine's next deadline, moved on by the routine frames it timed; so in a
-steady state the daemon sleeps until something changes.
+`fsm.routine`) are only timed, the last one per link; the daemon collects those times before
+its next step (`fsm.heard`), which is exactly what stepping through every frame would do.
+The transport also wakes the daemon at the state machine's next deadline, moved on by the
+routine frames it timed; so in a steady state the daemon sleeps until something changes.
 
 Thread-safe: one lock guards the receiver, the sequence number and the routine filter.
 """
@@ -35,12 +35,11 @@ from lbha.heartbeat.protocol import (
 
 @dataclass(frozen=True)
 class Arrival:
-    """The last routine frame on a link, timed but not yet shown to the state machine."""
+    """The last routine frame on a link, timed but not yet shown to the state machine
+    (`fsm.heard`)."""
 
     link: str
     at: float
-    state: PeerState
-    flags: Flags
 
 
 class KeepalivePump:
@@ -66,8 +65,8 @@ class KeepalivePump:
         self._quiet: Said | None = None
         self._deadline = math.inf
         self._heard: dict[str, float] = {}
-        #: Link -> (time, what it said) of the last routine frame not yet collected.
-        self._arrivals: dict[str, tuple[float, Said]] = {}
+        #: Link -> time of the last routine frame not yet collected.
+        self._arrivals: dict[str, float] = {}
         #: Frames and deadlines handed to the daemon. A routine filter published before the
         #: daemon handled them all does not know their effect yet and is ignored.
         self._handed = 0
@@ -109,7 +108,7 @@ class KeepalivePump:
             self._set_routine(routine if handled == self._handed else None)
             # Routine frames timed since the daemon last collected them are not in its state
             # yet; they still move the deadline on.
-            self._heard = {link: a[0] for link, a in self._arrivals.items()}
+            self._heard = dict(self._arrivals)
             if self._routine is not None and self._heard:
                 self._deadline = self._routine.deadline(self._heard)
             else:
@@ -148,7 +147,7 @@ class KeepalivePump:
                 said = (frame.generation, frame.state, frame.flags)
             r = self._routine
             if r is not None and said == self._quiet and now < self._deadline and link in r.links:
-                self._arrivals[link] = (now, said)
+                self._arrivals[link] = now
                 self._heard[link] = now
                 self._deadline = r.deadline(self._heard)
                 return Verdict.OK, None
@@ -168,8 +167,7 @@ class KeepalivePump:
         """Take the routine frames timed since the last call, oldest first."""
         with self._lock:
             taken, self._arrivals = self._arrivals, {}
-        return sorted((Arrival(link, at, said[1], said[2]) for link, (at, said) in taken.items()),
-                      key=lambda a: a.at)
+        return sorted((Arrival(link, at) for link, at in taken.items()), key=lambda a: a.at)
 
     def verdicts(self) -> Counter[Verdict]:
         """A copy of the receiver's counts (the thread may be adding to them)."""

@@ -219,6 +219,25 @@ async def test_events_are_left_to_the_event_hook_to_log(
     assert not [r.getMessage() for r in caplog.records if r.getMessage() in messages]
 
 
+async def test_quiet_keepalives_are_not_taken_for_a_dead_peer_later(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Routine keepalives are only timed by the transport; when something does happen after
+    # a quiet spell far longer than deadtime (a status query, a takeover), the state machine
+    # must not read that spell as silence: no link down, no peer dead, no re-announcement.
+    async with settled() as c:
+        before = len(c.events)
+        announced = len(c.addresses["lb1"].announcements)
+        await trio.sleep(30 * DEADTIME)
+        await c.nodes["lb1"].command("status", {})
+        await c.nodes["lb2"].command("status", {})
+        await c.nodes["lb2"].command("takeover", {})
+        await trio.sleep(0.1)
+        assert [(e.node, e.kind) for e in c.events[before:]] == [
+            ("lb1", "standby"), ("lb2", "takeover")]
+        assert len(c.addresses["lb1"].announcements) == announced
+
+
 async def test_lone_node_waits_initdead(autojump_clock: trio.testing.MockClock) -> None:
     async with cluster() as c:
         await c.start("lb2")

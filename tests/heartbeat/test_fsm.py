@@ -319,7 +319,7 @@ def test_routine_frames_change_nothing_but_their_time(
             after, actions = fsm.step(s, state, Received(t, link, routine.peer_state,
                                                          routine.peer_flags))
             assert actions == []
-            assert after == replace(state, links={**state.links, link: t}, last_heard=t)
+            assert after == fsm.heard(state, link, t)
             assert routine.deadline({link: t}) == fsm.next_deadline(s, after)
 
 

@@ -39,6 +39,7 @@ class Daemon:
         self.pump = p
         self.state = fsm.initial(0.0)
         self.handled = 0
+        self.actions: list[fsm.Action] = []
         self.publish()
 
     def publish(self) -> None:
@@ -47,13 +48,18 @@ class Daemon:
 
     def sync(self) -> None:
         for a in self.pump.arrivals():
-            self.state, _ = fsm.step(SETTINGS, self.state,
-                                     fsm.Received(a.at, a.link, a.state, a.flags))
+            self.state = fsm.heard(self.state, a.link, a.at)
 
     def handle(self, frame: Frame, now: float) -> None:
+        self._handle(fsm.Received(now, LINK, frame.state, frame.flags))
+
+    def tick(self, now: float) -> None:
+        self._handle(fsm.Tick(now))
+
+    def _handle(self, event: fsm.Event) -> None:
         self.sync()
-        self.state, _ = fsm.step(SETTINGS, self.state,
-                                 fsm.Received(now, LINK, frame.state, frame.flags))
+        self.state, actions = fsm.step(SETTINGS, self.state, event)
+        self.actions += actions
         self.handled += 1
         self.publish()
 
@@ -76,7 +82,7 @@ def test_routine_frames_are_timed_not_handed() -> None:
     p, daemon, peer = steady()
     for i in range(1, 20):
         assert p.received(peer.frame(), LINK, 0.02 + i * 0.02) == (Verdict.OK, None)
-    assert p.arrivals() == [Arrival(LINK, 0.02 + 19 * 0.02, PeerState.PASSIVE, Flags.NONE)]
+    assert p.arrivals() == [Arrival(LINK, 0.02 + 19 * 0.02)]
     assert p.arrivals() == []  # taken once
     assert daemon.handled == 1
 
@@ -171,3 +177,37 @@ def test_the_repeat_lane_times_and_hands_what_a_full_parse_would(
     full_daemon.sync()
     assert fast_daemon.state == full_daemon.state
     assert fast.verdicts() == full.verdicts()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 12), st.floats(0.001, 0.08),
+                          st.sampled_from([PeerState.PASSIVE, PeerState.ACTIVE,
+                                           PeerState.LEAVING]),
+                          st.sampled_from([Flags.NONE, Flags.MASTER, Flags.WANTS_ACTIVE]),
+                          st.booleans()), max_size=12))
+def test_the_daemon_acts_as_a_state_machine_fed_every_frame_would(
+    runs: list[tuple[int, float, PeerState, Flags, bool]],
+) -> None:
+    # The ground truth: one state machine stepping through every frame. The daemon sees only
+    # what the pump hands it plus the times of the rest; it must do and end the same, even
+    # after quiet spells many times deadtime long. Runs of one frame repeated make them.
+    p, peer = pump(), Peer()
+    daemon = Daemon(p)
+    truth, truth_actions = fsm.initial(0.0), []
+    now = 0.0
+    for count, gap, state, flags, looks_at_deadline in runs:
+        for _ in range(count):
+            now += gap
+            if looks_at_deadline and p.due(now):
+                daemon.tick(now)
+                truth, actions = fsm.step(SETTINGS, truth, fsm.Tick(now))
+                truth_actions += actions
+            verdict, frame = p.received(peer.frame(state, flags), LINK, now)
+            assert verdict is Verdict.OK
+            truth, actions = fsm.step(SETTINGS, truth, fsm.Received(now, LINK, state, flags))
+            truth_actions += actions
+            if frame is not None:
+                daemon.handle(frame, now)
+    daemon.sync()
+    assert daemon.state == truth
+    assert daemon.actions == truth_actions

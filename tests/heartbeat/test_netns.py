@@ -102,6 +102,9 @@ def test_takeover_and_standby_never_overlap(pair: Pair) -> None:
         assert wait_for(lambda: pair.holders() == {"lb1"}, 2)
         result = pair.cli("lb2", "cluster-status")
         assert result.stdout.startswith("Slave  Passive  Link up"), result.stdout
+        for node in NODES:  # the peers never stopped hearing each other
+            assert "link down" not in pair.log(node)
+            assert "peer dead" not in pair.log(node)
     finally:
         done.set()
         watcher.join()
