@@ -167,6 +167,10 @@ def run_probe(worker: Worker, probe: LdapProbe) -> CheckResult:
     finally:
         with suppress(LDAPException, OSError, *_DECODE_ERRORS):  # the server may be gone
             connection.unbind()
+        # unbind skips the close when its request cannot be sent (an interrupted socket):
+        # left to ldap3, the socket would wait for the cycle collector.
+        if connection.socket is not None:
+            connection.socket.close()
 
 
 def _verdict(probe: LdapProbe, entries: list[dict[str, Any]],
