@@ -316,9 +316,8 @@ class Heartbeat:
         return {"message": reply.message if reply else "done", **await self.status()}
 
     async def status(self) -> dict[str, Any]:
-        if not self._lock.locked():  # never wait behind a step stuck in netlink
-            async with self._lock:
-                self._sync()
+        if not self._lock.locked():  # a step under way owns the state (it may be in netlink)
+            self._sync()
         s = self.state
         age = None if s.last_heard is None else trio.current_time() - s.last_heard
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,10 +10,10 @@ import pytest
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_NEWADDR
-from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD, ifaddrmsg
+from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 from pyroute2.netns import setns
 
-from lbha.heartbeat.rtnetlink import Address, Rtnetlink
+from lbha.heartbeat.rtnetlink import Address, Rtnetlink, _address_msg
 
 from .netns import Lab, unavailable
 
@@ -114,13 +113,9 @@ def test_late_replies_to_an_abandoned_request_are_skipped(host: Host) -> None:
 
 
 def _add_request(index: int, address: str, sequence: int) -> bytes:
-    msg = ifaddrmsg()
+    msg = _address_msg(index, address, 24)
     msg["header"]["type"] = RTM_NEWADDR
     msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE
     msg["header"]["sequence_number"] = sequence
-    msg["family"] = socket.AF_INET
-    msg["prefixlen"] = 24
-    msg["index"] = index
-    msg["attrs"] = [("IFA_LOCAL", address), ("IFA_ADDRESS", address)]
     msg.encode()
     return bytes(msg.data)
