@@ -7,6 +7,8 @@ a reason naming the step it stalled in ("timed out after 0.45 s waiting for the 
 EHLO") rather than the engine's bare timeout, and closes the connection on every path.
 
 Failures inside a dialogue raise `CheckFailed`; socket errors are turned into reasons here.
+A server that answers something that is not the protocol at all raises `NotTheProtocol`:
+it gets no goodbye (QUIT, LOGOUT) and no wait for one, its connection is closed at once.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ QUOTE_LIMIT = 200
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _REPLY = re.compile(r"(\d{3})([ -]|$)")
+
+
+class NotTheProtocol(CheckFailed):
+    """The server does not speak the protocol (garbage, an endless line): no goodbye."""
 
 
 def quote(data: bytes | str) -> str:
@@ -162,7 +168,7 @@ class LineSession:
                     self.transcript.received(quote(line)[1:-1])
                 return line
             if len(self._buffer) > MAX_LINE:
-                raise CheckFailed(
+                raise NotTheProtocol(
                     f"{self.protocol} server {self.endpoint} sent a line longer than "
                     f"{MAX_LINE} bytes while {self.step}: "
                     f"{quote(bytes(self._buffer[:60]))}"
@@ -191,7 +197,7 @@ class LineSession:
         line = await self.readline()
         match = _REPLY.match(line)
         if match is None:
-            raise CheckFailed(
+            raise NotTheProtocol(
                 f"{self.protocol} server {self.endpoint} answered {quote(line)} while "
                 f"{self.step}, which is not a valid {self.protocol} reply"
             )
@@ -205,7 +211,7 @@ class LineSession:
                     break
                 lines.append(line[4:] if line.startswith(code + "-") else line)
             else:
-                raise CheckFailed(
+                raise NotTheProtocol(
                     f"{self.protocol} server {self.endpoint} sent more than {MAX_LINES} lines "
                     f"while {self.step}"
                 )
@@ -226,7 +232,9 @@ async def run_session(
     """Open a session, run `dialogue` (returns the success reason) under the deadline.
 
     `closing` (QUIT, LOGOUT) runs after the dialogue, success or failure, best effort and
-    within the same deadline; the connection is closed on every path, cancellation included.
+    within the same deadline, unless the server did not speak the protocol (NotTheProtocol):
+    waiting for its answer to QUIT would only hold the verdict back. The connection is
+    closed on every path, cancellation included.
     """
     if request.target.rport is None:
         return CheckResult.failure(f"no port to check {protocol} on {request.target.rip}")
@@ -234,6 +242,7 @@ async def run_session(
     budget = request.own_budget
     session = LineSession(request, protocol)
     result: CheckResult | None = None
+    polite = True
     try:
         with trio.move_on_after(budget) as scope:
             try:
@@ -241,7 +250,8 @@ async def run_session(
                 result = CheckResult.success(await dialogue(session))
             except CheckFailed as failed:
                 result = CheckResult.failure(failed.reason)
-            if closing is not None and session.stream is not None:
+                polite = not isinstance(failed, NotTheProtocol)
+            if closing is not None and session.stream is not None and polite:
                 try:
                     with trio.move_on_after(min(CLOSE_WAIT, request.timeout * CLOSE_SHARE)):
                         await closing(session)

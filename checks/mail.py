@@ -14,7 +14,14 @@ from types import MappingProxyType
 
 from lbha import hookimpl
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec
-from lbha.checks.lines import MAX_LINES, CheckFailed, LineSession, quote, run_session
+from lbha.checks.lines import (
+    MAX_LINES,
+    CheckFailed,
+    LineSession,
+    NotTheProtocol,
+    quote,
+    run_session,
+)
 
 #: The name ldirectord's Net::SMTP sends; servers that check HELO names accept it.
 DEFAULT_HELO = "localhost.localdomain"
@@ -130,7 +137,7 @@ async def _tagged(session: LineSession, tag: str, command: str) -> tuple[str, st
             raise CheckFailed(f"IMAP server {session.endpoint} closed the session after "
                               f"{command}: {quote(line)}")
         if not line.startswith(("*", "+")):
-            raise CheckFailed(f"IMAP server {session.endpoint} answered {command} with "
+            raise NotTheProtocol(f"IMAP server {session.endpoint} answered {command} with "
                               f"{quote(line)}, which is not an IMAP response")
     raise CheckFailed(f"IMAP server {session.endpoint} sent more than {MAX_LINES} lines "
                       f"before its reply to {command}")
@@ -172,8 +179,10 @@ class ImapCheck:
         greeting = await session.readline()
         match = _IMAP_GREETING.match(greeting)
         if match is None:
-            raise CheckFailed(f"IMAP greeting from {session.endpoint} is {quote(greeting)}, "
-                              "not '* OK' or '* PREAUTH'")
+            # "* BYE" is IMAP (the server is closing); anything else is not.
+            failure = CheckFailed if greeting.startswith("*") else NotTheProtocol
+            raise failure(f"IMAP greeting from {session.endpoint} is {quote(greeting)}, "
+                          "not '* OK' or '* PREAUTH'")
         preauth = match.group(1).upper() == "PREAUTH"
         done = [f"greeting {match.group(1).upper()}"]
         if request.options.get("starttls", False):
@@ -254,15 +263,15 @@ class PopCheck:
         session.expect("the greeting")
         greeting = await session.readline()
         if not greeting.startswith("+OK"):
-            raise CheckFailed(f"POP3 greeting from {session.endpoint} is {quote(greeting)}, "
-                              "not +OK")
+            raise _pop_failure(greeting)(f"POP3 greeting from {session.endpoint} is "
+                                         f"{quote(greeting)}, not +OK")
         done = ["greeting +OK"]
         if request.options.get("starttls", False):
             await session.send("STLS")
             answer = await session.readline()
             if not answer.startswith("+OK"):
-                raise CheckFailed(f"POP3 server {session.endpoint} refused STLS: "
-                                  f"{quote(answer)}")
+                raise _pop_failure(answer)(f"POP3 server {session.endpoint} refused STLS: "
+                                           f"{quote(answer)}")
             await session.start_tls()
             done.append("STLS")
         login = request.spec.login
@@ -272,15 +281,20 @@ class PopCheck:
             await session.send(f"USER {login}")
             answer = await session.readline()
             if not answer.startswith("+OK"):
-                raise CheckFailed(f"POP3 server {session.endpoint} refused USER {login}: "
-                                  f"{quote(answer)}")
+                raise _pop_failure(answer)(f"POP3 server {session.endpoint} refused USER "
+                                           f"{login}: {quote(answer)}")
             await session.send(f"PASS {request.spec.password or ''}", shown="PASS ****")
             answer = await session.readline()
             if not answer.startswith("+OK"):
-                raise CheckFailed(f"POP3 login as {login!r} on {session.endpoint} refused: "
-                                  f"{quote(answer)}")
+                raise _pop_failure(answer)(f"POP3 login as {login!r} on {session.endpoint} "
+                                           f"refused: {quote(answer)}")
             done.append(f"login as {login!r}")
         return f"POP3 {session.endpoint}: {', '.join(done)}"
+
+
+def _pop_failure(answer: str) -> type[CheckFailed]:
+    """-ERR is POP3 (QUIT politely); any other answer is not."""
+    return CheckFailed if answer.startswith("-ERR") else NotTheProtocol
 
 
 async def _pop_quit(session: LineSession) -> None:
