@@ -190,6 +190,8 @@ def format_status(status: dict[str, Any]) -> str:
                 f" weight {weight:>5}/{real['configured_weight']:<5} since {since}"
                 f"  checked {_age(real['last_check_age'])}: {real['reason']}"
             )
+            if real.get("feedback_reason"):
+                lines.append(f"    feedback: {real['feedback_reason']}")
     for name, backend in sorted(status.get("backends", {}).items()):
         sync = "in sync" if backend.get("in_sync") else "NOT in sync"
         details = ", ".join(f"{key.replace('_', ' ')} {value}"

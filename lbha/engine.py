@@ -424,29 +424,30 @@ class Engine:
     async def _run_feedback(self, job: Job) -> None:
         fb = job.members[0].virtual.feedback
         target = job.target
-        with trio.move_on_after(job.spec.timeout):
-            if fb.type is FeedbackType.AGENT:
-                reading = await read_agent(target.rip, fb.port)
-            else:
-                reading = await read_http(target.rip, fb.port, fb.path,
-                                          virtualhost=job.spec.virtualhost)
-            if job.generation != self.generation:
-                return
-            for member in job.members:
-                percent, reason = apply_reading(member.feedback_percent, reading)
-                agent_down = member.agent_down if reading.state is None \
-                    else reading.state == "down"
-                if agent_down != member.agent_down:
-                    self._emit(Event(
-                        kind="feedback", severity=Severity.WARNING if agent_down
-                        else Severity.INFO,
-                        message=f"{member.virtual.name}: feedback agent of {member.real.name} "
-                                f"says {'down' if agent_down else 'up'}"))
-                if percent != member.feedback_percent or agent_down != member.agent_down:
-                    self._dirty.add(member.virtual.name)
-                    self._changed.set()
-                member.feedback_percent, member.feedback_reason = percent, reason
-                member.agent_down = agent_down
+        # The fetch bounds itself, so a hung agent is a reading whose reason status shows.
+        if fb.type is FeedbackType.AGENT:
+            reading = await read_agent(target.rip, fb.port, seconds=job.spec.timeout)
+        else:
+            reading = await read_http(target.rip, fb.port, fb.path,
+                                      virtualhost=job.spec.virtualhost,
+                                      seconds=job.spec.timeout)
+        if job.generation != self.generation:
+            return
+        for member in job.members:
+            percent, reason = apply_reading(member.feedback_percent, reading)
+            agent_down = member.agent_down if reading.state is None \
+                else reading.state == "down"
+            if agent_down != member.agent_down:
+                self._emit(Event(
+                    kind="feedback", severity=Severity.WARNING if agent_down
+                    else Severity.INFO,
+                    message=f"{member.virtual.name}: feedback agent of {member.real.name} "
+                            f"says {'down' if agent_down else 'up'}"))
+            if percent != member.feedback_percent or agent_down != member.agent_down:
+                self._dirty.add(member.virtual.name)
+                self._changed.set()
+            member.feedback_percent, member.feedback_reason = percent, reason
+            member.agent_down = agent_down
 
     def record(
         self, members: Iterable[Member], result: CheckResult, now: float | None = None

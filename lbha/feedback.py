@@ -9,8 +9,9 @@ Two sources (see ../shared/spec/feedback-agent.md):
 
 Parsing is pure (`parse_agent_reply`, `parse_http_reply`); the fetchers (`read_agent`,
 `read_http`) never raise for network trouble but return a `FeedbackReading` with `error` set,
-so the engine keeps the last good weight (`apply_reading`). The caller bounds every fetch with
-`trio.fail_after`; the fetchers close their socket when cancelled.
+so the engine keeps the last good weight (`apply_reading`). With `seconds` a fetch bounds
+itself and a hung agent becomes such an error ("did not answer within 1 s"), which status
+shows; without it the caller bounds the fetch. The fetchers close their socket when cancelled.
 
 Percentages are capped at 100. HAProxy accepts more (up to a final weight of 256), but the
 agents only ever report idle capacity 0..100 and issue 3 defines the reply as 0..100; letting
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -208,33 +210,50 @@ async def _connect(address: IPAddress, port: int) -> trio.SocketStream:
     return trio.SocketStream(sock)
 
 
+def _no_answer(where: str, seconds: float, connected: bool, data: bytes) -> FeedbackReading:
+    """The error of a fetch that ran out of time, saying how far it got."""
+    if not connected:
+        return FeedbackReading(error=f"{where}: no connection within {seconds:g} s")
+    if not data:
+        return FeedbackReading(error=f"{where}: did not answer within {seconds:g} s")
+    return FeedbackReading(error=f"{where}: no complete reply within {seconds:g} s "
+                                 f"(received so far: {_show(data)})")
+
+
 async def read_agent(
-    address: IPAddress | str, port: int, *, limit: int = AGENT_REPLY_LIMIT
+    address: IPAddress | str, port: int, *, limit: int = AGENT_REPLY_LIMIT,
+    seconds: float = math.inf,
 ) -> FeedbackReading:
     """Connect to a feedback agent, read its one-line reply and parse it.
 
-    Sends nothing. Reads until a line end, EOF or `limit` bytes. Network errors come back as
-    the reading's `error`, prefixed with "agent at ADDRESS:PORT".
+    Sends nothing. Reads until a line end, EOF or `limit` bytes, for at most `seconds`.
+    Network errors and a hung agent come back as the reading's `error`, prefixed with
+    "feedback agent at ADDRESS:PORT".
     """
     address = ipaddress.ip_address(address)
-    where = f"agent at {_host(address)}:{port}"
-    try:
-        stream = await _connect(address, port)
-    except OSError as exc:
-        return FeedbackReading(error=f"{where}: {_connect_error(exc)}")
+    where = f"feedback agent at {_host(address)}:{port}"
     data = b""
-    async with stream:
+    stream: trio.SocketStream | None = None
+    with trio.move_on_after(seconds):
         try:
-            while len(data) < limit and _LINE_END.search(data) is None:
-                chunk = await stream.receive_some(limit - len(data))
-                if not chunk:
-                    break
-                data += chunk
-        except trio.BrokenResourceError as exc:
-            if _LINE_END.search(data) is None:
-                return FeedbackReading(error=f"{where}: connection broken: {exc.__cause__ or exc}")
-    reading = parse_agent_reply(data, limit=limit)
-    return reading if reading.error is None else replace(reading, error=f"{where}: {reading.error}")
+            stream = await _connect(address, port)
+        except OSError as exc:
+            return FeedbackReading(error=f"{where}: {_connect_error(exc)}")
+        async with stream:
+            try:
+                while len(data) < limit and _LINE_END.search(data) is None:
+                    chunk = await stream.receive_some(limit - len(data))
+                    if not chunk:
+                        break
+                    data += chunk
+            except trio.BrokenResourceError as exc:
+                if _LINE_END.search(data) is None:
+                    return FeedbackReading(
+                        error=f"{where}: connection broken: {exc.__cause__ or exc}")
+        reading = parse_agent_reply(data, limit=limit)
+        return reading if reading.error is None \
+            else replace(reading, error=f"{where}: {reading.error}")
+    return _no_answer(where, seconds, stream is not None, data)
 
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: [^\r\n]*)?")
@@ -273,13 +292,14 @@ async def read_http(
     *,
     virtualhost: str | None = None,
     limit: int = HTTP_REPLY_LIMIT,
+    seconds: float = math.inf,
 ) -> FeedbackReading:
     """GET `path` over HTTP/1.0 and parse the body as an idle percentage.
 
     HTTP/1.0 so that the server neither chunks the body nor keeps the connection open. No
     redirects are followed (a 3xx is an error). A response longer than `limit` bytes is an
-    error. Network errors come back as the reading's `error`, prefixed with "http feedback at
-    URL".
+    error. Network errors and a server silent for `seconds` come back as the
+    reading's `error`, prefixed with "http feedback at URL".
     """
     address = ipaddress.ip_address(address)
     host = virtualhost or (_host(address) if port == 80 else f"{_host(address)}:{port}")
@@ -291,23 +311,28 @@ async def read_http(
         f"GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: lbha-feedback\r\n"
         "Accept: */*\r\nConnection: close\r\n\r\n"
     ).encode("ascii", "backslashreplace")
-    try:
-        stream = await _connect(address, port)
-    except OSError as exc:
-        return FeedbackReading(error=f"{where}: {_connect_error(exc)}")
     data = b""
-    async with stream:
+    stream: trio.SocketStream | None = None
+    with trio.move_on_after(seconds) as scope:
         try:
-            await stream.send_all(request)
-            # One byte beyond the limit tells "exactly at the limit" from "too long".
-            while len(data) <= limit and not _response_complete(data):
-                chunk = await stream.receive_some(limit + 1 - len(data))
-                if not chunk:
-                    break
-                data += chunk
-        except trio.BrokenResourceError as exc:
-            if not _response_complete(data):
-                return FeedbackReading(error=f"{where}: connection broken: {exc.__cause__ or exc}")
+            stream = await _connect(address, port)
+        except OSError as exc:
+            return FeedbackReading(error=f"{where}: {_connect_error(exc)}")
+        async with stream:
+            try:
+                await stream.send_all(request)
+                # One byte beyond the limit tells "exactly at the limit" from "too long".
+                while len(data) <= limit and not _response_complete(data):
+                    chunk = await stream.receive_some(limit + 1 - len(data))
+                    if not chunk:
+                        break
+                    data += chunk
+            except trio.BrokenResourceError as exc:
+                if not _response_complete(data):
+                    return FeedbackReading(
+                        error=f"{where}: connection broken: {exc.__cause__ or exc}")
+    if scope.cancelled_caught:
+        return _no_answer(where, seconds, stream is not None, data)
     if len(data) > limit:
         return FeedbackReading(error=f"{where}: response longer than {limit} bytes")
     if not data:

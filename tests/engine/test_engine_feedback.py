@@ -8,6 +8,7 @@ from types import MappingProxyType
 import trio
 
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult
+from lbha.cli import format_status
 from lbha.config import load_config_text
 from lbha.desired import DesiredTable
 from lbha.engine import Engine
@@ -75,3 +76,45 @@ weight = 200
     assert messages == ["web: feedback agent of a says down", "web: feedback agent of a says up"]
     status = engine.status()["virtuals"][0]["reals"][0]
     assert status["feedback"] == 80
+
+
+async def test_a_hung_agent_shows_why_in_status(autojump_clock) -> None:
+    async def hung_agent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, hung_agent, 0,
+                                                host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        text = f"""\
+[checks]
+interval = "1s"
+timeout = "1s"
+[[virtual]]
+name = "web"
+address = "198.18.0.100"
+ports = 80
+[virtual.check]
+type = "fake"
+[virtual.feedback]
+type = "agent"
+port = {port}
+[[virtual.real]]
+name = "a"
+address = "127.0.0.1"
+weight = 200
+"""
+        registry = CheckRegistry()
+        registry.add(AlwaysUp())
+        tables: list[DesiredTable] = []
+        engine = Engine(load_config_text(text, checks=registry), registry,
+                        apply=tables.append, event=lambda event: None)
+        await nursery.start(engine.run)
+        await trio.sleep(5)
+        status = engine.status()
+        nursery.cancel_scope.cancel()
+    why = f"feedback agent at 127.0.0.1:{port}: did not answer within 1 s; keeping full weight"
+    real = status["virtuals"][0]["reals"][0]
+    assert real["feedback_reason"] == why
+    assert real["weight"] == 200
+    assert f"    feedback: {why}" in format_status(status).splitlines()

@@ -205,16 +205,16 @@ def test_apply_reading_takes_a_new_percentage():
 
 
 def test_apply_reading_keeps_last_good_value_on_garbage():
-    reading = FeedbackReading(error="agent at 198.18.0.21:3333: garbage reply 'abc'")
+    reading = FeedbackReading(error="feedback agent at 198.18.0.21:3333: garbage reply 'abc'")
     assert apply_reading(75, reading) == (
-        75, "agent at 198.18.0.21:3333: garbage reply 'abc'; keeping weight at 75%"
+        75, "feedback agent at 198.18.0.21:3333: garbage reply 'abc'; keeping weight at 75%"
     )
 
 
 def test_apply_reading_without_history_keeps_full_weight():
-    reading = FeedbackReading(error="agent at 198.18.0.21:3333: connection refused")
+    reading = FeedbackReading(error="feedback agent at 198.18.0.21:3333: connection refused")
     assert apply_reading(None, reading) == (
-        None, "agent at 198.18.0.21:3333: connection refused; keeping full weight"
+        None, "feedback agent at 198.18.0.21:3333: connection refused; keeping full weight"
     )
 
 
@@ -279,7 +279,7 @@ async def test_read_agent_refused(host):
     port = await _closed_port(host)
     reading = await read_agent(host, port)
     assert reading == FeedbackReading(
-        error=f"agent at {_bracket(host)}:{port}: connection refused"
+        error=f"feedback agent at {_bracket(host)}:{port}: connection refused"
     )
 
 
@@ -329,7 +329,7 @@ async def test_read_agent_incomplete_line_then_close(nursery):
 
     port = await _serve(nursery, "127.0.0.1", agent)
     assert await read_agent("127.0.0.1", port) == FeedbackReading(
-        error=f"agent at 127.0.0.1:{port}: incomplete line '75%' (no line end)"
+        error=f"feedback agent at 127.0.0.1:{port}: incomplete line '75%' (no line end)"
     )
 
 
@@ -339,7 +339,7 @@ async def test_read_agent_closes_without_data(nursery):
 
     port = await _serve(nursery, "127.0.0.1", agent)
     assert await read_agent("127.0.0.1", port) == FeedbackReading(
-        error=f"agent at 127.0.0.1:{port}: empty reply"
+        error=f"feedback agent at 127.0.0.1:{port}: empty reply"
     )
 
 
@@ -355,7 +355,47 @@ async def test_read_agent_endless_line_is_bounded(nursery):
     with trio.fail_after(2):
         reading = await read_agent("127.0.0.1", port, limit=100)
     assert reading == FeedbackReading(
-        error=f"agent at 127.0.0.1:{port}: reply longer than 100 bytes without a line end"
+        error=f"feedback agent at 127.0.0.1:{port}: reply longer than 100 bytes without a "
+              "line end"
+    )
+
+
+async def _hung(stream: trio.SocketStream) -> None:
+    """Accepts, then never says a word."""
+    await trio.sleep_forever()
+
+
+async def test_a_hung_agent_is_a_reading_that_says_so(nursery, autojump_clock):
+    port = await _serve(nursery, "127.0.0.1", _hung)
+    start = trio.current_time()
+    reading = await read_agent("127.0.0.1", port, seconds=1)
+    assert trio.current_time() - start == pytest.approx(1)
+    assert reading == FeedbackReading(
+        error=f"feedback agent at 127.0.0.1:{port}: did not answer within 1 s"
+    )
+    assert apply_reading(40, reading)[1] == (
+        f"feedback agent at 127.0.0.1:{port}: did not answer within 1 s; keeping weight at 40%"
+    )
+
+
+async def test_an_agent_stuck_mid_line_is_a_reading_that_says_so(nursery, autojump_clock):
+    async def stuck_agent(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"7")
+        await trio.sleep_forever()
+
+    port = await _serve(nursery, "127.0.0.1", stuck_agent)
+    reading = await read_agent("127.0.0.1", port, seconds=0.5)
+    assert reading == FeedbackReading(
+        error=f"feedback agent at 127.0.0.1:{port}: no complete reply within 0.5 s "
+              "(received so far: '7')"
+    )
+
+
+async def test_a_hung_http_feedback_server_is_a_reading_that_says_so(nursery, autojump_clock):
+    port = await _serve(nursery, "127.0.0.1", _hung)
+    reading = await read_http("127.0.0.1", port, "/load", seconds=2)
+    assert reading == FeedbackReading(
+        error=f"http feedback at http://127.0.0.1:{port}/load: did not answer within 2 s"
     )
 
 
