@@ -13,7 +13,7 @@ from types import MappingProxyType
 import trio
 
 from lbha import hookimpl
-from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec
+from lbha.checkapi import REDACTED, CheckRegistry, CheckRequest, CheckResult, OptionSpec
 from lbha.checks.lines import CheckFailed, LineSession, quote, run_session
 from lbha.checks.tcpclient import matches
 
@@ -61,7 +61,7 @@ async def _dialogue(session: LineSession) -> str:
     code, _ = await _command(session, f"USER {login}", (230, 331), f"USER {login}")
     if code == 331:
         await _command(session, f"PASS {password or ''}", (230, 202),
-                       f"the login as {login!r}", shown="PASS ****")
+                       f"the login as {login!r}", shown=f"PASS {REDACTED}")
     done = f"FTP {session.endpoint}: login as {login!r}"
     if not spec.request:
         if spec.receive:

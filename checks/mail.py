@@ -13,7 +13,7 @@ import re
 from types import MappingProxyType
 
 from lbha import hookimpl
-from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec
+from lbha.checkapi import REDACTED, CheckRegistry, CheckRequest, CheckResult, OptionSpec
 from lbha.checks.lines import (
     MAX_LINES,
     CheckFailed,
@@ -208,7 +208,7 @@ class ImapCheck:
             password = imap_quoted(request.spec.password or "")
             tag = tags()
             await session.send(f"{tag} LOGIN {user} {password}",
-                                shown=f"{tag} LOGIN {user} ****", tagged=True)
+                                shown=f"{tag} LOGIN {user} {REDACTED}", tagged=True)
             status, text = await _tagged(session, tag, "LOGIN")
             if status != "OK":
                 raise CheckFailed(f"IMAP login as {login!r} on {session.endpoint} refused: "
@@ -283,7 +283,7 @@ class PopCheck:
             if not answer.startswith("+OK"):
                 raise _pop_failure(answer)(f"POP3 server {session.endpoint} refused USER "
                                            f"{login}: {quote(answer)}")
-            await session.send(f"PASS {request.spec.password or ''}", shown="PASS ****")
+            await session.send(f"PASS {request.spec.password or ''}", shown=f"PASS {REDACTED}")
             answer = await session.readline()
             if not answer.startswith("+OK"):
                 raise _pop_failure(answer)(f"POP3 login as {login!r} on {session.endpoint} "

@@ -36,7 +36,6 @@ from lbha.heartbeat.keepalive_pump import KeepalivePump
 from lbha.heartbeat.protocol import Frame, KeyRing, Receiver, Verdict, dropped, load_key_file
 from lbha.heartbeat.transport import ThreadedUdpTransport, Transport
 from lbha.hookspecs import DaemonContext
-from lbha.logs import redact_secrets
 from lbha.model import ClusterConfig, Config, Role
 from lbha.plugin_manager import PluginManager, load_plugins
 
@@ -426,7 +425,6 @@ async def run_daemon(
     config, keys = _load(path, manager)
     cluster = config.cluster
     assert cluster is not None
-    redact_secrets(config.secrets())
     if cluster.realtime:
         _go_realtime()
     manager.call("lbha_configure", config=config)
@@ -455,7 +453,6 @@ async def run_daemon(
                 except (ConfigError, HeartbeatError) as exc:
                     log.error("reload refused, the running configuration stays: %s", exc)
                     continue
-                redact_secrets(new_config.secrets())
                 manager.call("lbha_configure", config=new_config)
                 await node.reconfigure(new_config, new_keys)
     manager.call("lbha_stop", context=context)

@@ -18,6 +18,10 @@ from lbha.model import CheckSpec, IPAddress
 
 #: Seconds a check keeps back from the engine's deadline at most (see CheckRequest.own_budget).
 OWN_VERDICT_MARGIN = 0.1
+#: What a check writes where a secret (password, shared secret, an option declared
+#: `secret=True`) would show: in a transcript line, a reason, a log message. Secrets are
+#: replaced where they are written, never searched for in finished text.
+REDACTED = "****"
 #: Option value types a check schema may declare; "duration" takes "500ms" / "3s" / "2m".
 OPTION_TYPES: frozenset[str] = frozenset({"str", "int", "float", "bool", "duration"})
 
@@ -78,18 +82,19 @@ class Target:
 
 
 class Transcript:
-    """The exchange of one check, for `lbha check -v`; secrets are masked as they are written."""
+    """The exchange of one check, for `lbha check -v`, written as the check gives it.
 
-    def __init__(self, secrets: frozenset[str] = frozenset(), limit: int = 200) -> None:
-        self._secrets = tuple(sorted((s for s in secrets if s), key=len, reverse=True))
+    A line that would carry a secret is given with REDACTED in its place by the check
+    (`> PASS ****`); the transcript itself changes nothing.
+    """
+
+    def __init__(self, limit: int = 200) -> None:
         self._limit = limit
         self.lines: list[str] = []
 
     def _add(self, prefix: str, text: str) -> None:
         if len(self.lines) >= self._limit:
             return
-        for secret in self._secrets:
-            text = text.replace(secret, "****")
         self.lines.append(f"{prefix} {text}")
 
     def sent(self, text: str) -> None:

@@ -21,7 +21,7 @@ from lbha.config import DEFAULT_PATH, load_config, load_config_text
 from lbha.config_show import render_config
 from lbha.errors import ConfigError, ControlError, LbhaError, Problem
 from lbha.heartbeat.cli import add_commands as add_heartbeat_commands
-from lbha.logs import LEVELS, redact_secrets, setup_logging
+from lbha.logs import LEVELS, setup_logging
 from lbha.model import Config, Paths
 from lbha.plugin_manager import PluginManager, load_plugins
 
@@ -147,7 +147,6 @@ def cmd_healthd(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     config, plugins = loaded
-    redact_secrets(config.secrets())
     trio.run(Healthd(args.config, config, plugins).run)
     return EXIT_OK
 
@@ -276,7 +275,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not virtuals:
         print(f"lbha check: no virtual service named or addressed {args.vip!r}", file=sys.stderr)
         return EXIT_USAGE
-    secrets = config.secrets()
 
     async def check_all() -> bool:
         all_up = True
@@ -288,7 +286,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 spec = real.check
                 name = spec.check_name
                 seconds = spec.negotiate_timeout if spec.type == "negotiate" else spec.timeout
-                transcript = Transcript(secrets) if args.verbose else None
+                transcript = Transcript() if args.verbose else None
                 if spec.type in ("on", "off"):
                     result = CheckResult(spec.type == "on", f"check type {spec.type!r}")
                 else:

@@ -63,6 +63,10 @@ T = TypeVar("T")
 _MISSING: Any = object()
 
 
+#: Keys whose value is a secret: an error about one never quotes the value.
+SECRET_KEYS = frozenset({"password", "secret", "community"})
+
+
 def format_path(path: KeyPath) -> str:
     out = ""
     for part in path:
@@ -136,7 +140,8 @@ class _Table:
             return default
         converted = check(value)
         if converted is None:
-            self.error(key, f"expected {want}, got {_type_name(value)} {value!r}")
+            shown = "" if key in SECRET_KEYS else f" {value!r}"
+            self.error(key, f"expected {want}, got {_type_name(value)}{shown}")
             return default
         return converted
 
@@ -587,7 +592,8 @@ def _option_value(ot: _Table, key: str, option: OptionSpec) -> Any:
     value = ot.raw(key)
     expected = {"str": (str,), "int": (int,), "float": (int, float)}[option.type]
     if isinstance(value, bool) or not isinstance(value, expected):
-        ot.error(key, f"expected {option.type}, got {_type_name(value)} {value!r}")
+        shown = "" if option.secret else f" {value!r}"
+        ot.error(key, f"expected {option.type}, got {_type_name(value)}{shown}")
         return option.default
     return float(value) if option.type == "float" else value
 

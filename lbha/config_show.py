@@ -6,10 +6,10 @@ from dataclasses import fields, is_dataclass
 from enum import Enum
 from typing import Any
 
-from lbha.checkapi import CheckRegistry
+from lbha.checkapi import REDACTED, CheckRegistry
+from lbha.config import SECRET_KEYS
 from lbha.durations import format_duration
 from lbha.importers.toml_writer import Document, Table, TomlValue
-from lbha.logs import REDACTED
 from lbha.model import CheckSpec, Config, FloatingIP, PortRange, SnmpTarget, VirtualService
 
 #: Model fields holding durations (float seconds), shown as "3s", "500ms".
@@ -18,7 +18,6 @@ _DURATIONS = frozenset({
     "garp_refresh", "interval", "timeout", "negotiate_timeout", "repeat", "reconcile_interval",
     "persistence",
 })
-_SECRETS = frozenset({"password", "secret", "community"})
 _LAYER4_ONLY = frozenset({"forwarding", "scheduler", "persistence", "persistence_netmask"})
 _REAL_CHECK_KEYS = ("request", "receive", "port", "virtualhost", "regex")
 
@@ -26,7 +25,7 @@ _REAL_CHECK_KEYS = ("request", "receive", "port", "virtualhost", "regex")
 def _value(name: str, value: Any) -> TomlValue | None:
     if value is None:
         return None
-    if name in _SECRETS and value:
+    if name in SECRET_KEYS and value:
         return REDACTED
     if name in _DURATIONS and isinstance(value, float):
         return format_duration(value)

@@ -19,7 +19,6 @@ from lbha.control import serve_control
 from lbha.engine import Engine, EngineError
 from lbha.errors import ConfigError, ControlError
 from lbha.hookspecs import DaemonContext, Service
-from lbha.logs import redact_secrets
 from lbha.model import Config
 from lbha.plugin_manager import PluginManager
 from lbha.table import Admin
@@ -45,7 +44,6 @@ class Healthd:
     def reload(self) -> str:
         """Load and switch to the config file; raises ConfigError and keeps the old one."""
         config = load_config(self.config_path, checks=self.plugins.checks)
-        redact_secrets(config.secrets())
         self.plugins.call("lbha_configure", config=config)
         self.engine.reload(config)
         self.config = config

@@ -1,8 +1,11 @@
 """Logging shared by both daemons and the CLI.
 
 Plain lines; when stderr is the systemd journal (JOURNAL_STREAM names our stderr) each line
-starts with a `<N>` syslog priority, which journald turns into the entry's priority. Secret
-values of the config (passwords, RADIUS secrets, keys) are replaced by `****` in every line.
+starts with a `<N>` syslog priority, which journald turns into the entry's priority. Lines
+are written as logged: a secret never reaches a message, because the code that handles one
+writes a placeholder (lbha.checkapi.REDACTED) where it would show, rather than having every
+line searched for secret text (which mangles any line that happens to contain a short or
+common-word password, and shows the secret's letters by what it stars).
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterable
 from typing import TextIO
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -18,7 +20,6 @@ LEVELS = ("debug", "info", "warning", "error", "critical")
 _PRIORITY = {
     logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2,
 }
-REDACTED = "****"
 
 
 def stream_is_journal(stream: TextIO) -> bool:
@@ -32,49 +33,30 @@ def stream_is_journal(stream: TextIO) -> bool:
     return journal != "" and f"{st.st_dev}" == device and f"{st.st_ino}" == inode
 
 
-class RedactingFormatter(logging.Formatter):
-    """Formats a record, then blanks every known secret, tracebacks included."""
+class JournalFormatter(logging.Formatter):
+    """Formats a record; for the journal, every line gets the record's priority prefix."""
 
     def __init__(self, fmt: str, journal: bool) -> None:
         super().__init__(fmt, datefmt="%Y-%m-%d %H:%M:%S")
         self._journal = journal
-        self._secrets: tuple[str, ...] = ()
-
-    def set_secrets(self, secrets: Iterable[str]) -> None:
-        # Longest first, so a secret containing another is blanked whole.
-        self._secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        for secret in self._secrets:
-            text = text.replace(secret, REDACTED)
         if self._journal:
             prefix = f"<{_PRIORITY.get(record.levelno, 6)}>"
             text = "\n".join(prefix + line for line in text.splitlines())
         return text
 
 
-_formatter: RedactingFormatter | None = None
-
-
-def setup_logging(level: str = "info", stream: TextIO | None = None) -> RedactingFormatter:
-    """Configure the root logger once per process; returns the formatter for set_secrets()."""
-    global _formatter
+def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
+    """Configure the root logger once per process."""
     stream = stream if stream is not None else sys.stderr
     journal = stream_is_journal(stream)
     fmt = "%(name)s: %(message)s" if journal else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    _formatter = RedactingFormatter(fmt, journal)
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(_formatter)
+    handler.setFormatter(JournalFormatter(fmt, journal))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    return _formatter
-
-
-def redact_secrets(secrets: Iterable[str]) -> None:
-    """Tell the log formatter which values never to print (call again after a reload)."""
-    if _formatter is not None:
-        _formatter.set_secrets(secrets)

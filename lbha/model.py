@@ -359,7 +359,8 @@ class Config:
         raise KeyError(name)
 
     def secrets(self) -> frozenset[str]:
-        """Every secret value in the config, for log redaction."""
+        """Every secret value in the config (nothing searches output for them: each is
+        replaced where it is written, see lbha.checkapi.REDACTED)."""
         found: set[str] = set(self.plugin_secrets)
         if self.alerts.email.password:
             found.add(self.alerts.email.password)

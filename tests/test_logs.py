@@ -1,4 +1,8 @@
-"""Log lines: journal priority prefixes, levels, and secrets never printed."""
+"""Log lines: journal priority prefixes and levels, written as logged.
+
+No secret is searched for in finished lines: the code handling a secret writes a placeholder
+at the source (tests/checks/test_radius.py runs a daemon with failing checks and reads its log).
+"""
 
 from __future__ import annotations
 
@@ -9,26 +13,7 @@ import tempfile
 
 import pytest
 
-from lbha.config import load_config_text
-from lbha.logs import redact_secrets, setup_logging, stream_is_journal
-
-CONFIG = """\
-[[virtual]]
-address = "198.18.0.100"
-ports = 389
-[virtual.check]
-login = "cn=admin"
-password = "ldap-pw-123"
-[[virtual.real]]
-address = "198.18.0.21"
-[[virtual.real]]
-address = "198.18.0.22"
-[virtual.real.check]
-request = "dc=example"
-[alerts.email]
-to = ["ops@example.org"]
-password = "smtp-pw"
-"""
+from lbha.logs import setup_logging, stream_is_journal
 
 
 @pytest.fixture(autouse=True)
@@ -38,23 +23,6 @@ def _restore_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
-
-
-def test_secrets_are_redacted_in_messages_and_tracebacks() -> None:
-    stream = io.StringIO()
-    setup_logging("debug", stream)
-    redact_secrets(load_config_text(CONFIG).secrets())
-    log = logging.getLogger("lbha.test")
-    log.info("binding with %s", "ldap-pw-123")
-    try:
-        raise ValueError("smtp said no to smtp-pw")
-    except ValueError:
-        log.exception("alert failed")
-    text = stream.getvalue()
-    assert "ldap-pw-123" not in text
-    assert "smtp-pw" not in text
-    assert "binding with ****" in text
-    assert "smtp said no to ****" in text
 
 
 def test_level_filters() -> None:

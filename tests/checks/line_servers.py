@@ -337,7 +337,7 @@ async def down_in_time(service: str, port: int, **spec: object) -> str:
 
 
 async def transcript_of(service: str, port: int, **spec: object) -> tuple[CheckResult, list[str]]:
-    transcript = Transcript(frozenset({PASSWORD}))
+    transcript = Transcript()
     result = await run_check_now(service, rport=port, transcript=transcript, **spec)
     return result, transcript.lines
 

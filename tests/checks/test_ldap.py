@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
+from cli_runs import lbha, virtual, write_config
 from hostile import hostile_server, script, silent, trickle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -30,6 +31,9 @@ ADMIN = f"cn=admin,{SUFFIX}"
 ADMIN_PASSWORD = "s3cret-admin"
 ALICE = f"uid=alice,ou=people,{SUFFIX}"
 ALICE_PASSWORD = "alice-pw"
+#: Accounts whose password is one letter, and a word the transcript carries.
+SHORT, SHORT_PASSWORD = f"uid=short,ou=people,{SUFFIX}", "e"
+WORD, WORD_PASSWORD = f"uid=word,ou=people,{SUFFIX}", "search"
 SLAPD = shutil.which("slapd") or "/usr/sbin/slapd"
 SLAPADD = shutil.which("slapadd") or "/usr/sbin/slapadd"
 
@@ -111,6 +115,20 @@ def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
         cn: Alice
         sn: Example
         userPassword: {ALICE_PASSWORD}
+
+        dn: {SHORT}
+        objectClass: inetOrgPerson
+        uid: short
+        cn: Short
+        sn: Example
+        userPassword: {SHORT_PASSWORD}
+
+        dn: {WORD}
+        objectClass: inetOrgPerson
+        uid: word
+        cn: Word
+        sn: Example
+        userPassword: {WORD_PASSWORD}
         """))
     subprocess.run([SLAPADD, "-f", str(conf), "-l", str(ldif)], check=True,
                    capture_output=True, timeout=30)
@@ -163,7 +181,7 @@ async def test_anonymous_root_dse_is_up(slapd: Slapd) -> None:
 
 
 async def test_bind_and_search_with_receive_is_up(slapd: Slapd) -> None:
-    transcript = Transcript(frozenset({ADMIN_PASSWORD}))
+    transcript = Transcript()
     result = await run_check_now("ldap", rport=slapd.port, login=ADMIN, password=ADMIN_PASSWORD,
                                  request=SUFFIX, receive="dc=example", transcript=transcript)
     assert result.up, result.reason
@@ -355,3 +373,37 @@ async def test_fuzz_any_server_bytes_get_a_verdict_from_the_check(reply: bytes, 
         result = await run_check_now("ldap", rport=port, negotiate_timeout=0.2)
     assert not result.up
     assert result.reason.startswith("bind anonymously on 127.0.0.1:"), result.reason
+
+
+# ----------------------------------------------------------------- secrets in `lbha check -v`
+
+
+@pytest.mark.parametrize(("login", "password"), [(SHORT, SHORT_PASSWORD), (WORD, WORD_PASSWORD)],
+                         ids=["one-letter", "common-word"])
+def test_a_short_or_common_password_leaves_check_output_whole(
+    slapd: Slapd, tmp_path: Path, login: str, password: str,
+) -> None:
+    check = f'login = "{login}"\npassword = "{password}"\nrequest = "{SUFFIX}"'
+    config = write_config(tmp_path, virtual(tmp_path, "dir", 1, "ldap", slapd.port, check))
+    out = lbha("check", str(config), "dir", "-v")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.splitlines() == [
+        f"dir r (127.0.0.1:{slapd.port}) ldap: UP: entry {SUFFIX!r}",
+        f"    > bind as {login}",
+        f"    > search base={SUFFIX!r} scope=base filter=(objectClass=*)",
+        f"    < entry {SUFFIX!r}",
+    ]
+
+
+@pytest.mark.parametrize("password", [ADMIN_PASSWORD, "wrong-admin-pw"], ids=["up", "down"])
+def test_no_password_in_check_output_or_config_show(slapd: Slapd, tmp_path: Path,
+                                                    password: str) -> None:
+    check = f'login = "{ADMIN}"\npassword = "{password}"\nrequest = "{SUFFIX}"'
+    config = write_config(tmp_path, virtual(tmp_path, "dir", 1, "ldap", slapd.port, check))
+    out = lbha("check", str(config), "dir", "-v")
+    assert out.returncode == (0 if password == ADMIN_PASSWORD else 1), out.stdout
+    assert f"    > bind as {ADMIN}" in out.stdout.splitlines()
+    shown = lbha("config", "show", str(config))
+    assert 'password = "****"' in shown.stdout
+    for output in (out.stdout, out.stderr, shown.stdout, shown.stderr):
+        assert password not in output

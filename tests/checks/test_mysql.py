@@ -15,6 +15,7 @@ import pymysql
 import pytest
 import trio
 import trustme
+from cli_runs import lbha, virtual, write_config
 from hostile import hostile_server, script, silent, trickle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,6 +27,9 @@ from lbha.plugin_manager import PluginManager
 from lbha.testing import run_check_now
 
 USER, PASSWORD, DATABASE = "lbha", "check-pw", "app"
+#: Accounts whose password is one letter, and a word the transcript carries.
+SHORT_USER, SHORT_PASSWORD = "short", "e"
+WORD_USER, WORD_PASSWORD = "word", "login"
 MARIADBD = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
 INSTALL_DB = shutil.which("mariadb-install-db") or "/usr/bin/mariadb-install-db"
 
@@ -90,6 +94,10 @@ def mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mariadb]:
                 f"INSERT INTO {DATABASE}.t VALUES (42)",
                 f"CREATE USER '{USER}'@'%' IDENTIFIED BY '{PASSWORD}'",
                 f"GRANT SELECT ON {DATABASE}.* TO '{USER}'@'%'",
+                f"CREATE USER '{SHORT_USER}'@'%' IDENTIFIED BY '{SHORT_PASSWORD}'",
+                f"GRANT SELECT ON {DATABASE}.* TO '{SHORT_USER}'@'%'",
+                f"CREATE USER '{WORD_USER}'@'%' IDENTIFIED BY '{WORD_PASSWORD}'",
+                f"GRANT SELECT ON {DATABASE}.* TO '{WORD_USER}'@'%'",
             ):
                 cursor.execute(statement)
         admin.close()
@@ -122,7 +130,7 @@ def test_registered_through_the_entry_point() -> None:
 
 
 async def test_default_query_is_up(mariadb: Mariadb) -> None:
-    transcript = Transcript(frozenset({PASSWORD}))
+    transcript = Transcript()
     result = await run_check_now("mysql", **login(mariadb.port), transcript=transcript)
     assert result.up, result.reason
     assert result.reason == "query returned (1,)"
@@ -287,3 +295,38 @@ async def test_fuzz_any_server_bytes_get_a_verdict_from_the_check(greeting: byte
         result = await run_check_now("mysql", **login(port), negotiate_timeout=0.2)
     assert not result.up
     assert result.reason.startswith(f"login as {USER}"), result.reason
+
+
+# ----------------------------------------------------------------- secrets in `lbha check -v`
+
+
+@pytest.mark.parametrize(("login", "password"), [(SHORT_USER, SHORT_PASSWORD),
+                                                 (WORD_USER, WORD_PASSWORD)],
+                         ids=["one-letter", "common-word"])
+def test_a_short_or_common_password_leaves_check_output_whole(
+    mariadb: Mariadb, tmp_path: Path, login: str, password: str,
+) -> None:
+    check = f'login = "{login}"\npassword = "{password}"\ndatabase = "{DATABASE}"'
+    config = write_config(tmp_path, virtual(tmp_path, "db", 1, "mysql", mariadb.port, check))
+    out = lbha("check", str(config), "db", "-v")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.splitlines() == [
+        f"db r (127.0.0.1:{mariadb.port}) mysql: UP: query returned (1,)",
+        f"    > login as {login} to database {DATABASE}",
+        "    > SELECT 1",
+        "    < (1,)",
+    ]
+
+
+@pytest.mark.parametrize("password", [PASSWORD, "wrong-db-pw"], ids=["up", "down"])
+def test_no_password_in_check_output_or_config_show(mariadb: Mariadb, tmp_path: Path,
+                                                    password: str) -> None:
+    check = f'login = "{USER}"\npassword = "{password}"\ndatabase = "{DATABASE}"'
+    config = write_config(tmp_path, virtual(tmp_path, "db", 1, "mysql", mariadb.port, check))
+    out = lbha("check", str(config), "db", "-v")
+    assert out.returncode == (0 if password == PASSWORD else 1), out.stdout
+    assert f"    > login as {USER} to database {DATABASE}" in out.stdout.splitlines()
+    shown = lbha("config", "show", str(config))
+    assert 'password = "****"' in shown.stdout
+    for output in (out.stdout, out.stderr, shown.stdout, shown.stderr):
+        assert password not in output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from cli_runs import healthd, lbha, reals, virtual, wait_status, write_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyrad.packet import AccessAccept, AccessChallenge, AccessReject, AccountingResponse, AuthPacket
@@ -32,6 +34,9 @@ from lbha.testing import run_check_now
 
 SECRET = "testing-secret"
 USER, PASSWORD = "alice", "alice-pw"
+#: Accounts whose password is one letter, and a word every transcript and reason carries.
+SHORT_USER, SHORT_PASSWORD = "bob", "e"
+WORD_USER, WORD_PASSWORD = "carol", "Access"
 FREERADIUS = shutil.which("freeradius") or "/usr/sbin/freeradius"
 CONFIG = Path("/etc/freeradius/3.0")
 
@@ -120,6 +125,8 @@ def freeradius(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Freeradius]
         \tReply-Message := "Hello, %{{User-Name}}"
         challenged Cleartext-Password := "x", Response-Packet-Type := Access-Challenge
         \tReply-Message := "Enter your token"
+        {SHORT_USER} Cleartext-Password := "{SHORT_PASSWORD}"
+        {WORD_USER} Cleartext-Password := "{WORD_PASSWORD}"
         """))
     process = subprocess.Popen([FREERADIUS, "-f", "-l", str(tmp / "radius.log"), "-d", str(raddb)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -162,7 +169,7 @@ def test_registered_through_the_entry_point() -> None:
 
 
 async def test_access_accept_is_up(freeradius: Freeradius) -> None:
-    transcript = Transcript(frozenset({PASSWORD, SECRET}))
+    transcript = Transcript()
     result = await run_check_now("radius", **creds(freeradius.port), transcript=transcript)
     assert result.up, result.reason
     assert result.reason == f"Access-Accept for {USER}"
@@ -222,6 +229,71 @@ async def test_missing_secret_or_login_is_down() -> None:
     result = await run_check_now("radius", rport=1812, login=USER, secret=SECRET,
                                  password="x" * 200)
     assert result.reason.startswith("cannot build the Access-Request:")
+
+
+# ------------------------------------------------- secrets in the CLI, status and daemon logs
+
+
+def _credentials(login: str, password: str) -> str:
+    return f'login = "{login}"\npassword = "{password}"\nsecret = "{SECRET}"'
+
+
+@pytest.mark.parametrize(("login", "password"), [(SHORT_USER, SHORT_PASSWORD),
+                                                 (WORD_USER, WORD_PASSWORD)],
+                         ids=["one-letter", "common-word"])
+def test_a_short_or_common_password_leaves_check_output_whole(
+    freeradius: Freeradius, tmp_path: Path, login: str, password: str,
+) -> None:
+    # Searching lines for the password's text (as lbha once did) turned these into
+    # "Acc****ss-R****qu****st" and "****-Accept".
+    config = write_config(tmp_path, virtual(tmp_path, "radius", 1, "radius", freeradius.port,
+                                            _credentials(login, password)))
+    out = lbha("check", str(config), "radius", "-v")
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == (f"radius r (127.0.0.1:{freeradius.port}) radius: UP: "
+                        f"Access-Accept for {login}")
+    assert re.fullmatch(rf"    > Access-Request id=\d+ User-Name={login} \(attempt 1 of 3\)",
+                        lines[1]), lines
+    assert lines[2:] == ["    < Access-Accept"]
+
+
+def test_a_failing_check_shows_no_secret_anywhere(freeradius: Freeradius, tmp_path: Path) -> None:
+    long_wrong = "wrong-pw-7f3a9c"
+    config = write_config(
+        tmp_path,
+        virtual(tmp_path, "short", 1, "radius", freeradius.port, _credentials(USER, "e")),
+        virtual(tmp_path, "long", 2, "radius", freeradius.port,
+                _credentials(USER, long_wrong)),
+        checks='interval = "1s"\nfailure_count = 1',
+    )
+    secrets = (SECRET, long_wrong)
+    rejected = f"Access-Reject for {USER}: wrong password for {USER}"
+    shown = lbha("config", "show", str(config))
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.count('password = "****"') == 2
+    assert shown.stdout.count('secret = "****"') == 2
+    outputs = {"config show": shown.stdout + shown.stderr}
+    for name in ("short", "long"):
+        out = lbha("check", str(config), name, "-v")
+        assert out.returncode == 1
+        assert out.stdout.startswith(f"{name} r (127.0.0.1:{freeradius.port}) radius: DOWN: "
+                                     f"{rejected}\n"), out.stdout
+        assert "    < Access-Reject" in out.stdout.splitlines()
+        outputs[f"check {name} -v"] = out.stdout + out.stderr
+    log = tmp_path / "healthd.log"
+    with healthd(config, log):
+        status = wait_status(config, lambda s: all(r["state"] == "down"
+                                                   for r in reals(s).values()))
+        text = lbha("status", "--config", str(config)).stdout
+    assert {r["reason"] for r in reals(status).values()} == {rejected}
+    assert f"short: real server r is down: {rejected}" in log.read_text()
+    assert f"long: real server r is down: {rejected}" in log.read_text()
+    assert text.count(f": {rejected}") == 2, text
+    outputs |= {"daemon log": log.read_text(), "status": text, "status --json": str(status)}
+    for what, output in outputs.items():
+        for secret in secrets:
+            assert secret not in output, (what, secret)
 
 
 # --------------------------------------------------------------------------- scripted servers

@@ -24,7 +24,14 @@ from typing import Any
 import trio
 
 from lbha import hookimpl
-from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec, Transcript
+from lbha.checkapi import (
+    REDACTED,
+    CheckRegistry,
+    CheckRequest,
+    CheckResult,
+    OptionSpec,
+    Transcript,
+)
 
 DEFAULT_PORT = 6379
 #: Longest reply line accepted; a server sending more without a line end is broken.
@@ -129,7 +136,7 @@ class RedisCheck:
             try:
                 if password:
                     words = (username, password) if username else (password,)
-                    masked = "AUTH " + (f"{username} ****" if username else "****")
+                    masked = "AUTH " + (f"{username} {REDACTED}" if username else REDACTED)
                     reply = await _ask(stream, reader, _command("AUTH", *words), masked, transcript)
                     if reply != b"+OK":
                         return CheckResult.failure(f"{endpoint} refused AUTH: {_show(reply)!r}")
