@@ -1,8 +1,9 @@
 """`http`, `https`, `http_proxy`: one HTTP/1.1 request, the answer judged as ldirectord does.
 
-Success is a 2xx status and, when `receive` is set, a body that contains it (or matches it as
-a regular expression with `regex = true`); headers are never searched. Redirects are judged as
-they are, not followed. Status line and headers are capped at 64 KiB, the body at 1 MiB:
+Success is a status the option `status` accepts (default "2xx,3xx", as HAProxy's httpchk and
+check_http) and, when `receive` is set, a body that contains it (or matches it as a regular
+expression with `regex = true`); headers are never searched. Redirects are judged as they
+are, not followed. Status line and headers are capped at 64 KiB, the body at 1 MiB:
 more is a failure, so a server that streams forever cannot hold a check. `https` does not
 verify certificates unless `verify_tls` (or `ca_file`) asks for it. `http_proxy` uses the
 real server as a proxy and fetches the absolute URL in `request` through it.
@@ -49,6 +50,50 @@ _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _HOST = re.compile(r"[A-Za-z0-9.\-_~%!$&'()*+,;=:\[\]]+")
 #: Response header lines shown by `lbha check -v`.
 _TRANSCRIPT_HEADERS = 40
+#: The statuses that are up unless the option `status` says otherwise: 2xx and 3xx, as
+#: HAProxy's httpchk and check_http; ldirectord follows a redirect, so a migrated check on
+#: a page that redirects (/ to /login) stays up.
+DEFAULT_STATUS = "2xx,3xx"
+_STATUS_ITEM = re.compile(r"([1-5])xx|(\d{3})(?:-(\d{3}))?", re.IGNORECASE)
+_STATUS_HELP = 'a code (200), a class (2xx) or a range (200-399), comma-separated'
+
+
+@dataclass(frozen=True, slots=True)
+class StatusSet:
+    """The HTTP statuses a check accepts, as inclusive ranges, and how to name them."""
+
+    ranges: tuple[tuple[int, int], ...]
+    text: str
+
+    def __contains__(self, status: object) -> bool:
+        return isinstance(status, int) and any(low <= status <= high
+                                               for low, high in self.ranges)
+
+
+@functools.lru_cache(maxsize=256)
+def parse_status(text: str) -> StatusSet:
+    """`"2xx, 301-302, 404"` as a StatusSet; ValueError naming the item that is none of
+    a code, a class or a range of codes 100..599."""
+    ranges = []
+    items = [item.strip() for item in text.split(",")]
+    for item in items:
+        match = _STATUS_ITEM.fullmatch(item)
+        if match is None:
+            raise ValueError(f"{item!r} is not {_STATUS_HELP}" if item
+                             else f"empty item in {text!r}: give {_STATUS_HELP}")
+        if match.group(1):
+            low = int(match.group(1)) * 100
+            ranges.append((low, low + 99))
+            continue
+        low = int(match.group(2))
+        high = int(match.group(3) or low)
+        for code in (low, high):
+            if not 100 <= code <= 599:
+                raise ValueError(f"{item!r}: {code} is not an HTTP status code (100..599)")
+        if low > high:
+            raise ValueError(f"{item!r} is an empty range: {low} is above {high}")
+        ranges.append((low, high))
+    return StatusSet(tuple(ranges), ",".join(items))
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,19 +348,22 @@ async def read_response(stream: trio.abc.ReceiveStream, endpoint: str, method: s
     return response
 
 
-def judge(response: Response, spec: CheckSpec, method: str) -> CheckResult:
-    """2xx and (no receive, or the body matches it); redirects are judged as they are."""
+def judge(response: Response, spec: CheckSpec, method: str,
+          accepted: StatusSet | None = None) -> CheckResult:
+    """An accepted status (default 2xx, 3xx) and (no receive, or the body matches it);
+    redirects are judged as they are."""
+    accepted = accepted if accepted is not None else parse_status(DEFAULT_STATUS)
     receive = spec.receive or ""
     status = response.status
     shown = response.status_line.split(" ", 1)[1] if " " in response.status_line else ""
-    if not 200 <= status < 300:
-        expected = f"expected {quote(receive)}, got" if receive else "expected a 2xx status, got"
-        note = ""
-        if 300 <= status < 400:
-            location = response.header("location")
-            to = f" to {quote(location, 100)}" if location else ""
-            note = f" (redirect{to}; redirects are not followed)"
-        return CheckResult.failure(f"{expected} HTTP {shown}{note}")
+    note = ""
+    if 300 <= status < 400:
+        location = response.header("location")
+        to = f" to {quote(location, 100)}" if location else ""
+        note = f" (redirect{to}; redirects are not followed)"
+    if status not in accepted:
+        expected = f"expected {quote(receive)} with" if receive else "expected"
+        return CheckResult.failure(f"{expected} status {accepted.text}, got HTTP {shown}{note}")
     if not receive:
         return CheckResult.success(f"HTTP {shown}")
     if method == "HEAD":
@@ -325,7 +373,7 @@ def judge(response: Response, spec: CheckSpec, method: str) -> CheckResult:
         how = "matches regex" if spec.regex else "contains"
         return CheckResult.success(f"HTTP {shown}, body {how} {quote(receive)}")
     how = "does not match regex" if spec.regex else "does not contain"
-    return CheckResult.failure(f"HTTP {status} but body {how} {quote(receive)}")
+    return CheckResult.failure(f"HTTP {status} but body {how} {quote(receive)}{note}")
 
 
 def _record_response(transcript: Transcript, response: Response) -> None:
@@ -343,7 +391,12 @@ class HttpCheck:
     """One of http, https, http_proxy: they differ in TLS and the request's form."""
 
     negotiate = True
-    options: MappingProxyType[str, OptionSpec] = MappingProxyType({})
+    options: MappingProxyType[str, OptionSpec] = MappingProxyType({
+        "status": OptionSpec(
+            type="str", default=DEFAULT_STATUS, validate=parse_status,
+            help=f"the HTTP statuses that are up: {_STATUS_HELP}; default 2xx and 3xx "
+                 "(redirects are not followed)"),
+    })
 
     def __init__(self, name: str, description: str) -> None:
         self.name = name
@@ -392,13 +445,17 @@ class HttpCheck:
             response = await read_response(stream, endpoint, method, progress)
         if transcript:
             _record_response(transcript, response)
-        return judge(response, request.spec, method)
+        return judge(response, request.spec, method,
+                     parse_status(request.options.get("status") or DEFAULT_STATUS))
 
 
 @hookimpl
 def lbha_register_checks(registry: CheckRegistry) -> None:
-    registry.add(HttpCheck("http", "HTTP request; up on 2xx and receive found in the body"))
+    registry.add(HttpCheck("http", "HTTP request; up on 2xx/3xx (option status) and receive "
+                                   "found in the body"))
     registry.add(HttpCheck("https", "HTTPS request (certificate verified only with "
-                                    "verify_tls); up on 2xx and receive found in the body"))
+                                    "verify_tls); up on 2xx/3xx (option status) and receive "
+                                    "found in the body"))
     registry.add(HttpCheck("http_proxy", "the real server as HTTP proxy: fetch the absolute "
-                                         "URL in request through it; up on 2xx and receive"))
+                                         "URL in request through it; up on 2xx/3xx (option "
+                                         "status) and receive"))

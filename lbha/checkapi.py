@@ -8,7 +8,7 @@ everything it opened when it is cancelled.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
@@ -40,6 +40,9 @@ class OptionSpec:
     #: Inclusive bounds for int, float and duration options.
     minimum: float | None = None
     maximum: float | None = None
+    #: Checks a value's syntax at config load (after its type): raises ValueError whose
+    #: message config check shows against the option, e.g. for a list written as a string.
+    validate: Callable[[Any], object] | None = None
 
     def __post_init__(self) -> None:
         if self.type not in OPTION_TYPES:
@@ -202,6 +205,12 @@ class CheckRegistry:
                 raise PluginError(
                     f"check type {name!r}: option {option!r} must be an lbha.checkapi.OptionSpec"
                 )
+            if spec.validate is not None and spec.default is not None:
+                try:
+                    spec.validate(spec.default)
+                except ValueError as exc:
+                    raise PluginError(f"check type {name!r}: the default of option {option!r} "
+                                      f"is not valid: {exc}") from None
         self._checks[name] = RegisteredCheck(check, self.current_plugin)
 
     def remove_plugin(self, plugin: str) -> None:

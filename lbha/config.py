@@ -582,6 +582,11 @@ def _option_bounds(ot: _Table, key: str, option: OptionSpec, value: Any) -> None
             ot.error(key, f"{value!r} is below the minimum {option.minimum:g}")
         elif option.maximum is not None and value > option.maximum:
             ot.error(key, f"{value!r} is above the maximum {option.maximum:g}")
+    if option.validate is not None and value is not None:
+        try:
+            option.validate(value)
+        except ValueError as exc:
+            ot.error(key, str(exc))
 
 
 def _option_value(ot: _Table, key: str, option: OptionSpec) -> Any:

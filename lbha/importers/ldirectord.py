@@ -39,6 +39,15 @@ LD_SERVICES = frozenset(
 )
 #: Services whose check strips the '/' ldirectord prepends to `request` (negotiate-checks 1.3).
 _STRIP_SLASH = frozenset({"dns", "mysql", "pgsql", "oracle", "ldap", "ldaps", "simpletcp"})
+#: ldirectord follows redirects (LWP) and judges the page they lead to; lbha judges the first
+#: answer. Without receive the two agree (lbha's http checks accept 3xx by default); with
+#: receive a redirect's own body is matched, so the operator is told.
+_HTTP_SERVICES = frozenset({"http", "https", "http_proxy"})
+_REDIRECT_NOTE = (
+    "ldirectord follows redirects and looks for receive in the page they lead to; lbha "
+    "judges the answer to request itself (a redirect is up only if its own body contains "
+    "receive): make request the final URL"
+)
 
 #: /etc/services names, for hosts without that file (containers often lack it).
 _PORT_NAMES = {
@@ -704,6 +713,8 @@ class _Converter:
                 check.set("receive", receive)
                 if self.regex(v["receive"], receive):
                     check.set("regex", True)
+                if negotiates and service in _HTTP_SERVICES:
+                    self.note(v["receive"], _REDIRECT_NOTE, Severity.CHANGED, vt)
         if "virtualhost" in v:
             found = re.match(r'^"?([^"]*)"?', v["virtualhost"].value.strip())
             if found and found.group(1):

@@ -14,14 +14,24 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 import trio
+from cli_runs import lbha, virtual, write_config
 from hostile import endless, garbage, hostile_server, script, silent, tls_stall, trickle
 from resources import closed_port, free_port, open_fds
 
-from lbha.checkapi import Transcript
+from lbha.checkapi import (
+    CheckRegistry,
+    CheckRequest,
+    CheckResult,
+    OptionSpec,
+    Transcript,
+)
 from lbha.checks import http as http_module
+from lbha.errors import PluginError
+from lbha.importers import import_ldirectord
 from lbha.model import HttpMethod
 from lbha.plugin_manager import PluginManager
 from lbha.testing import run_check_now
@@ -221,13 +231,13 @@ async def test_http_default_request_is_the_root(nginx: Nginx) -> None:
     assert transcript.lines[1] == "> GET / HTTP/1.1"
 
 
-async def test_http_empty_receive_means_2xx(nginx: Nginx) -> None:
+async def test_http_empty_receive_means_2xx_or_3xx(nginx: Nginx) -> None:
     assert (await run_check_now("http", rport=nginx.http, request="/health")).up
     down = await run_check_now("http", rport=nginx.http, request="/down")
     assert not down.up
-    assert down.reason == "expected a 2xx status, got HTTP 503 Service Temporarily Unavailable"
+    assert down.reason == "expected status 2xx,3xx, got HTTP 503 Service Temporarily Unavailable"
     missing = await run_check_now("http", rport=nginx.http, request="/nope", receive="OK")
-    assert missing.reason == "expected 'OK', got HTTP 404 Not Found"
+    assert missing.reason == "expected 'OK' with status 2xx,3xx, got HTTP 404 Not Found"
 
 
 async def test_http_body_mismatch_and_regex(nginx: Nginx) -> None:
@@ -253,8 +263,81 @@ async def test_redirect_is_not_followed(nginx: Nginx) -> None:
     result = await run_check_now("http", rport=nginx.http, request="/moved", receive="OK")
     assert not result.up
     assert result.reason == (
-        f"expected 'OK', got HTTP 302 Moved Temporarily (redirect to "
+        f"HTTP 302 but body does not contain 'OK' (redirect to "
         f"'http://127.0.0.1:{nginx.http}/health'; redirects are not followed)")
+
+
+async def test_a_redirect_without_receive_is_up_by_default(nginx: Nginx) -> None:
+    # As ldirectord (which follows it to a 2xx), HAProxy's httpchk and check_http.
+    result = await run_check_now("http", rport=nginx.http, request="/moved")
+    assert result.up, result.reason
+    assert result.reason == "HTTP 302 Moved Temporarily"
+
+
+@pytest.mark.parametrize(("status", "request_path", "up", "reason"), [
+    ("2xx", "/moved", False, "expected status 2xx, got HTTP 302 Moved Temporarily (redirect "
+                             "to 'http://127.0.0.1:{port}/health'; redirects are not followed)"),
+    ("200", "/health", True, "HTTP 200 OK"),
+    ("200, 302", "/moved", True, "HTTP 302 Moved Temporarily"),
+    ("2xx,503", "/down", True, "HTTP 503 Service Temporarily Unavailable"),
+    ("500-599", "/health", False, "expected status 500-599, got HTTP 200 OK"),
+    ("3XX", "/nope", False, "expected status 3XX, got HTTP 404 Not Found"),
+], ids=["2xx-only", "one-code", "list", "class-and-code", "range", "upper-case-class"])
+async def test_the_status_option_says_which_answers_are_up(
+    nginx: Nginx, status: str, request_path: str, up: bool, reason: str,
+) -> None:
+    result = await run_check_now("http", rport=nginx.http, request=request_path,
+                                 options={"status": status})
+    assert (result.up, result.reason) == (up, reason.format(port=nginx.http))
+
+
+@pytest.mark.parametrize(("status", "message"), [
+    ("", "empty item in '': give a code (200), a class (2xx) or a range (200-399), "
+         "comma-separated"),
+    ("2xx,,3xx", "empty item in '2xx,,3xx'"),
+    ("ok", "'ok' is not a code (200), a class (2xx) or a range (200-399), comma-separated"),
+    ("6xx", "'6xx' is not a code (200), a class (2xx)"),
+    ("200-600", "'200-600': 600 is not an HTTP status code (100..599)"),
+    ("399-200", "'399-200' is an empty range: 399 is above 200"),
+    ("20", "'20' is not a code (200)"),
+], ids=["empty", "empty-item", "word", "class-6", "range-high", "range-reversed", "short"])
+def test_a_bad_status_option_is_refused_by_config_check(tmp_path: Path, status: str,
+                                                        message: str) -> None:
+    config = write_config(tmp_path, virtual(tmp_path, "web", 1, "http", 80,
+                                            f'options = {{ status = "{status}" }}'))
+    out = lbha("config", "check", str(config))
+    assert out.returncode == 1, out.stdout
+    assert "virtual[0].check.options.status" in out.stderr
+    assert message in out.stderr, out.stderr
+
+
+def test_a_status_option_that_is_no_string_is_refused(tmp_path: Path) -> None:
+    config = write_config(tmp_path, virtual(tmp_path, "web", 1, "http", 80,
+                                            "options = { status = 302 }"))
+    out = lbha("config", "check", str(config))
+    assert out.returncode == 1
+    assert "virtual[0].check.options.status" in out.stderr
+    assert "expected str, got an integer 302" in out.stderr
+
+
+def test_lbha_check_applies_the_status_option_from_the_config(nginx: Nginx,
+                                                              tmp_path: Path) -> None:
+    check = 'request = "/moved"\noptions = {{ status = "{status}" }}'
+    config = write_config(
+        tmp_path,
+        virtual(tmp_path, "default", 1, "http", nginx.http, 'request = "/moved"'),
+        virtual(tmp_path, "strict", 2, "http", nginx.http, check.format(status="2xx")),
+    )
+    up = lbha("check", str(config), "default")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert up.stdout == (f"default r (127.0.0.1:{nginx.http}) http: UP: "
+                         "HTTP 302 Moved Temporarily\n")
+    down = lbha("check", str(config), "strict")
+    assert down.returncode == 1, down.stdout + down.stderr
+    assert down.stdout.startswith(f"strict r (127.0.0.1:{nginx.http}) http: DOWN: expected "
+                                  "status 2xx, got HTTP 302 Moved Temporarily")
+    shown = lbha("config", "show", str(config))
+    assert 'options = { status = "2xx" }' in shown.stdout, shown.stdout
 
 
 async def test_virtualhost_is_the_host_header(nginx: Nginx) -> None:
@@ -460,7 +543,7 @@ async def test_proxy_fetches_the_absolute_url(nginx: Nginx, tinyproxy: int) -> N
     assert f"> Host: 127.0.0.1:{nginx.http}" in transcript.lines
     down = await run_check_now("http_proxy", rport=tinyproxy,
                                request=f"http://127.0.0.1:{nginx.http}/down")
-    assert down.reason == "expected a 2xx status, got HTTP 503 Service Temporarily Unavailable"
+    assert down.reason == "expected status 2xx,3xx, got HTTP 503 Service Temporarily Unavailable"
 
 
 async def test_proxy_reports_an_unreachable_origin(tinyproxy: int) -> None:
@@ -468,7 +551,7 @@ async def test_proxy_reports_an_unreachable_origin(tinyproxy: int) -> None:
         result = await run_check_now("http_proxy", rport=tinyproxy,
                                      request=f"http://127.0.0.1:{port}/")
     assert not result.up
-    assert result.reason.startswith("expected a 2xx status, got HTTP 50")
+    assert result.reason.startswith("expected status 2xx,3xx, got HTTP 50")
 
 
 async def test_proxy_needs_an_absolute_url() -> None:
@@ -656,3 +739,32 @@ address = "127.0.0.1"
     assert "    < HTTP/1.1 200 OK" in lines
     assert "    < body: 14 bytes (content-length): OK from nginx\\n" in lines
     assert "s3cret" not in out.stdout
+
+
+def test_a_migrated_ldirectord_check_on_a_redirecting_page_stays_up(nginx: Nginx,
+                                                                    tmp_path: Path) -> None:
+    # ldirectord follows /moved to /health (200) and calls it up; so must the import.
+    imported = import_ldirectord(
+        f"virtual=198.18.0.1:80\n\treal=127.0.0.1:{nginx.http} masq\n\tservice=http\n"
+        f"\trequest=\"/moved\"\n", "ldirectord.cf")
+    config = tmp_path / "lbha.toml"
+    config.write_text(f'[paths]\nrun_dir = "{tmp_path}/run"\n' + imported.toml)
+    out = lbha("check", str(config), "198.18.0.1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.endswith(": UP: HTTP 302 Moved Temporarily\n"), out.stdout
+
+
+def test_a_plugin_whose_default_fails_its_own_syntax_is_refused() -> None:
+    class Broken:
+        name = "broken-http"
+        negotiate = True
+        description = "a status default that is not one"
+        options = MappingProxyType({"status": OptionSpec(default="2yy",
+                                                         validate=http_module.parse_status)})
+
+        async def check(self, request: CheckRequest) -> CheckResult:
+            return CheckResult.success()
+
+    with pytest.raises(PluginError, match="the default of option 'status' is not valid: "
+                                          "'2yy' is not a code"):
+        CheckRegistry().add(Broken())

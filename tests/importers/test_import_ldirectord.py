@@ -186,7 +186,9 @@ def test_lexical_rules(validated):
     assert len(virtual.reals) == 1
     assert virtual.check.receive == "a#b"
     assert virtual.check.quiescent is True
-    assert [n.severity for n in result.notes if n.line in (3, 7, 8)] == [Severity.WARNING] * 3
+    # Line 7 also gets the note on redirects (port 80 is an http check).
+    assert [n.severity for n in result.notes if n.line in (3, 7, 8)] == [
+        Severity.WARNING, Severity.WARNING, Severity.CHANGED, Severity.WARNING]
     assert notes_for(result, "failurecount") == [
         "10:changed:ldirectord reads only the first digits: 2"]
 
@@ -311,3 +313,25 @@ def test_all_syntax_errors_are_reported_at_once():
     with pytest.raises(ImportFormatError) as caught:
         convert("bogus=1\nfork=perhaps\n")
     assert [(p.line, p.file) for p in caught.value.problems] == [(1, "ld.cf"), (2, "ld.cf")]
+
+
+def test_http_checks_keep_ldirectord_s_verdict_on_redirects(validated):
+    text = (
+        "virtual=198.18.0.1:80\n\treal=198.18.0.2:80 gate\n\tservice=http\n"
+        "\trequest=\"/\"\n"
+        "virtual=198.18.0.3:443\n\treal=198.18.0.4:443 gate\n\tservice=https\n"
+        "\trequest=\"/check.html\"\n\treceive=\"OK\"\n"
+        "virtual=198.18.0.5:21\n\treal=198.18.0.6:21 gate\n\tservice=ftp\n"
+        "\trequest=\"x\"\n\treceive=\"OK\"\n"
+    )
+    result = convert(text)
+    config = validated(result)
+    # No receive: lbha's http checks accept a 3xx as ldirectord (following it) does, so
+    # nothing is written or said.
+    assert "status" not in config.virtuals[0].check.options
+    assert [n for n in result.notes if n.line in (1, 2, 3, 4)] == []
+    # With receive, lbha matches the redirect's own body: said on the receive line.
+    assert notes_for(result, "receive") == [
+        "9:changed:ldirectord follows redirects and looks for receive in the page they lead "
+        "to; lbha judges the answer to request itself (a redirect is up only if its own body "
+        "contains receive): make request the final URL"]
