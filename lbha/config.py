@@ -81,7 +81,6 @@ class _Context:
         self.checks = checks
         self.errors: list[Problem] = []
         self.warnings: list[Problem] = []
-        self.secrets: set[str] = set()
 
     def _problem(self, path: KeyPath, message: str) -> Problem:
         return Problem(self.source, format_path(path), message, self.locator.line(path))
@@ -568,8 +567,6 @@ def _plugin_options(t: _Table, name: str) -> MappingProxyType[str, Any]:
             continue
         values[key] = _option_value(ot, key, option)
         _option_bounds(ot, key, option, values[key])
-        if option.secret and isinstance(values[key], str) and values[key]:
-            t.ctx.secrets.add(values[key])
     ot.finish()
     return MappingProxyType(values)
 
@@ -954,7 +951,6 @@ def load_config_text(
         ipvs=ipvs,
         haproxy=haproxy,
         virtuals=tuple(virtuals),
-        plugin_secrets=frozenset(ctx.secrets),
     )
 
 

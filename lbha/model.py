@@ -349,25 +349,9 @@ class Config:
     ipvs: IpvsConfig
     haproxy: HaproxyConfig
     virtuals: tuple[VirtualService, ...]
-    #: Values of plugin options declared secret (known only when plugins were loaded).
-    plugin_secrets: frozenset[str] = frozenset()
 
     def virtual(self, name: str) -> VirtualService:
         for virtual in self.virtuals:
             if virtual.name == name:
                 return virtual
         raise KeyError(name)
-
-    def secrets(self) -> frozenset[str]:
-        """Every secret value in the config (nothing searches output for them: each is
-        replaced where it is written, see lbha.checkapi.REDACTED)."""
-        found: set[str] = set(self.plugin_secrets)
-        if self.alerts.email.password:
-            found.add(self.alerts.email.password)
-        # The well-known default community is no secret, and blanking it would mangle logs.
-        if self.alerts.snmp.community != "public":
-            found.add(self.alerts.snmp.community)
-        for virtual in self.virtuals:
-            for spec in (virtual.check, *(real.check for real in virtual.reals)):
-                found.update(s for s in (spec.password, spec.secret) if s)
-        return frozenset(found)

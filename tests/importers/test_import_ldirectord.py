@@ -105,7 +105,7 @@ def test_full_file_maps_every_directive(validated):
     assert off.check.type == "off"
     assert v6.persistence_netmask == "64"
     assert v6.reals[1].forwarding.value == "nat"
-    assert config.secrets() >= {"secret-pw", "radius-secret"}
+    assert (mysql.check.password, radius.check.password) == ("secret-pw", "probe-pw")
 
 
 @pytest.mark.parametrize(
