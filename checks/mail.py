@@ -138,7 +138,7 @@ async def _tagged(session: LineSession, tag: str, command: str) -> tuple[str, st
                               f"{command}: {quote(line)}")
         if not line.startswith(("*", "+")):
             raise NotTheProtocol(f"IMAP server {session.endpoint} answered {command} with "
-                              f"{quote(line)}, which is not an IMAP response")
+                                 f"{quote(line)}, which is not an IMAP response")
     raise CheckFailed(f"IMAP server {session.endpoint} sent more than {MAX_LINES} lines "
                       f"before its reply to {command}")
 
