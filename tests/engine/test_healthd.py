@@ -183,3 +183,79 @@ def test_sigterm_stops_cleanly_within_a_second(tmp_path: Path) -> None:
     started = time.monotonic()
     assert daemon.stop() == 0
     assert time.monotonic() - started < 1.0
+
+
+def test_a_second_healthd_on_the_same_run_dir_is_refused_and_the_first_stays_reachable(
+        tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path, real("a", 1))
+    sock = tmp_path / "run" / "healthd.sock"
+    try:
+        inode = sock.stat().st_ino
+        second = lbha("healthd", "--config", str(daemon.config), check=False)
+        assert second.returncode == 1
+        assert f"another lbha healthd is already running with run_dir {tmp_path / 'run'} " \
+               f"(pid {daemon.proc.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+        # The first daemon's socket is the same file and still answers.
+        assert sock.stat().st_ino == inode
+        assert set(daemon.status()) == {"a"}
+        assert daemon.proc.poll() is None
+    finally:
+        assert daemon.stop() == 0
+    assert not sock.exists()
+    # A clean exit releases the run dir: the next daemon starts.
+    again = Daemon(tmp_path, real("a", 1))
+    try:
+        assert set(again.status()) == {"a"}
+    finally:
+        assert again.stop() == 0
+
+
+def test_an_unusable_run_dir_is_a_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "lbha.toml"
+    config.write_text(CONFIG.format(tmp=tmp_path, reals=real("a", 1)))
+    (tmp_path / "run").write_text("a file where the run dir should be")
+    out = lbha("healthd", "--config", str(config), check=False)
+    assert out.returncode == 1
+    assert f"lbha healthd: cannot use {tmp_path}/run/healthd.pid (paths.run_dir = " \
+           f"'{tmp_path}/run')" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_regular_file_at_the_socket_path_is_a_clear_error_and_kept(tmp_path: Path) -> None:
+    config = tmp_path / "lbha.toml"
+    config.write_text(CONFIG.format(tmp=tmp_path, reals=real("a", 1)))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "healthd.sock").write_text("not mine to delete")
+    out = lbha("healthd", "--config", str(config), check=False)
+    assert out.returncode == 1
+    assert f"lbha healthd: {tmp_path}/run/healthd.sock exists and is not a socket" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert (tmp_path / "run" / "healthd.sock").read_text() == "not mine to delete"
+
+
+def test_a_socket_path_that_cannot_be_bound_is_named(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 100)  # past the 108 bytes a unix socket path may hold
+    config = tmp_path / "lbha.toml"
+    config.write_text(CONFIG.format(tmp=tmp_path, reals=real("a", 1))
+                      .replace(f'run_dir = "{tmp_path}/run"', f'run_dir = "{deep}"'))
+    out = lbha("healthd", "--config", str(config), check=False)
+    assert out.returncode == 1
+    assert f"lbha healthd: cannot make the control socket {deep}/healthd.sock" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_reload_with_a_broken_config_file_says_what_is_wrong(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path, real("a", 1))
+    try:
+        good = daemon.config.read_text()
+        daemon.config.write_text(good + "\n[[virtual]\n")
+        out = lbha("reload", "--config", str(daemon.config), check=False)
+        assert out.returncode == 1
+        assert "is the daemon running" not in out.stderr
+        assert "reload refused, old config kept running" in out.stderr
+        assert f"{daemon.config}:" in out.stderr and "TOML" in out.stderr, out.stderr
+        daemon.config.write_text(good)
+        assert set(daemon.status()) == {"a"}
+    finally:
+        assert daemon.stop() == 0
