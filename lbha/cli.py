@@ -196,6 +196,8 @@ def _age(seconds: float | None) -> str:
 def format_status(status: dict[str, Any]) -> str:
     """`lbha status` as an operator reads it: one block per virtual service."""
     lines = []
+    if status.get("state_problem"):
+        lines.append(f"WARNING: {status['state_problem']}")
     for virtual in status["virtuals"]:
         where = f"{virtual['address']}:{virtual['ports']}/{virtual['protocol']}"
         fallback = "  [fallback in use]" if virtual["fallback_in_use"] else ""
@@ -203,6 +205,8 @@ def format_status(status: dict[str, Any]) -> str:
         for real in virtual["reals"]:
             weight = "-" if real["weight"] is None else str(real["weight"])
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(real["since"]))
+            if not real.get("changed", True):
+                since += " (daemon start)"
             address = real["address"] + (f":{real['port']}" if real["port"] else "")
             lines.append(
                 f"  {real['name']:<16} {address:<22} {real['state']:<16} {real['admin']:<7}"
