@@ -153,9 +153,13 @@ def _clear_socket_path(path: Path) -> None:
         probe.settimeout(1.0)
         try:
             probe.connect(str(path))
-        except OSError:
+        except ConnectionRefusedError:
             path.unlink(missing_ok=True)  # nobody listens: a crashed daemon's leftover
             return
+        except FileNotFoundError:
+            return
+        except OSError:
+            pass  # EAGAIN, a timeout: someone listens but is busy; never take it
     raise ControlError(f"{path} is served by another running process: is another daemon "
                        "using the same paths.run_dir?")
 

@@ -315,3 +315,20 @@ async def test_on_exit_a_socket_that_is_no_longer_ours_is_left_alone(tmp_path: P
         nursery.cancel_scope.cancel()
     assert path.is_socket()
     other.close()
+
+
+async def test_a_busy_live_socket_is_not_mistaken_for_a_stale_one(tmp_path: Path) -> None:
+    path = tmp_path / "ctl.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as busy:
+        busy.bind(str(path))
+        busy.listen(0)
+        queued = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+        for sock in queued:
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.connect(str(path))
+        with pytest.raises(ControlError, match="served by another running process"):
+            await serve_control(path, handler)
+        assert path.is_socket()
+        for sock in queued:
+            sock.close()
