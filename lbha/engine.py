@@ -289,7 +289,6 @@ class Engine:
         self.state_problem = f"{problem}: every real server starts {fallback} " \
                              f"(paths.damaged_state)"
         log.error("%s", self.state_problem)
-        self._emit(Event(kind="admin", severity=Severity.CRITICAL, message=self.state_problem))
         if self._admin:
             # Saved so that a restart keeps failing closed instead of finding no file.
             try:
@@ -354,6 +353,10 @@ class Engine:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Check and publish until cancelled."""
         self._started = trio.current_time()
+        if self.state_problem:
+            # Here, not at load: the sinks are configured by the time the daemon runs.
+            self._emit(Event(kind="admin", severity=Severity.CRITICAL,
+                             message=self.state_problem))
         async with trio.open_nursery() as nursery:
             self._changed.set()  # backends get the starting table at once, before any check
             nursery.start_soon(self._publisher)

@@ -404,8 +404,8 @@ async def test_a_damaged_state_file_is_kept_aside_logged_and_the_policy_applied(
     if kind == "unknown version":
         assert "unknown version 7 (this lbha reads version 1)" in problem
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [problem]
-    assert [e.severity for e in h.events if e.message == problem] == [Severity.CRITICAL]
     await run_for(h, 6)
+    assert [e.severity for e in h.events if e.message == problem] == [Severity.CRITICAL]
     assert admins(h) == {"r0": policy, "r1": policy}
     if policy == "halt":
         assert h.weights() == {}
