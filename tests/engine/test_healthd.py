@@ -320,3 +320,21 @@ def test_damaged_state_halt_fails_closed_end_to_end(tmp_path: Path) -> None:
         assert "ERROR" in logged[0]
     finally:
         assert daemon.stop() == 0
+
+
+def test_drain_and_halt_come_back_after_a_reload_without_the_servers(tmp_path: Path) -> None:
+    reals = real("a", 1) + real("b", 2) + real("c", 3)
+    daemon = Daemon(tmp_path, reals)
+    try:
+        lbha("drain", "web", "a", "--config", str(daemon.config))
+        lbha("halt", "web", "b", "--config", str(daemon.config))
+        daemon.write(real("c", 3))
+        assert lbha("reload", "--config", str(daemon.config)).returncode == 0
+        assert set(daemon.status()) == {"c"}
+        daemon.write(reals)
+        assert lbha("reload", "--config", str(daemon.config)).returncode == 0
+        status = daemon.status()
+        assert {name: r["admin"] for name, r in status.items()} == {
+            "a": "drain", "b": "halt", "c": "online"}
+    finally:
+        assert daemon.stop() == 0
