@@ -100,3 +100,21 @@ def test_a_second_heartbeat_on_the_same_run_dir_is_refused_and_the_first_stays_r
         assert first.wait(timeout=15) == 0
         log.close()
     assert not sock.exists()
+
+
+@pytest.mark.parametrize("where", ["run_dir is a file", "a file at the socket path"])
+def test_heartbeat_start_up_errors_are_one_clear_line(tmp_path: Path, where: str) -> None:
+    config = tmp_path / "lbha.toml"
+    config.write_text(HEARTBEAT.format(tmp=tmp_path, port=free_udp_port()))
+    if where == "run_dir is a file":
+        (tmp_path / "run").write_text("a file")
+        expected = f"error: cannot use {tmp_path}/run/heartbeat.pid"
+    else:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "heartbeat.sock").write_text("keep me")
+        expected = f"error: {tmp_path}/run/heartbeat.sock exists and is not a socket"
+    out = subprocess.run([sys.executable, "-m", "lbha", "heartbeat", "--config", str(config)],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 1
+    assert expected in out.stderr
+    assert "Traceback" not in out.stderr
