@@ -38,6 +38,7 @@ from lbha.heartbeat.transport import ThreadedUdpTransport, Transport
 from lbha.hookspecs import DaemonContext
 from lbha.model import ClusterConfig, Config, Role
 from lbha.plugin_manager import PluginManager, load_plugins
+from lbha.run_lock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -420,11 +421,14 @@ async def run_daemon(
     task_status: trio.TaskStatus[Heartbeat] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """`lbha heartbeat`: run until SIGTERM/SIGINT, reload on SIGHUP. Raises LbhaError subclasses
-    (bad config, unsafe key file, port in use) before anything is changed on the host."""
+    (bad config, unsafe key file, port in use, another heartbeat on the run dir) before
+    anything is changed on the host."""
     manager = manager if manager is not None else load_plugins()
     config, keys = _load(path, manager)
     cluster = config.cluster
     assert cluster is not None
+    # One heartbeat per run dir, before the generation file or any address is touched.
+    lock = RunLock(config.paths.run_dir, "heartbeat")
     if cluster.realtime:
         _go_realtime()
     manager.call("lbha_configure", config=config)
@@ -434,7 +438,7 @@ async def run_daemon(
     node = Heartbeat(config, keys, transport, NetlinkAddresses(floating_ips(config)),
                      plugins.emit, GenerationStore(config.paths.state_dir / GENERATION_FILE))
     context = DaemonContext("heartbeat", config)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    with lock, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
             await nursery.start(serve_control, config.paths.heartbeat_socket, node.command)

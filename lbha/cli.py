@@ -141,14 +141,33 @@ def _config_or_exit(path: Path) -> tuple[Config, PluginManager] | int:
 
 
 def cmd_healthd(args: argparse.Namespace) -> int:
-    from lbha.healthd import Healthd
+    from lbha.healthd import run_healthd
 
     loaded = _config_or_exit(args.config)
     if isinstance(loaded, int):
         return loaded
     config, plugins = loaded
-    trio.run(Healthd(args.config, config, plugins).run)
+    try:
+        trio.run(run_healthd, args.config, config, plugins)
+    except LbhaError as exc:
+        print(f"lbha healthd: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except BaseExceptionGroup as group:
+        # Start-up errors (a control socket it cannot make, ...) surface from the nursery.
+        ours, rest = group.split(LbhaError)
+        if ours is None or rest is not None:
+            raise
+        for exc in _leaves(ours):
+            print(f"lbha healthd: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     return EXIT_OK
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def _control(args: argparse.Namespace, cmd: str, **kwargs: Any) -> Any:
@@ -176,6 +195,8 @@ def _age(seconds: float | None) -> str:
 def format_status(status: dict[str, Any]) -> str:
     """`lbha status` as an operator reads it: one block per virtual service."""
     lines = []
+    if status.get("state_problem"):
+        lines.append(f"WARNING: {status['state_problem']}")
     for virtual in status["virtuals"]:
         where = f"{virtual['address']}:{virtual['ports']}/{virtual['protocol']}"
         fallback = "  [fallback in use]" if virtual["fallback_in_use"] else ""
@@ -183,6 +204,8 @@ def format_status(status: dict[str, Any]) -> str:
         for real in virtual["reals"]:
             weight = "-" if real["weight"] is None else str(real["weight"])
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(real["since"]))
+            if not real.get("changed", True):
+                since += " (daemon start)"
             address = real["address"] + (f":{real['port']}" if real["port"] else "")
             lines.append(
                 f"  {real['name']:<16} {address:<22} {real['state']:<16} {real['admin']:<7}"
@@ -255,6 +278,14 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
+    # Checked here first: a file that does not parse would otherwise hide the socket's path
+    # and the operator would read "is the daemon running?" instead of what is wrong.
+    try:
+        load_config(args.config, checks=load_plugins().checks)
+    except ConfigError as exc:
+        print(f"lbha reload: reload refused, old config kept running (nothing was sent to "
+              f"healthd):\n{exc}", file=sys.stderr)
+        return EXIT_INVALID
     try:
         print(_control(args, "reload"))
     except ControlError as exc:

@@ -434,6 +434,8 @@ def _paths(t: _Table) -> Paths:
     result = Paths(
         run_dir=Path(t.str("run_dir", "/run/lbha")),
         state_dir=Path(t.str("state_dir", "/var/lib/lbha")),
+        damaged_state=t.choice("damaged_state", "online",
+                               frozenset({"online", "drain", "halt"})),
     )
     t.finish()
     return result

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from lbha.admin_state import AdminStore
+from lbha.admin_state import Actions, AdminStore, DamagedStateFile, StateFileError
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, Target, Transcript
 from lbha.desired import DesiredService, DesiredTable
 from lbha.events import Event, RealServerEvent, Severity
@@ -225,6 +225,13 @@ class Engine:
         self._dirty: set[str] = set()
         self._changed = trio.Event()
         self._reloaded = trio.Event()
+        #: Every drain / halt in force, also for servers absent from the current config (they
+        #: get it back when a reload brings them back); what the state file holds.
+        self._admin: Actions = {}
+        #: Why the saved actions could not be restored at start (a damaged state file).
+        self.state_problem: str | None = None
+        #: trio time `run()` started: a server that has not changed state since shows this.
+        self._started: float | None = None
         # Checks in flight, bounded by `concurrency`; only the scheduler waits for a slot.
         self._in_flight = 0
         self._slot_free = trio.Event()
@@ -237,7 +244,8 @@ class Engine:
         now = trio.current_time() if carry else 0.0
         old = self._members
         members: dict[tuple[str, str], Member] = {}
-        saved = self._admin_store.load() if self._admin_store and not carry else {}
+        if not carry:
+            self._restore_admin(config)
         for virtual in config.virtuals:
             for real in virtual.reals:
                 previous = old.get((virtual.name, real.name)) if carry else None
@@ -250,9 +258,7 @@ class Engine:
                 else:
                     member = Member(virtual, real, initial_health(config.checks.initial_state,
                                                                   now))
-                    if previous is not None:
-                        member.admin = previous.admin
-                member.admin = saved.get(member.key, member.admin)
+                member.admin = self._admin.get(member.key, Admin.ONLINE)
                 members[member.key] = member
         self._members = members
         self._by_virtual = {
@@ -267,6 +273,28 @@ class Engine:
                                for v in config.virtuals}
         self._dirty = {v.name for v in config.virtuals}
         self._force_static(now)
+
+    def _restore_admin(self, config: Config) -> None:
+        """Load the saved actions; a damaged file gives every server `paths.damaged_state`."""
+        if self._admin_store is None:
+            return
+        try:
+            self._admin = self._admin_store.load()
+            return
+        except DamagedStateFile as exc:
+            problem = str(exc)
+        fallback = Admin(config.paths.damaged_state)
+        self._admin = {(v.name, r.name): fallback for v in config.virtuals for r in v.reals
+                       if fallback is not Admin.ONLINE}
+        self.state_problem = f"{problem}: every real server starts {fallback} " \
+                             f"(paths.damaged_state)"
+        log.error("%s", self.state_problem)
+        if self._admin:
+            # Saved so that a restart keeps failing closed instead of finding no file.
+            try:
+                self._admin_store.save(self._admin)
+            except StateFileError as err:
+                log.error("%s: a restart will not find these actions", err)
 
     def _make_jobs(self, config: Config) -> list[Job]:
         jobs: dict[tuple[Any, ...], Job] = {}
@@ -324,6 +352,11 @@ class Engine:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Check and publish until cancelled."""
+        self._started = trio.current_time()
+        if self.state_problem:
+            # Here, not at load: the sinks are configured by the time the daemon runs.
+            self._emit(Event(kind="admin", severity=Severity.CRITICAL,
+                             message=self.state_problem))
         async with trio.open_nursery() as nursery:
             self._changed.set()  # backends get the starting table at once, before any check
             nursery.start_soon(self._publisher)
@@ -536,8 +569,20 @@ class Engine:
         return found
 
     def set_admin(self, action: Admin, vip: str | None, rip: str) -> list[tuple[str, str]]:
-        """Drain, halt or bring online; persisted so it survives a restart."""
+        """Drain, halt or bring online; saved first, so it is applied only if it is durable.
+
+        Raises EngineError (no such server) or StateFileError (not saved, nothing changed).
+        """
         members = self.members_for(vip, rip)
+        admin = dict(self._admin)
+        for member in members:
+            if action is Admin.ONLINE:
+                admin.pop(member.key, None)
+            else:
+                admin[member.key] = action
+        if self._admin_store is not None and admin != self._admin:
+            self._admin_store.save(admin)
+        self._admin = admin
         for member in members:
             if member.admin is action:
                 continue
@@ -546,8 +591,6 @@ class Engine:
             self._emit(Event(kind="admin", message=f"{member.virtual.name}: real server "
                              f"{member.real.name} set {action} by operator"))
         self._changed.set()
-        if self._admin_store is not None:
-            self._admin_store.save({m.key: m.admin for m in self._members.values()})
         return [m.key for m in members]
 
     # ------------------------------------------------------------------ status
@@ -555,6 +598,9 @@ class Engine:
     def status(self) -> dict[str, Any]:
         """Everything `lbha status` shows, JSON-ready."""
         now, wall = trio.current_time(), time.time()
+        # Until its first change a server's state dates from the start (its `since` predates
+        # the clock the engine runs on, which is no date at all).
+        started = now if self._started is None else self._started
         weights = {(s.virtual, d.name): d.weight for s in self.table.services
                    for d in s.destinations}
         virtuals = []
@@ -575,7 +621,8 @@ class Engine:
                     "agent_down": member.agent_down,
                     "feedback_reason": member.feedback_reason,
                     "reason": health.reason,
-                    "since": wall - (now - health.since),
+                    "since": wall - (now - max(health.since, started)),
+                    "changed": health.since > started,
                     "last_check_age": None if member.last_check is None
                     else now - member.last_check,
                     "check": real.check.check_name,
@@ -593,6 +640,8 @@ class Engine:
         lateness = sorted(self.stats.lateness)
         return {
             "generation": self.table.generation,
+            "started": wall - (now - started),
+            "state_problem": self.state_problem,
             "virtuals": virtuals,
             "stats": {
                 "checks": self.stats.checks,

@@ -2,6 +2,7 @@
 
 SIGTERM (or SIGINT) cancels one scope and everything under it stops in order; SIGHUP or
 `lbha reload` re-reads the config, and a bad new config is refused with the old one kept.
+One healthd per run directory (`run_healthd` takes the run lock before anything else).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lbha.errors import ConfigError, ControlError
 from lbha.hookspecs import DaemonContext, Service
 from lbha.model import Config
 from lbha.plugin_manager import PluginManager
+from lbha.run_lock import RunLock
 from lbha.table import Admin
 
 log = logging.getLogger("lbha.healthd")
@@ -100,20 +102,34 @@ class Healthd:
         except Exception:
             log.exception("plugin service %s failed; the engine carries on without it", name)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[Healthd] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run until SIGTERM/SIGINT; the caller holds the run lock (see `run_healthd`)."""
         context = DaemonContext("healthd", self.config)
         self.plugins.call("lbha_configure", config=self.config)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals, nursery.cancel_scope)
+                # The socket first: a path it cannot use stops the daemon before any backend
+                # has touched the host.
+                await nursery.start(serve_control, self.config.paths.healthd_socket, self.handle)
                 for index, service in enumerate(self.plugins.call("lbha_start", context=context)):
                     nursery.start_soon(self._guard, getattr(service, "__qualname__", index),
                                        service)
                 await nursery.start(self.engine.run)
-                await nursery.start(serve_control, self.config.paths.healthd_socket, self.handle)
                 log.info("healthd running: %d virtual services, %d real servers",
                          len(self.config.virtuals),
                          sum(len(v.reals) for v in self.config.virtuals))
-                task_status.started()
+                task_status.started(self)
         finally:
             self.plugins.call("lbha_stop", context=context)
+
+
+async def run_healthd(
+    config_path: Path, config: Config, plugins: PluginManager, *,
+    task_status: trio.TaskStatus[Healthd] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """`lbha healthd`: take the run lock (RunLockError names the running PID), then run."""
+    with RunLock(config.paths.run_dir, "healthd"):
+        await Healthd(config_path, config, plugins).run(task_status=task_status)

@@ -169,6 +169,9 @@ class CheckDefaults:
 class Paths:
     run_dir: Path = Path("/run/lbha")
     state_dir: Path = Path("/var/lib/lbha")
+    #: What every real server starts as when healthd's state file is damaged:
+    #: "online" (fail open), "drain" or "halt" (fail closed).
+    damaged_state: str = "online"
 
     @property
     def healthd_socket(self) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from lbha.cli import format_status
@@ -102,3 +103,27 @@ def test_status_shows_what_each_backend_holds() -> None:
         "backend ipvs: in sync  (services 12, last full reconcile 2026-11-22 05:00:00, "
         "repaired 1)",
     ]
+
+
+def test_status_says_when_a_server_has_not_changed_since_the_start() -> None:
+    real = {"name": "a", "address": "198.18.0.21", "port": 80, "state": "up", "admin": "online",
+            "weight": 1, "configured_weight": 1, "reason": "ok", "last_check_age": 1.0}
+    virtual = {"name": "web", "address": "198.18.0.100", "ports": "80", "protocol": "tcp",
+               "layer": 4, "fallback_in_use": False}
+    start = time.mktime((2026, 12, 4, 9, 30, 0, 0, 0, -1))
+    status = {"virtuals": [{**virtual, "reals": [
+        {**real, "since": start, "changed": False},
+        {**real, "name": "b", "since": start + 60, "changed": True}]}],
+        "state_problem": "damaged state file x; kept as y: every real server starts online"}
+    lines = format_status(status).splitlines()
+    assert lines[0] == "WARNING: damaged state file x; kept as y: every real server starts online"
+    assert "since 2026-12-04 09:30:00 (daemon start)" in lines[2]
+    assert "since 2026-12-04 09:31:00  checked" in lines[3]
+
+
+def test_config_check_names_a_bad_damaged_state(tmp_path: Path) -> None:
+    path = tmp_path / "lbha.toml"
+    path.write_text('[paths]\ndamaged_state = "open"\n' + GOOD)
+    out = lbha("config", "check", str(path))
+    assert out.returncode == 1
+    assert "paths.damaged_state: 'open' is not one of drain, halt, online" in out.stderr

@@ -16,7 +16,7 @@ PLUGIN_API = {
 }
 #: What the heartbeat daemon may import from the core.
 HEARTBEAT_API = PLUGIN_API | {
-    "lbha.config", "lbha.control", "lbha.plugin_manager", "lbha.logs",
+    "lbha.config", "lbha.control", "lbha.plugin_manager", "lbha.logs", "lbha.run_lock",
 }
 #: Decision modules: pure functions, no I/O at all.
 PURE = ["heartbeat/fsm.py", "lbha/health.py", "lbha/table.py"]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import json
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,12 +15,12 @@ import pytest
 import trio
 import trio.testing
 
-from lbha.admin_state import AdminStore
+from lbha.admin_state import AdminStore, StateFileError
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult
 from lbha.config import load_config_text
 from lbha.desired import DesiredTable
 from lbha.engine import TICK, Engine, EngineError
-from lbha.events import Event, RealServerEvent
+from lbha.events import Event, RealServerEvent, Severity
 from lbha.model import Config
 from lbha.table import Admin
 
@@ -303,3 +306,157 @@ async def test_more_batchable_jobs_due_than_slots_do_not_deadlock(
     await run_for(h, 1.0)
     assert len({rip for _, rip in fake.calls}) == 50
     assert max(fake.batches) <= 2
+
+
+# ------------------------------------------------------------ operator actions, state file
+
+
+def admins(h: Harness) -> dict[str, str]:
+    return {r["name"]: r["admin"] for v in h.engine.status()["virtuals"] for r in v["reals"]}
+
+
+async def test_drain_and_halt_survive_a_reload_to_a_config_without_the_server_and_back(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    store = AdminStore(tmp_path / "state.json")
+    h = Harness(config(reals=3), FakeCheck("fake"), store=store)
+    other = config(reals=1).replace('name = "web"', 'name = "api"')
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.engine.run)
+        await trio.sleep(6)
+        h.engine.set_admin(Admin.DRAIN, "web", "r0")
+        h.engine.set_admin(Admin.HALT, "web", "r1")
+        h.engine.reload(h.load(other))
+        await trio.sleep(1)
+        assert admins(h) == {"r0": "online"}  # api/r0 is another server
+        # Kept, not dropped, while the servers are out of the config.
+        assert store.load() == {("web", "r0"): Admin.DRAIN, ("web", "r1"): Admin.HALT}
+        h.engine.set_admin(Admin.HALT, "api", "r0")  # a save meanwhile keeps them too
+        h.engine.reload(h.load(config(reals=3)))
+        await trio.sleep(6)
+        assert admins(h) == {"r0": "drain", "r1": "halt", "r2": "online"}
+        assert h.weights() == {"r0": 0, "r2": 1}
+        nursery.cancel_scope.cancel()
+    assert store.load() == {("web", "r0"): Admin.DRAIN, ("web", "r1"): Admin.HALT,
+                            ("api", "r0"): Admin.HALT}
+
+
+async def test_an_action_that_cannot_be_saved_is_not_applied(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    state_dir = tmp_path / "state"
+    store = AdminStore(state_dir / "healthd-state.json")
+    h = Harness(config(reals=3), FakeCheck("fake"), store=store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.engine.run)
+        await trio.sleep(6)
+        h.engine.set_admin(Admin.DRAIN, "web", "r0")
+        await trio.sleep(1)
+        tables, events = len(h.tables), len(h.events)
+        # The state dir becomes unusable (even for root: a file where the directory was).
+        state_dir.rename(tmp_path / "state.moved")
+        state_dir.write_text("not a directory")
+        with pytest.raises(StateFileError, match="cannot save operator actions"):
+            h.engine.set_admin(Admin.HALT, "web", "r1")
+        with pytest.raises(StateFileError):
+            h.engine.set_admin(Admin.ONLINE, "web", "r0")
+        await trio.sleep(1)
+        assert admins(h) == {"r0": "drain", "r1": "online", "r2": "online"}
+        assert h.weights() == {"r0": 0, "r1": 1, "r2": 1}
+        assert len(h.events) == events
+        assert all(t.services == h.tables[tables - 1].services for t in h.tables[tables:])
+        # Once it can be saved again, the same action goes through.
+        state_dir.unlink()
+        (tmp_path / "state.moved").rename(state_dir)
+        h.engine.set_admin(Admin.HALT, "web", "r1")
+        await trio.sleep(1)
+        assert h.weights() == {"r0": 0, "r2": 1}
+        nursery.cancel_scope.cancel()
+    assert store.load() == {("web", "r0"): Admin.DRAIN, ("web", "r1"): Admin.HALT}
+
+
+DAMAGED = {
+    "empty": "",
+    "truncated": '{"version": 1, "admin": [{"virtual": "web", "real": "r0", "act',
+    "garbage": "\x00\x17 not json at all",
+    "unknown version": '{"version": 7, "admin": []}',
+    "bad action": '{"version": 1, "admin": [{"virtual": "web", "real": "r0", "action": "x"}]}',
+    "not an object": "[1, 2, 3]",
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGED))
+@pytest.mark.parametrize("policy", ["online", "halt"])
+async def test_a_damaged_state_file_is_kept_aside_logged_and_the_policy_applied(
+        kind: str, policy: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        autojump_clock: trio.testing.MockClock) -> None:
+    path = tmp_path / "healthd-state.json"
+    path.write_text(DAMAGED[kind])
+    text = f'[paths]\ndamaged_state = "{policy}"\n' + config(reals=2)
+    with caplog.at_level(logging.ERROR):
+        h = Harness(text, FakeCheck("fake"), store=AdminStore(path))
+    kept = list(tmp_path.glob("healthd-state.json.damaged-*"))
+    assert len(kept) == 1
+    assert kept[0].read_text() == DAMAGED[kind]
+    assert time.strftime("%Y%m%d", time.gmtime()) in kept[0].name
+    problem = h.engine.status()["state_problem"]
+    assert f"damaged state file {path}" in problem
+    assert f"kept as {kept[0]}" in problem
+    assert f"every real server starts {policy} (paths.damaged_state)" in problem
+    if kind == "unknown version":
+        assert "unknown version 7 (this lbha reads version 1)" in problem
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [problem]
+    await run_for(h, 6)
+    assert [e.severity for e in h.events if e.message == problem] == [Severity.CRITICAL]
+    assert admins(h) == {"r0": policy, "r1": policy}
+    if policy == "halt":
+        assert h.weights() == {}
+        # Saved: a restart keeps failing closed rather than finding no file.
+        assert AdminStore(path).load() == {("web", "r0"): Admin.HALT,
+                                           ("web", "r1"): Admin.HALT}
+    else:
+        assert h.weights() == {"r0": 1, "r1": 1}
+        assert not path.exists()
+
+
+async def test_an_unreadable_state_file_is_reported_with_the_policy(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    path = tmp_path / "healthd-state.json"
+    path.mkdir()  # unreadable as a file, for root too
+    text = '[paths]\ndamaged_state = "drain"\n' + config(reals=1)
+    h = Harness(text, FakeCheck("fake"), store=AdminStore(path))
+    problem = h.engine.status()["state_problem"]
+    assert problem.startswith(f"cannot read {path}: ")
+    assert problem.endswith("every real server starts drain (paths.damaged_state)")
+    assert admins(h) == {"r0": "drain"}
+
+
+async def test_a_sound_state_file_is_no_problem(tmp_path: Path) -> None:
+    path = tmp_path / "healthd-state.json"
+    path.write_text(json.dumps({"version": 1, "admin": [
+        {"virtual": "web", "real": "r1", "action": "halt"}]}))
+    h = Harness(config(reals=2), FakeCheck("fake"), store=AdminStore(path))
+    assert h.engine.status()["state_problem"] is None
+    assert admins(h) == {"r0": "online", "r1": "halt"}
+
+
+async def test_since_is_the_daemon_start_until_a_server_changes(
+        autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeCheck("fake")
+    h = Harness('[checks]\ninitial_state = "up"\n' + config(reals=2).replace("[checks]\n", ""),
+                fake)
+    autojump_clock.jump(100_000)  # trio's clock has an arbitrary origin, far from 0
+    async with trio.open_nursery() as nursery:
+        wall_start = time.time()
+        await nursery.start(h.engine.run)
+        await trio.sleep(6)
+        fake.verdicts["198.18.0.21"] = False
+        await trio.sleep(20)
+        status = h.engine.status()
+        nursery.cancel_scope.cancel()
+    r0, r1 = status["virtuals"][0]["reals"]
+    # r0 was up from the start and never changed: its since is the start, not a day ago.
+    assert r0["since"] == pytest.approx(status["started"], abs=0.01)
+    assert abs(r0["since"] - (wall_start - 26)) < 5
+    assert r0["changed"] is False
+    assert r1["state"] == "down"
+    assert r1["changed"] is True
+    assert r1["since"] > r0["since"] + 5
