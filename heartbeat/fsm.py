@@ -10,9 +10,13 @@ IPs) or passive. The rules, in the order `_decide` applies them:
 1. Start-up: stay passive until the peer is heard or `initdead` passes.
 2. Peer dead (every link silent for `deadtime`) or leaving (graceful stop): become active.
 3. Both active (a partition healed): the node with the stronger claim keeps the IPs and
-   announces them (GARP / NA) at once; the other releases. Claim, compared in order: wants
-   to be active (manual takeover), not yielded (manual standby), master role, smaller name.
-   While active, wants/yielded are clear, so after a partition the master keeps.
+   announces them (GARP / NA) at once; the other releases, but only once the keeper's frames
+   say it hears this node (HEARS_PEER), so after the keeper's announcement: until then
+   clients may still point here. A heal is rarely symmetric: a node's frames can wait a
+   second on an ARP entry that failed during the partition while the peer's get through.
+   Claim, compared in order: wants to be active (manual takeover), not yielded (manual
+   standby), master role, smaller name. While active, wants/yielded are clear, so after a
+   partition the master keeps.
 4. Active and the peer asks for the IPs (WANTS_ACTIVE: manual takeover or failback): release
    first, then tell the peer, which takes over on hearing PASSIVE. No moment with both active.
 5. Both passive: the stronger claim becomes active.
@@ -185,7 +189,9 @@ def wants_active(settings: Settings, state: State) -> bool:
 
 
 def frame_flags(settings: Settings, state: State) -> Flags:
-    flags = Flags.MASTER if settings.master else Flags.NONE
+    flags = Flags.REPORTS_HEARING | (Flags.MASTER if settings.master else Flags.NONE)
+    if state.peer_alive:
+        flags |= Flags.HEARS_PEER
     if wants_active(settings, state):
         flags |= Flags.WANTS_ACTIVE
     if state.yielded:
@@ -431,12 +437,29 @@ def _decide(
                 actions.append(Announce("split brain resolved in our favour"))
                 state = replace(state, split_brain=True)
             return state, actions
+        heard = state.peer_flags & Flags.HEARS_PEER or not state.peer_flags & \
+            Flags.REPORTS_HEARING
+        if not heard:
+            # The keeper announces when it hears us; releasing before that loses the
+            # clients that still point here.
+            if not state.split_brain:
+                actions.append(Notify("split_brain", "critical", "active", "active",
+                                      f"both nodes active; {peer} keeps the floating IPs, "
+                                      f"{settings.node} ({_role(settings)}) steps down as "
+                                      f"soon as {peer} hears it"))
+                state = replace(state, split_brain=True)
+            return state, actions
         actions.append(Release(f"split brain: {peer} keeps the floating IPs"))
-        actions.append(Notify("split_brain", "critical", "active", "passive",
-                              f"both nodes active; {peer} keeps the floating IPs, "
-                              f"{settings.node} ({_role(settings)}) steps down"))
+        if state.split_brain:
+            actions.append(Notify("standby", "info", "active", "passive",
+                                  f"split brain resolved: {peer} hears us and keeps the "
+                                  "floating IPs"))
+        else:
+            actions.append(Notify("split_brain", "critical", "active", "passive",
+                                  f"both nodes active; {peer} keeps the floating IPs, "
+                                  f"{settings.node} ({_role(settings)}) steps down"))
         actions.append(Send())
-        return replace(state, active=False), actions
+        return replace(state, active=False, split_brain=False), actions
     if state.active:
         if state.peer_flags & Flags.WANTS_ACTIVE:
             why = f"{peer} asked for the floating IPs"

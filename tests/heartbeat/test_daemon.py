@@ -347,6 +347,36 @@ async def test_partition_heal_one_steps_down_keeper_announces(
         assert "split_brain" in c.kinds("lb2") or "split_brain" in c.kinds("lb1")
 
 
+async def test_partition_heal_loser_serves_until_the_keeper_has_announced(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The heal the bench found: lb1's frames reach lb2 at once, lb2's wait (its neighbour
+    # entry for lb1 failed during the partition). lb2 must not leave its clients, which
+    # still point at it, before lb1 has heard it and announced the address.
+    async with settled() as c:
+        c.net.partition(ADDR["lb1"], ADDR["lb2"])
+        c.world.ignore.add("lb2")
+        await trio.sleep(15)
+        assert c.active() == {"lb1", "lb2"}
+        c.world.ignore.clear()
+        before = len(c.addresses["lb1"].announcements)
+        c.net.heal()
+        c.net.block_one_way(ADDR["lb2"], ADDR["lb1"])
+        await trio.sleep(0.8)
+        assert c.active() == {"lb1", "lb2"}  # lb2 still serves its half
+        assert len(c.addresses["lb1"].announcements) == before
+        c.net.heal()
+        opened = trio.current_time()
+        await c.world.until_held_by("lb1")
+        await trio.sleep(0.5)
+        assert c.active() == {"lb1"}
+        announced = c.addresses["lb1"].announcements[before]
+        assert announced - opened <= KEEPALIVE + 0.002
+        released = [t for t, node, what in c.world.history if (node, what) == ("lb2", "release")]
+        assert released[-1] >= announced
+        assert c.kinds("lb2").count("split_brain") == 1
+
+
 @pytest.mark.parametrize("seed", range(5))
 async def test_no_false_failover_on_a_terrible_network(
     autojump_clock: trio.testing.MockClock, seed: int,

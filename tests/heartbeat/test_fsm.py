@@ -111,7 +111,8 @@ def test_startup_stays_passive_when_the_peer_is_already_active() -> None:
     a = Node(settings(master=True, auto_failback=False))
     a.hear(b, 2.0)
     assert not a.holds
-    assert fsm.frame_flags(a.s, a.state) == Flags.MASTER
+    assert fsm.frame_flags(a.s, a.state) == (Flags.MASTER | Flags.REPORTS_HEARING
+                                             | Flags.HEARS_PEER)
     b.hear(a, 2.0)
     assert b.holds
 
@@ -212,16 +213,65 @@ def test_partition_heal_master_keeps_and_announces_slave_steps_down() -> None:
     assert not any(isinstance(x, Release) for x in a.actions)
 
 
-def test_partition_heal_other_order_still_announces() -> None:
+def partitioned_pair() -> tuple[Node, Node]:
+    """Both active, each having found the other dead."""
     a, b = started_pair()
     a.feed(Tick(0.5))
     b.feed(Tick(0.5))
-    stepping_down = b.hear(a, 5.0)  # the slave steps down first; the master then hears PASSIVE
-    assert not b.holds
-    assert not any(isinstance(x, Announce) for x in stepping_down)
-    heard = a.hear(b, 5.0)
-    assert any(isinstance(x, Announce) for x in heard)
     assert a.holds
+    assert b.holds
+    assert not fsm.frame_flags(a.s, a.state) & Flags.HEARS_PEER
+    return a, b
+
+
+def test_partition_heal_loser_serves_until_the_keeper_hears_it() -> None:
+    # The slave hears the master first (its own frames wait on a failed ARP entry): it
+    # keeps the addresses, since clients still point at it and the master has not announced.
+    a, b = partitioned_pair()
+    waiting = b.hear(a, 5.0)
+    assert b.holds
+    assert not any(isinstance(x, Announce | Release) for x in waiting)
+    assert [(n.kind, n.new_state) for n in waiting if isinstance(n, Notify)] == [
+        ("link_up", "up"), ("split_brain", "active")]
+    assert b.state.split_brain
+    # Keepalives that still say the master does not hear it change nothing, and are routine.
+    assert b.hear(a, 5.02) == []
+    assert fsm.routine(b.s, b.state) is not None
+    # The master hears the slave: it announces, and its frames now say it hears the slave.
+    announced = a.hear(b, 5.1)
+    assert any(isinstance(x, Announce) for x in announced)
+    assert fsm.frame_flags(a.s, a.state) & Flags.HEARS_PEER
+    # Only then does the slave step down, without announcing and without a second alarm.
+    stepping_down = b.hear(a, 5.1)
+    assert not b.holds
+    assert isinstance(stepping_down[0], Release)
+    assert not any(isinstance(x, Announce) for x in stepping_down)
+    assert [n.kind for n in stepping_down if isinstance(n, Notify)] == ["standby"]
+    assert not b.state.split_brain
+    exchange(a, b, 5.2)
+    assert a.holds
+    assert not b.holds
+    assert not any(isinstance(x, Release) for x in a.actions)
+    assert b.kinds().count("split_brain") == 1
+
+
+def test_partition_heal_loser_waits_indefinitely_on_a_one_way_link() -> None:
+    # The master's frames arrive, the slave's never do: both keep serving (as during the
+    # partition) rather than the slave dropping clients the master never announced to.
+    a, b = partitioned_pair()
+    for i in range(50):
+        b.hear(a, 5.0 + i * 0.05)
+    assert b.holds
+    assert a.holds
+    assert b.kinds().count("split_brain") == 1
+
+
+def test_partition_heal_with_a_peer_that_cannot_say_it_hears() -> None:
+    # An earlier build never sets REPORTS_HEARING: the loser releases at once, as it did.
+    _, b = partitioned_pair()
+    b.feed(Received(5.0, "udp", PeerState.ACTIVE, Flags.MASTER))
+    assert not b.holds
+    assert "split_brain" in b.kinds()
 
 
 def test_stopping_node_refuses_commands() -> None:
