@@ -7,7 +7,8 @@ order, so "Release, then Send" means the peer hears PASSIVE only once the addres
 Roles and states: each node is master or slave (its preference) and active (holds the floating
 IPs) or passive. The rules, in the order `_decide` applies them:
 
-1. Start-up: stay passive until the peer is heard or `initdead` passes.
+1. Start-up: stay passive until the peer is heard or `initdead` passes (then take over with
+   a warning, not a "peer dead" alarm: a peer never heard may simply start later).
 2. Peer dead (every link silent for `deadtime`) or leaving (graceful stop): become active.
 3. Both active (a partition healed): the node with the stronger claim keeps the IPs and
    announces them (GARP / NA) at once; the other releases, but only once the keeper's frames
@@ -334,9 +335,7 @@ def _expire(settings: Settings, state: State, now: float, actions: list[Action])
                                       f"{t.warntime:g}s)"))
         state = replace(state, warned=True)
     if state.starting and not state.peer_alive and now >= state.started + t.initdead:
-        actions.append(Notify("peer_dead", "critical", "unknown", "dead",
-                              f"{settings.peer}: not heard within initdead {t.initdead:g}s "
-                              "of start-up"))
+        # Not "peer dead": a peer never heard may just start later. `_decide` says it.
         state = replace(state, starting=False)
     return state
 
@@ -407,11 +406,12 @@ def _stop(state: State, actions: list[Action]) -> tuple[State, list[Action]]:
 
 
 def _become_active(
-    settings: Settings, state: State, kind: str, reason: str, actions: list[Action]
+    settings: Settings, state: State, kind: str, reason: str, actions: list[Action],
+    severity: str | None = None,
 ) -> State:
     actions.append(Acquire(reason))
-    actions.append(Notify(kind, "warning" if kind == "failover" else "info", "passive",
-                          "active", reason))
+    actions.append(Notify(kind, severity or ("warning" if kind == "failover" else "info"),
+                          "passive", "active", reason))
     actions.append(Send())
     return replace(state, active=True, takeover_pending=False, yielded=False)
 
@@ -423,11 +423,20 @@ def _decide(
         return state, actions
     peer = settings.peer
     if not state.peer_alive:
-        if not state.active:
+        if state.active:
+            return state, actions
+        if state.takeover_pending:
             why = reason or f"{peer} is dead"
-            kind = "takeover" if state.takeover_pending else "failover"
-            state = _become_active(settings, state, kind, why, actions)
-        return state, actions
+            return _become_active(settings, state, "takeover", why, actions), actions
+        if state.last_heard is None:
+            # Never heard since start-up (initdead passed): nothing failed, yet this node
+            # now serves alone, which an operator should know.
+            why = (f"{peer} not heard within initdead {settings.timers.initdead:g}s of "
+                   "start-up; taking over")
+            return _become_active(settings, state, "takeover", why, actions,
+                                  severity="warning"), actions
+        why = reason or f"{peer} is dead"
+        return _become_active(settings, state, "failover", why, actions), actions
     if state.active and state.peer_state is PeerState.ACTIVE:
         if _we_win(settings, state):
             if not state.split_brain:

@@ -245,7 +245,7 @@ async def test_lone_node_waits_initdead(autojump_clock: trio.testing.MockClock) 
         assert c.active() == set()
         await trio.sleep(0.02)
         assert c.active() == {"lb2"}
-        assert c.kinds("lb2") == ["peer_dead", "failover"]
+        assert c.kinds("lb2") == ["takeover"]
 
 
 async def test_peer_death_takeover_within_deadtime(

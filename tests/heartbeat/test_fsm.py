@@ -102,7 +102,21 @@ def test_startup_waits_initdead_then_takes_over_alone() -> None:
     assert fsm.next_deadline(b.s, b.state) == pytest.approx(1.0)
     b.feed(Tick(1.0))
     assert b.holds
-    assert b.kinds() == ["peer_dead", "failover"]
+    # A peer never heard since start-up is not "dead": no critical alarm at every start of
+    # nodes started a few seconds apart, but a warning that this node took over alone.
+    notes = [a for a in b.actions if isinstance(a, Notify)]
+    assert [(n.kind, n.severity) for n in notes] == [("takeover", "warning")]
+    assert notes[0].reason == "lb1 not heard within initdead 1s of start-up; taking over"
+
+
+def test_a_peer_heard_then_lost_during_start_up_is_still_dead() -> None:
+    b = Node(settings(master=False))
+    b.feed(Received(0.1, "udp", PeerState.STARTING, Flags.MASTER))
+    b.feed(Tick(0.1 + TIMERS.deadtime))
+    assert b.holds
+    assert [(a.kind, a.severity) for a in b.actions
+            if isinstance(a, Notify) and a.kind != "link_up"] == [
+        ("link_down", "warning"), ("peer_dead", "critical"), ("failover", "warning")]
 
 
 def test_startup_stays_passive_when_the_peer_is_already_active() -> None:
