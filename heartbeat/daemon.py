@@ -33,7 +33,15 @@ from lbha.heartbeat.floating_ips import AddressManager, NetlinkAddresses, floati
 from lbha.heartbeat.generation import FILE_NAME as GENERATION_FILE
 from lbha.heartbeat.generation import GenerationStore
 from lbha.heartbeat.keepalive_pump import KeepalivePump
-from lbha.heartbeat.protocol import Frame, KeyRing, Receiver, Verdict, dropped, load_key_file
+from lbha.heartbeat.protocol import (
+    AUTH_FAILURES,
+    Frame,
+    KeyRing,
+    Receiver,
+    Verdict,
+    dropped,
+    load_key_file,
+)
 from lbha.heartbeat.transport import ThreadedUdpTransport, Transport
 from lbha.hookspecs import DaemonContext
 from lbha.logs import redact_secrets
@@ -46,6 +54,8 @@ log = logging.getLogger(__name__)
 STOP_TIMEOUT = 5.0
 #: At most one warning this often about frames of an old generation.
 STALE_WARNING_INTERVAL = 60.0
+#: At most one warning this often per kind of authentication failure from the peer.
+AUTH_WARNING_INTERVAL = 60.0
 
 Emit = Callable[[Event], None]
 
@@ -103,6 +113,7 @@ class Heartbeat:
         self._peer_generation = floors.get(self.settings.peer, 0)
         self._state_limiter = trio.CapacityLimiter(1)
         self._stale_warned = -math.inf
+        self._auth_warned: dict[Verdict, float] = {}
         self.state = fsm.initial(trio.current_time())
         self._publish()
         self._lock = trio.Lock()
@@ -148,6 +159,8 @@ class Heartbeat:
         if frame is None:
             if verdict is Verdict.STALE_GENERATION and self._generations is not None:
                 self._warn_stale(link)
+            elif verdict in AUTH_FAILURES:
+                self._warn_auth(verdict, link)
             return
         if frame.generation > self._peer_generation:
             self._peer_generation = frame.generation
@@ -167,6 +180,16 @@ class Heartbeat:
                     "the newest seen: a replay, or %s lost its state_dir while its clock is "
                     "behind; if so, fix its clock or delete %s here and restart", link,
                     self.settings.peer, self.settings.peer, self._generations.path)
+
+    def _warn_auth(self, verdict: Verdict, link: str) -> None:
+        # Without it, nodes with different keys only log "peer dead", both of them active.
+        now = trio.current_time()
+        if now - self._auth_warned.get(verdict, -math.inf) < AUTH_WARNING_INTERVAL:
+            return
+        self._auth_warned[verdict] = now
+        log.warning("frames from %s on %s fail authentication (%s): likely %s; until "
+                    "fixed each node takes the other for dead and both hold the floating "
+                    "IPs", self.settings.peer, link, verdict, AUTH_FAILURES[verdict])
 
     def _peer_restarted(self, node: str, generation: int) -> None:
         # Once per boot of the peer, but an fsync: kept off the trio thread.

@@ -117,6 +117,16 @@ class Verdict(enum.StrEnum):
     UNKNOWN_LINK = "unknown_link"
 
 
+#: Verdicts of frames that failed authentication, with the likely cause when they come from
+#: the peer's own address (an attacker forging that address aside).
+AUTH_FAILURES: Mapping[Verdict, str] = {
+    Verdict.BAD_MAC: "the key files differ (a key id both have, with different keys)",
+    Verdict.UNKNOWN_KEY: "the peer signs with a key id missing from this node's key file (the "
+                         "key files differ, or a key rotation was done on one node only)",
+    Verdict.AUTH_MISMATCH: 'one node has auth = "none" and the other a key file',
+}
+
+
 class Frame(NamedTuple):
     cluster_id: str
     node: str
@@ -316,6 +326,10 @@ class Receiver:
         #: Per link: the last datagram accepted on it by `parse` (see _Lane).
         self._lanes: dict[str, _Lane] = {}
 
+    def expects(self, link: str) -> bool:
+        """Whether the peer's frames may arrive on `link`."""
+        return self.links is None or link in self.links
+
     def accept(self, data: bytes, link: str = "") -> tuple[Verdict, Frame | None]:
         """Accept (OK and the frame, with what the peer's newest frame said) or drop one
         datagram. Never raises: bad input yields a verdict."""
@@ -372,7 +386,7 @@ class Receiver:
             return Verdict.OWN_FRAME, frame
         if frame.node not in self.peers:
             return Verdict.UNKNOWN_NODE, frame
-        if self.links is not None and link not in self.links:
+        if not self.expects(link):
             return Verdict.UNKNOWN_LINK, frame
         says = self._says.get(frame.node)
         floor = says[0] if says is not None else self._floors.get(frame.node, 0)

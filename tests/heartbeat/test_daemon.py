@@ -424,6 +424,38 @@ async def test_forged_and_replayed_frames_change_nothing(
         assert (await node2.command("status", {}))["frames_dropped"]["bad_mac"] == 100
 
 
+@pytest.mark.parametrize(("lb1_keys", "lb2_keys", "cause"), [
+    (KEYS, KeyRing({1: b"another-key-0123456789"}, 1), "the key files differ"),
+    (KeyRing({2: b"0123456789abcdef0123"}, 2), KEYS, "a key id missing"),
+    (None, KEYS, 'auth = "none"'),
+], ids=["other-key", "unknown-key-id", "auth-none"])
+async def test_frames_failing_authentication_from_the_peer_are_warned_about(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture,
+    lb1_keys: KeyRing | None, lb2_keys: KeyRing, cause: str,
+) -> None:
+    # Different keys: both nodes go active, and "peer dead" alone would hide why.
+    async with cluster() as c:
+        c.world.ignore.update(("lb1", "lb2"))  # both hold the IP: the defect, not the test's
+        await c.start("lb1")
+        await c.start("lb2")
+        c.nodes["lb1"].pump.reconfigure(lb1_keys, KEEPALIVE, DEADTIME)
+        c.nodes["lb2"].pump.reconfigure(lb2_keys, KEEPALIVE, DEADTIME)
+        # An attacker's forgeries from its own address are counted, not warned about.
+        forged = encode(Frame("lbha", "lb1", 1, 1, PeerState.ACTIVE), KeyRing({1: b"x" * 20}, 1))
+        c.net.inject(("198.18.0.66", 6694), (ADDR["lb2"], 6694), forged)
+        with caplog.at_level(logging.WARNING):
+            await trio.sleep(130)
+        assert c.active() == {"lb1", "lb2"}
+    warnings = [r for r in caplog.records if r.name == "lbha.heartbeat.daemon"
+                and "fail authentication" in r.getMessage()
+                and r.getMessage().startswith("frames from lb1")]
+    # Rate-limited: at once, then once a minute.
+    assert len(warnings) == 3, [w.getMessage() for w in warnings]
+    assert all(w.levelno == logging.WARNING for w in warnings)
+    assert cause in warnings[0].getMessage()
+    assert "198.18.0.66" not in caplog.text
+
+
 @pytest.mark.parametrize("stored", [True, False])
 async def test_restart_with_the_clock_stepped_back(
     autojump_clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
