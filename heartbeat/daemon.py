@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable
@@ -428,15 +429,54 @@ def _load(path: Path, manager: PluginManager) -> tuple[Config, KeyRing | None]:
 
 #: SCHED_RR priority: above ordinary work, below the kernel's own real-time threads.
 REALTIME_PRIORITY = 10
+#: Bit of CAP_SYS_NICE in /proc/self/status CapEff.
+_CAP_SYS_NICE = 23
+_POLICY_NAMES = {os.SCHED_RR: "SCHED_RR", os.SCHED_FIFO: "SCHED_FIFO"}
 
 
 def _go_realtime() -> None:
-    """Keepalives must not wait behind a busy machine: take a real-time priority."""
+    """Keepalives must not wait behind a busy machine: run at a real-time priority, as the
+    service manager set it (the unit's CPUSchedulingPolicy=rr) or by asking for it."""
+    policy = os.sched_getscheduler(0)
+    reset_on_fork = bool(policy & os.SCHED_RESET_ON_FORK)
+    policy &= ~os.SCHED_RESET_ON_FORK
+    if policy in _POLICY_NAMES and not reset_on_fork:
+        # Threads started from now on, the keepalive thread among them, inherit it.
+        log.info("real-time priority (%s %d) set by the service manager", _POLICY_NAMES[policy],
+                 os.sched_getparam(0).sched_priority)
+        return
     try:
         os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(REALTIME_PRIORITY))
     except OSError as exc:
-        log.warning("cannot take real-time priority (%s); keepalives may be delayed on a busy "
-                    "machine: run as root or grant CAP_SYS_NICE, or set realtime = false", exc)
+        log.warning("cannot take real-time priority (%s: %s); keepalives may be delayed on a "
+                    "busy machine and cause false failovers. Under systemd set "
+                    "CPUSchedulingPolicy=rr and CPUSchedulingResetOnFork=no in the unit "
+                    "(contrib/systemd/lbha-heartbeat.service does); else run as root or grant "
+                    "CAP_SYS_NICE; or set realtime = false", exc.strerror,
+                    "; ".join(_realtime_obstacles(reset_on_fork)) or "unknown cause")
+
+
+def _realtime_obstacles(reset_on_fork: bool) -> list[str]:
+    """What can refuse sched_setscheduler here, for the warning."""
+    status: dict[str, str] = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            status[key] = value.strip()
+    except OSError:
+        pass
+    out = []
+    if reset_on_fork:
+        out.append("the service manager set SCHED_RESET_ON_FORK (CPUSchedulingResetOnFork=yes), "
+                   "so threads start at normal priority and only CAP_SYS_NICE may lift it")
+    if not int(status.get("CapEff", "0"), 16) >> _CAP_SYS_NICE & 1:
+        rtprio = resource.getrlimit(resource.RLIMIT_RTPRIO)[0]
+        if rtprio != resource.RLIM_INFINITY and rtprio < REALTIME_PRIORITY:
+            out.append(f"no CAP_SYS_NICE and RLIMIT_RTPRIO {rtprio} (systemd: "
+                       "CapabilityBoundingSet=, LimitRTPRIO=)")
+    if status.get("Seccomp") == "2":
+        out.append("a seccomp filter may refuse the call (systemd: SystemCallFilter=~@resources)")
+    return out
 
 
 async def run_daemon(
