@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,3 +151,17 @@ def test_lbha_heartbeat_logs_its_lifecycle_by_default(lab: Lab, tmp_path: Path) 
                     0.05), quiet.read_text()
     lab.stop(proc)
     assert "INFO" not in quiet.read_text()
+
+
+def test_the_unit_verifies(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    # The binary is not installed here; everything else in the unit must check out.
+    unit = tmp_path / UNIT.name
+    unit.write_text(UNIT.read_text().replace("/usr/bin/lbha", "/bin/true"))
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                            text=True, timeout=60)
+    ours = [line for line in (result.stdout + result.stderr).splitlines()
+            if UNIT.name in line]
+    assert not ours, result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
