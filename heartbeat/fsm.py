@@ -446,9 +446,8 @@ def _decide(
                 actions.append(Announce("split brain resolved in our favour"))
                 state = replace(state, split_brain=True)
             return state, actions
-        heard = state.peer_flags & Flags.HEARS_PEER or not state.peer_flags & \
-            Flags.REPORTS_HEARING
-        if not heard:
+        pf = state.peer_flags
+        if pf & Flags.REPORTS_HEARING and not pf & Flags.HEARS_PEER:
             # The keeper announces when it hears us; releasing before that loses the
             # clients that still point here.
             if not state.split_brain:

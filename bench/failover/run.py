@@ -145,13 +145,13 @@ def max_gap(times: list[float], start: float, end: float) -> float:
     return max(b - a for a, b in itertools.pairwise(points)) * 1000
 
 
-def gap_after(probes: Probes, at: float) -> float:
-    """The largest gap between replies from the last reply before `at` to the end of
-    probing, in ms. A gap still open when probing ends counts up to that end, so an outage
-    that outlasts any window is measured in full (the probing must outlast the ones that end).
-    """
-    points = [t for t in probes.times if t < at][-1:] + [t for t in probes.times if t >= at]
-    points.append(probes.end)
+def gap_during(probes: Probes, start: float, end: float) -> float:
+    """The largest gap between replies open at some time in [start, end], in ms, each
+    measured until it closes: a gap still open at `end` runs to the next reply (or to the
+    end of probing), so an outage that outlasts any window is counted in full."""
+    points = ([t for t in probes.times if t < start][-1:]
+              + [t for t in probes.times if start <= t <= end]
+              + ([t for t in probes.times if t > end][:1] or [probes.end]))
     if len(points) < 2:
         return float("inf")
     return max(b - a for a, b in itertools.pairwise(points)) * 1000
@@ -186,13 +186,15 @@ def scenario_partition(run: Run, timers: str) -> dict[str, float]:
     t1 = time.monotonic()
     run.pair.attach("lb1")
     wait_for(lambda: run.pair.holders() == {"lb1"}, 5, 0.005)
+    settled = time.monotonic()
     # Probing goes on well past the longest heal gap seen before the fix (about 1 s), so a
-    # gap open at the heal is measured until it closes (gap_after).
+    # gap open during the heal is measured until it closes (gap_during).
     time.sleep(3.0)
     probes = run.finish(stop=True)
     return {"outage_ms": max_gap(probes.times, t0, t1 - 0.05),
-            "heal_extra_ms": gap_after(probes, t1),
-            "heal_lost": lost_between(probes, t1, probes.end - 0.1)}
+            "heal_extra_ms": gap_during(probes, t1, settled + 0.1),
+            "heal_lost": lost_between(probes, t1, probes.end - 0.1),
+            "settled_ms": (settled - t1) * 1000}
 
 
 def scenario_takeover(run: Run, timers: str) -> dict[str, float]:
