@@ -328,6 +328,10 @@ def test_exhaustive_pairs_converge_to_exactly_one_active(a_master: bool,
             actions = first.hear(second, 0.1)
             if peer_active:
                 assert not any(isinstance(x, Acquire) for x in actions), (state_a, state_b)
+                # A node steps down for an active peer only once that peer hears it, so has
+                # announced the addresses to the clients still pointing here.
+                if any(isinstance(x, Release) for x in actions):
+                    assert second.state.peer_alive, (state_a, state_b)
         assert a.holds != b.holds, (state_a, state_b)
         if both_before:
             keeper = a if a.holds else b
