@@ -261,7 +261,7 @@ class ThreadedUdpTransport(UdpTransport):
 
     #: At most one frame-less verdict of each kind a second reaches the daemon (it only
     #: warns).
-    STALE_EVERY = 1.0
+    WARN_EVERY = 1.0
 
     def __init__(self, peers: Sequence[IPAddress], port: int,
                  bind: Sequence[IPAddress] = ()) -> None:
@@ -371,7 +371,7 @@ class ThreadedUdpTransport(UdpTransport):
                     if taken is None:
                         continue
                     if taken[1] is None:  # a verdict to warn about: the daemon only warns
-                        if at - warned.get(taken[0], -math.inf) < self.STALE_EVERY:
+                        if at - warned.get(taken[0], -math.inf) < self.WARN_EVERY:
                             continue
                         warned[taken[0]] = at
                     token.run_sync_soon(_hand, to_trio, taken)
