@@ -114,7 +114,7 @@ class Heartbeat:
         self._peer_generation = floors.get(self.settings.peer, 0)
         self._state_limiter = trio.CapacityLimiter(1)
         self._stale_warned = -math.inf
-        self._auth_warned: dict[Verdict, float] = {}
+        self._auth_warned: dict[tuple[Verdict, bool], float] = {}
         self.state = fsm.initial(trio.current_time())
         self._publish()
         self._lock = trio.Lock()
@@ -184,13 +184,22 @@ class Heartbeat:
 
     def _warn_auth(self, verdict: Verdict, link: str) -> None:
         # Without it, nodes with different keys only log "peer dead", both of them active.
+        # Limited per kind and per peer liveness, so a key changed on one node is named as
+        # soon as the peer counts as dead, even after the warning while it was alive.
         now = trio.current_time()
-        if now - self._auth_warned.get(verdict, -math.inf) < AUTH_WARNING_INTERVAL:
+        alive = self.state.peer_alive
+        if now - self._auth_warned.get((verdict, alive), -math.inf) < AUTH_WARNING_INTERVAL:
             return
-        self._auth_warned[verdict] = now
+        self._auth_warned[(verdict, alive)] = now
+        peer = self.settings.peer
+        if alive:
+            log.warning("frames with the address of %s on %s fail authentication (%s) while "
+                        "its frames are still valid: forged frames on the LAN, or a key "
+                        "changed on one node only", peer, link, verdict)
+            return
         log.warning("frames from %s on %s fail authentication (%s): likely %s; until "
                     "fixed each node takes the other for dead and both hold the floating "
-                    "IPs", self.settings.peer, link, verdict, AUTH_FAILURES[verdict])
+                    "IPs", peer, link, verdict, AUTH_FAILURES[verdict])
 
     def _peer_restarted(self, node: str, generation: int) -> None:
         # Once per boot of the peer, but an fsync: kept off the trio thread.

@@ -393,7 +393,7 @@ async def test_no_false_failover_on_a_terrible_network(
 
 
 async def test_forged_and_replayed_frames_change_nothing(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture,
 ) -> None:
     async with cluster() as c:
         await c.start("lb1")
@@ -422,6 +422,13 @@ async def test_forged_and_replayed_frames_change_nothing(
         assert counts[Verdict.UNKNOWN_LINK] == 100
         assert counts[Verdict.MALFORMED] == 100
         assert (await node2.command("status", {}))["frames_dropped"]["bad_mac"] == 100
+        # A forgery with lb1's own address, while lb1 is heard: not taken for a key mismatch.
+        with caplog.at_level(logging.WARNING):
+            c.net.inject(spoofed, target, forged)
+            await trio.sleep(0.01)
+        assert "frames with the address of lb1 on udp:198.18.0.1 fail authentication " \
+               "(bad_mac) while its frames are still valid: forged frames" in caplog.text
+        assert "key files differ" not in caplog.text
 
 
 @pytest.mark.parametrize(("lb1_keys", "lb2_keys", "cause"), [
