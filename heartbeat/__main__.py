@@ -6,15 +6,20 @@ import argparse
 import sys
 
 from lbha.heartbeat.cli import add_commands
-from lbha.logs import LEVELS
+from lbha.logs import COMMAND_LEVEL, DAEMON_LEVEL, LEVELS, log_level, setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lbha.heartbeat")
+    parser.add_argument("--log-level", choices=LEVELS,
+                        help=f"default: {DAEMON_LEVEL} for heartbeat, {COMMAND_LEVEL} otherwise")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lbha.heartbeat")
-    parser.add_argument("--log-level", choices=LEVELS, default="info")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_commands(sub)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    setup_logging(log_level(args))
     return int(args.func(args))
 
 

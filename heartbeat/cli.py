@@ -1,5 +1,8 @@
 """`lbha heartbeat | takeover | standby | cluster-status`: the lead's CLI calls add_commands().
 
+Logging is set up by the entry point (`lbha`, `python -m lbha.heartbeat`) from `--log-level`
+or the command's default (`lbha.logs.log_level`).
+
 Each command returns an exit code: 0 done, 1 failed (the message says why, on stderr).
 """
 
@@ -16,7 +19,7 @@ import trio
 from lbha.config import DEFAULT_PATH, load_config
 from lbha.control import request
 from lbha.errors import ControlError, LbhaError
-from lbha.logs import setup_logging
+from lbha.logs import DAEMON_LEVEL
 from lbha.model import Config
 
 EXIT_OK = 0
@@ -40,6 +43,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         if name == "cluster-status":
             parser.add_argument("--json", action="store_true", help="print JSON")
         parser.set_defaults(func=func)
+        if name == "heartbeat":
+            parser.set_defaults(log_level_default=DAEMON_LEVEL)
 
 
 def _fail(message: object) -> int:
@@ -50,7 +55,6 @@ def _fail(message: object) -> int:
 def cmd_heartbeat(args: argparse.Namespace) -> int:
     from lbha.heartbeat.daemon import run_daemon
 
-    setup_logging(getattr(args, "log_level", None) or "info")
     try:
         trio.run(run_daemon, args.config)
     except LbhaError as exc:

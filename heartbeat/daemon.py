@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable
@@ -33,7 +34,15 @@ from lbha.heartbeat.floating_ips import AddressManager, NetlinkAddresses, floati
 from lbha.heartbeat.generation import FILE_NAME as GENERATION_FILE
 from lbha.heartbeat.generation import GenerationStore
 from lbha.heartbeat.keepalive_pump import KeepalivePump
-from lbha.heartbeat.protocol import Frame, KeyRing, Receiver, Verdict, dropped, load_key_file
+from lbha.heartbeat.protocol import (
+    AUTH_FAILURES,
+    Frame,
+    KeyRing,
+    Receiver,
+    Verdict,
+    dropped,
+    load_key_file,
+)
 from lbha.heartbeat.transport import ThreadedUdpTransport, Transport
 from lbha.hookspecs import DaemonContext
 from lbha.model import ClusterConfig, Config, Role
@@ -46,6 +55,8 @@ log = logging.getLogger(__name__)
 STOP_TIMEOUT = 5.0
 #: At most one warning this often about frames of an old generation.
 STALE_WARNING_INTERVAL = 60.0
+#: At most one warning this often per kind of authentication failure from the peer.
+AUTH_WARNING_INTERVAL = 60.0
 
 Emit = Callable[[Event], None]
 
@@ -103,6 +114,7 @@ class Heartbeat:
         self._peer_generation = floors.get(self.settings.peer, 0)
         self._state_limiter = trio.CapacityLimiter(1)
         self._stale_warned = -math.inf
+        self._auth_warned: dict[tuple[Verdict, bool], float] = {}
         self.state = fsm.initial(trio.current_time())
         self._publish()
         self._lock = trio.Lock()
@@ -148,6 +160,8 @@ class Heartbeat:
         if frame is None:
             if verdict is Verdict.STALE_GENERATION and self._generations is not None:
                 self._warn_stale(link)
+            elif verdict in AUTH_FAILURES:
+                self._warn_auth(verdict, link)
             return
         if frame.generation > self._peer_generation:
             self._peer_generation = frame.generation
@@ -167,6 +181,25 @@ class Heartbeat:
                     "the newest seen: a replay, or %s lost its state_dir while its clock is "
                     "behind; if so, fix its clock or delete %s here and restart", link,
                     self.settings.peer, self.settings.peer, self._generations.path)
+
+    def _warn_auth(self, verdict: Verdict, link: str) -> None:
+        # Without it, nodes with different keys only log "peer dead", both of them active.
+        # Limited per kind and per peer liveness, so a key changed on one node is named as
+        # soon as the peer counts as dead, even after the warning while it was alive.
+        now = trio.current_time()
+        alive = self.state.peer_alive
+        if now - self._auth_warned.get((verdict, alive), -math.inf) < AUTH_WARNING_INTERVAL:
+            return
+        self._auth_warned[(verdict, alive)] = now
+        peer = self.settings.peer
+        if alive:
+            log.warning("frames with the address of %s on %s fail authentication (%s) while "
+                        "its frames are still valid: forged frames on the LAN, or a key "
+                        "changed on one node only", peer, link, verdict)
+            return
+        log.warning("frames from %s on %s fail authentication (%s): likely %s; until "
+                    "fixed each node takes the other for dead and both hold the floating "
+                    "IPs", peer, link, verdict, AUTH_FAILURES[verdict])
 
     def _peer_restarted(self, node: str, generation: int) -> None:
         # Once per boot of the peer, but an fsync: kept off the trio thread.
@@ -405,15 +438,54 @@ def _load(path: Path, manager: PluginManager) -> tuple[Config, KeyRing | None]:
 
 #: SCHED_RR priority: above ordinary work, below the kernel's own real-time threads.
 REALTIME_PRIORITY = 10
+#: Bit of CAP_SYS_NICE in /proc/self/status CapEff.
+_CAP_SYS_NICE = 23
+_POLICY_NAMES = {os.SCHED_RR: "SCHED_RR", os.SCHED_FIFO: "SCHED_FIFO"}
 
 
 def _go_realtime() -> None:
-    """Keepalives must not wait behind a busy machine: take a real-time priority."""
+    """Keepalives must not wait behind a busy machine: run at a real-time priority, as the
+    service manager set it (the unit's CPUSchedulingPolicy=rr) or by asking for it."""
+    policy = os.sched_getscheduler(0)
+    reset_on_fork = bool(policy & os.SCHED_RESET_ON_FORK)
+    policy &= ~os.SCHED_RESET_ON_FORK
+    if policy in _POLICY_NAMES and not reset_on_fork:
+        # Threads started from now on, the keepalive thread among them, inherit it.
+        log.info("real-time priority (%s %d) set by the service manager", _POLICY_NAMES[policy],
+                 os.sched_getparam(0).sched_priority)
+        return
     try:
         os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(REALTIME_PRIORITY))
     except OSError as exc:
-        log.warning("cannot take real-time priority (%s); keepalives may be delayed on a busy "
-                    "machine: run as root or grant CAP_SYS_NICE, or set realtime = false", exc)
+        log.warning("cannot take real-time priority (%s: %s); keepalives may be delayed on a "
+                    "busy machine and cause false failovers. Under systemd set "
+                    "CPUSchedulingPolicy=rr and CPUSchedulingResetOnFork=no in the unit "
+                    "(contrib/systemd/lbha-heartbeat.service does); else run as root or grant "
+                    "CAP_SYS_NICE; or set realtime = false", exc.strerror,
+                    "; ".join(_realtime_obstacles(reset_on_fork)) or "unknown cause")
+
+
+def _realtime_obstacles(reset_on_fork: bool) -> list[str]:
+    """What can refuse sched_setscheduler here, for the warning."""
+    status: dict[str, str] = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            status[key] = value.strip()
+    except OSError:
+        pass
+    out = []
+    if reset_on_fork:
+        out.append("the service manager set SCHED_RESET_ON_FORK (CPUSchedulingResetOnFork=yes), "
+                   "so threads start at normal priority and only CAP_SYS_NICE may lift it")
+    if not int(status.get("CapEff", "0"), 16) >> _CAP_SYS_NICE & 1:
+        rtprio = resource.getrlimit(resource.RLIMIT_RTPRIO)[0]
+        if rtprio != resource.RLIM_INFINITY and rtprio < REALTIME_PRIORITY:
+            out.append(f"no CAP_SYS_NICE and RLIMIT_RTPRIO {rtprio} (systemd: "
+                       "CapabilityBoundingSet=, LimitRTPRIO=)")
+    if status.get("Seccomp") == "2":
+        out.append("a seccomp filter may refuse the call (systemd: SystemCallFilter=~@resources)")
+    return out
 
 
 async def run_daemon(

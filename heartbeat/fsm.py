@@ -7,12 +7,17 @@ order, so "Release, then Send" means the peer hears PASSIVE only once the addres
 Roles and states: each node is master or slave (its preference) and active (holds the floating
 IPs) or passive. The rules, in the order `_decide` applies them:
 
-1. Start-up: stay passive until the peer is heard or `initdead` passes.
+1. Start-up: stay passive until the peer is heard or `initdead` passes (then take over with
+   a warning, not a "peer dead" alarm: a peer never heard may simply start later).
 2. Peer dead (every link silent for `deadtime`) or leaving (graceful stop): become active.
 3. Both active (a partition healed): the node with the stronger claim keeps the IPs and
-   announces them (GARP / NA) at once; the other releases. Claim, compared in order: wants
-   to be active (manual takeover), not yielded (manual standby), master role, smaller name.
-   While active, wants/yielded are clear, so after a partition the master keeps.
+   announces them (GARP / NA) at once; the other releases, but only once the keeper's frames
+   say it hears this node (HEARS_PEER), so after the keeper's announcement: until then
+   clients may still point here. A heal is rarely symmetric: a node's frames can wait a
+   second on an ARP entry that failed during the partition while the peer's get through.
+   Claim, compared in order: wants to be active (manual takeover), not yielded (manual
+   standby), master role, smaller name. While active, wants/yielded are clear, so after a
+   partition the master keeps.
 4. Active and the peer asks for the IPs (WANTS_ACTIVE: manual takeover or failback): release
    first, then tell the peer, which takes over on hearing PASSIVE. No moment with both active.
 5. Both passive: the stronger claim becomes active.
@@ -185,7 +190,9 @@ def wants_active(settings: Settings, state: State) -> bool:
 
 
 def frame_flags(settings: Settings, state: State) -> Flags:
-    flags = Flags.MASTER if settings.master else Flags.NONE
+    flags = Flags.REPORTS_HEARING | (Flags.MASTER if settings.master else Flags.NONE)
+    if state.peer_alive:
+        flags |= Flags.HEARS_PEER
     if wants_active(settings, state):
         flags |= Flags.WANTS_ACTIVE
     if state.yielded:
@@ -328,9 +335,7 @@ def _expire(settings: Settings, state: State, now: float, actions: list[Action])
                                       f"{t.warntime:g}s)"))
         state = replace(state, warned=True)
     if state.starting and not state.peer_alive and now >= state.started + t.initdead:
-        actions.append(Notify("peer_dead", "critical", "unknown", "dead",
-                              f"{settings.peer}: not heard within initdead {t.initdead:g}s "
-                              "of start-up"))
+        # Not "peer dead": a peer never heard may just start later. `_decide` says it.
         state = replace(state, starting=False)
     return state
 
@@ -401,11 +406,12 @@ def _stop(state: State, actions: list[Action]) -> tuple[State, list[Action]]:
 
 
 def _become_active(
-    settings: Settings, state: State, kind: str, reason: str, actions: list[Action]
+    settings: Settings, state: State, kind: str, reason: str, actions: list[Action],
+    severity: str | None = None,
 ) -> State:
     actions.append(Acquire(reason))
-    actions.append(Notify(kind, "warning" if kind == "failover" else "info", "passive",
-                          "active", reason))
+    actions.append(Notify(kind, severity or ("warning" if kind == "failover" else "info"),
+                          "passive", "active", reason))
     actions.append(Send())
     return replace(state, active=True, takeover_pending=False, yielded=False)
 
@@ -417,11 +423,20 @@ def _decide(
         return state, actions
     peer = settings.peer
     if not state.peer_alive:
-        if not state.active:
+        if state.active:
+            return state, actions
+        if state.takeover_pending:
             why = reason or f"{peer} is dead"
-            kind = "takeover" if state.takeover_pending else "failover"
-            state = _become_active(settings, state, kind, why, actions)
-        return state, actions
+            return _become_active(settings, state, "takeover", why, actions), actions
+        if state.last_heard is None:
+            # Never heard since start-up (initdead passed): nothing failed, yet this node
+            # now serves alone, which an operator should know.
+            why = (f"{peer} not heard within initdead {settings.timers.initdead:g}s of "
+                   "start-up; taking over")
+            return _become_active(settings, state, "takeover", why, actions,
+                                  severity="warning"), actions
+        why = reason or f"{peer} is dead"
+        return _become_active(settings, state, "failover", why, actions), actions
     if state.active and state.peer_state is PeerState.ACTIVE:
         if _we_win(settings, state):
             if not state.split_brain:
@@ -431,12 +446,28 @@ def _decide(
                 actions.append(Announce("split brain resolved in our favour"))
                 state = replace(state, split_brain=True)
             return state, actions
+        pf = state.peer_flags
+        if pf & Flags.REPORTS_HEARING and not pf & Flags.HEARS_PEER:
+            # The keeper announces when it hears us; releasing before that loses the
+            # clients that still point here.
+            if not state.split_brain:
+                actions.append(Notify("split_brain", "critical", "active", "active",
+                                      f"both nodes active; {peer} keeps the floating IPs, "
+                                      f"{settings.node} ({_role(settings)}) steps down as "
+                                      f"soon as {peer} hears it"))
+                state = replace(state, split_brain=True)
+            return state, actions
         actions.append(Release(f"split brain: {peer} keeps the floating IPs"))
-        actions.append(Notify("split_brain", "critical", "active", "passive",
-                              f"both nodes active; {peer} keeps the floating IPs, "
-                              f"{settings.node} ({_role(settings)}) steps down"))
+        if state.split_brain:
+            actions.append(Notify("standby", "info", "active", "passive",
+                                  f"split brain resolved: {peer} hears us and keeps the "
+                                  "floating IPs"))
+        else:
+            actions.append(Notify("split_brain", "critical", "active", "passive",
+                                  f"both nodes active; {peer} keeps the floating IPs, "
+                                  f"{settings.node} ({_role(settings)}) steps down"))
         actions.append(Send())
-        return replace(state, active=False), actions
+        return replace(state, active=False, split_brain=False), actions
     if state.active:
         if state.peer_flags & Flags.WANTS_ACTIVE:
             why = f"{peer} asked for the floating IPs"

@@ -9,8 +9,11 @@ the newest it has seen. So:
 - the peer's newest generation is kept too, so that a restart of this node does not let frames
   recorded during the peer's earlier boots be replayed.
 
-A missing or damaged file falls back to the clock (logged); a file that cannot be written is
-logged and the daemon runs on, since refusing to start would cost more than the replay window.
+A missing file, or a damaged one, falls back to the clock; a damaged one (not JSON, another
+version, or a generation that does not fit the frame's unsigned 64-bit field, or leaves this
+node no room to move forward) is moved aside for the operator, logged, and only its valid peer
+generations are kept. A file that cannot be written is logged and the daemon runs on, since
+refusing to start would cost more than the replay window.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ log = logging.getLogger(__name__)
 
 VERSION = 1
 FILE_NAME = "heartbeat-generation.json"
+#: Where a damaged file is moved to, next to it.
+DAMAGED_SUFFIX = ".damaged"
+#: A generation fills a frame field of 64 unsigned bits (protocol.py).
+MAX_GENERATION = 2**64 - 1
 
 
 class GenerationStore:
@@ -53,19 +60,45 @@ class GenerationStore:
 
     def _load(self) -> int:
         try:
-            data = json.loads(self.path.read_text())
-            if data.get("version") != VERSION:
-                raise ValueError(f"version {data.get('version')!r}, expected {VERSION}")
-            self.peers = {str(k): int(v) for k, v in data["peers"].items()}
-            return int(data["own"])
+            text = self.path.read_text()
         except FileNotFoundError:
             return 0
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.error("ignoring damaged %s (%s): this node's generation comes from the clock "
-                      "and replays of the peer's earlier boots are refused only from now on",
-                      self.path, exc)
-            self.peers = {}
+        except (OSError, UnicodeDecodeError) as exc:
+            self._damaged(str(exc))
             return 0
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            if data.get("version") != VERSION:
+                raise ValueError(f"version {data.get('version')!r}, expected {VERSION}")
+            peers = data["peers"]
+            if not isinstance(peers, dict):
+                raise ValueError("peers is not an object")
+        except (ValueError, KeyError) as exc:
+            self._damaged(str(exc))
+            return 0
+        self.peers = {str(k): v for k, v in peers.items() if _fits(v)}
+        problems = [f"peer {k}: {v!r}" for k, v in peers.items() if not _fits(v)]
+        own = data.get("own")
+        if not _fits(own) or own >= MAX_GENERATION:
+            problems.insert(0, f"own: {own!r}")
+            own = 0
+        if problems:
+            self._damaged(f"generations that do not fit a frame: {', '.join(problems)}")
+        return own
+
+    def _damaged(self, why: str) -> None:
+        aside = self.path.with_name(self.path.name + DAMAGED_SUFFIX)
+        try:
+            self.path.replace(aside)
+            moved = f"moved {self.path} aside to {aside}"
+        except OSError as exc:
+            moved = f"could not move it aside ({exc.strerror})"
+        kept = (f"peer generations kept: {', '.join(sorted(self.peers))}" if self.peers
+                else "replays of the peer's earlier boots are refused only from now on")
+        log.error("ignoring damaged %s (%s): %s; this node's generation comes from the "
+                  "clock; %s", self.path, why, moved, kept)
 
     def _save(self) -> None:
         text = json.dumps({"version": VERSION, "own": self.own, "peers": self.peers}) + "\n"
@@ -74,3 +107,8 @@ class GenerationStore:
         except OSError as exc:
             log.error("cannot save %s (%s): after a restart this node's generation comes from "
                       "the clock alone; fix the state directory", self.path, exc)
+
+
+def _fits(value: object) -> bool:
+    """A generation a frame can carry (JSON true/false are not numbers here)."""
+    return type(value) is int and 0 <= value <= MAX_GENERATION

@@ -9,7 +9,9 @@ Frame, version 1 (big-endian; every frame is one UDP datagram or one serial reco
     4      1     key id (0 with auth none)
     5      1     state: 0 starting, 1 passive, 2 active, 3 leaving
     6      1     flags: bit 0 master role, bit 1 wants active, bit 2 yielded (manual standby)
-    7      1     reserved (0)
+    7      1     more flags: bit 0 the sender reports whether it hears its peer (bit 1), bit 1
+                 the sender hears its peer; other bits reserved (0, ignored on receive).
+                 Earlier builds send 0 here and ignore the byte: they interoperate.
     8      8     generation: the sender's boot time in microseconds, fixed for a run
     16     8     sequence number, 1, 2, 3 ... within a generation
     24     4     sender's deadtime in milliseconds (informational)
@@ -65,6 +67,8 @@ _SEQ = struct.Struct(">Q")
 _SEQ_END = _SEQ_AT + _SEQ.size
 MAX_FRAME = _HEADER.size + 2 * 256 + MAC_SIZE
 _ALL_FLAGS = 0x07
+#: Byte 7 bits this build knows; the rest are reserved for later and ignored on receive.
+_KNOWN_MORE_FLAGS = 0x03
 
 
 class PeerState(enum.IntEnum):
@@ -78,15 +82,22 @@ class PeerState(enum.IntEnum):
 
 
 class Flags(enum.IntFlag):
+    """Byte 6 of a frame in the low 8 bits, byte 7 in the next 8."""
+
     NONE = 0
     MASTER = 1
     WANTS_ACTIVE = 2
     YIELDED = 4
+    #: The sender sets HEARS_PEER (not set by earlier builds, which cannot say).
+    REPORTS_HEARING = 0x100
+    #: The sender hears its peer: it has taken its frames since it last found it dead.
+    HEARS_PEER = 0x200
 
 
-#: Wire value -> member, without the enum machinery on every frame.
+#: Wire value (byte 7 << 8 | byte 6) -> member, without the enum machinery on every frame.
 _STATES = tuple(sorted(PeerState))
-_FLAGS = tuple(Flags(i) for i in range(_ALL_FLAGS + 1))
+_FLAGS = {more << 8 | low: Flags(more << 8 | low)
+          for more in range(_KNOWN_MORE_FLAGS + 1) for low in range(_ALL_FLAGS + 1)}
 
 
 class Verdict(enum.StrEnum):
@@ -104,6 +115,16 @@ class Verdict(enum.StrEnum):
     OWN_FRAME = "own_frame"
     UNKNOWN_NODE = "unknown_node"
     UNKNOWN_LINK = "unknown_link"
+
+
+#: Verdicts of frames that failed authentication, with the likely cause when they come from
+#: the peer's own address (an attacker forging that address aside).
+AUTH_FAILURES: Mapping[Verdict, str] = {
+    Verdict.BAD_MAC: "the key files differ (a key id both have, with different keys)",
+    Verdict.UNKNOWN_KEY: "the peer signs with a key id missing from this node's key file (the "
+                         "key files differ, or a key rotation was done on one node only)",
+    Verdict.AUTH_MISMATCH: 'one node has auth = "none" and the other a key file',
+}
 
 
 class Frame(NamedTuple):
@@ -211,8 +232,8 @@ def encoder(frame: Frame, keys: KeyRing | None) -> Callable[[int], bytes]:
     auth = AUTH_NONE if keys is None else AUTH_HMAC_SHA256
     key_id = 0 if keys is None else keys.send_id
     body = _HEADER.pack(
-        MAGIC, VERSION, auth, key_id, frame.state, frame.flags, 0, frame.generation, 0,
-        frame.deadtime_ms,
+        MAGIC, VERSION, auth, key_id, frame.state, frame.flags & 0xFF, frame.flags >> 8,
+        frame.generation, 0, frame.deadtime_ms,
     ) + bytes([len(cluster)]) + cluster + bytes([len(node)]) + node
     head, tail = body[:_SEQ_AT], body[_SEQ_END:]
     mac = None if keys is None else keys.macs[keys.send_id]
@@ -228,7 +249,7 @@ def decode(data: bytes, keys: KeyRing | None) -> tuple[Verdict, Frame | None]:
     """Parse and authenticate one datagram. Never raises: bad input yields a verdict."""
     if len(data) < _HEADER.size + 2 or len(data) > MAX_FRAME:
         return Verdict.MALFORMED, None
-    magic, version, auth, key_id, state, flags, _res, gen, seq, dead = _HEADER.unpack_from(data)
+    magic, version, auth, key_id, state, flags, more, gen, seq, dead = _HEADER.unpack_from(data)
     if magic != MAGIC:
         return Verdict.MALFORMED, None
     if version != VERSION:
@@ -264,7 +285,8 @@ def decode(data: bytes, keys: KeyRing | None) -> tuple[Verdict, Frame | None]:
         return Verdict.AUTH_MISMATCH, None
     if state >= len(_STATES) or flags & ~_ALL_FLAGS:
         return Verdict.MALFORMED, None
-    frame = Frame(fields[0], fields[1], gen, seq, _STATES[state], _FLAGS[flags], dead, key_id)
+    frame = Frame(fields[0], fields[1], gen, seq, _STATES[state],
+                  _FLAGS[(more & _KNOWN_MORE_FLAGS) << 8 | flags], dead, key_id)
     return Verdict.OK, frame
 
 
@@ -303,6 +325,10 @@ class Receiver:
         self._floors = dict(floors or {})
         #: Per link: the last datagram accepted on it by `parse` (see _Lane).
         self._lanes: dict[str, _Lane] = {}
+
+    def expects(self, link: str) -> bool:
+        """Whether the peer's frames may arrive on `link`."""
+        return self.links is None or link in self.links
 
     def accept(self, data: bytes, link: str = "") -> tuple[Verdict, Frame | None]:
         """Accept (OK and the frame, with what the peer's newest frame said) or drop one
@@ -360,7 +386,7 @@ class Receiver:
             return Verdict.OWN_FRAME, frame
         if frame.node not in self.peers:
             return Verdict.UNKNOWN_NODE, frame
-        if self.links is not None and link not in self.links:
+        if not self.expects(link):
             return Verdict.UNKNOWN_LINK, frame
         says = self._says.get(frame.node)
         floor = says[0] if says is not None else self._floors.get(frame.node, 0)

@@ -32,7 +32,7 @@ import trio
 
 from lbha.heartbeat.errors import TransportError
 from lbha.heartbeat.keepalive_pump import KeepalivePump
-from lbha.heartbeat.protocol import MAX_FRAME, Frame, Verdict
+from lbha.heartbeat.protocol import AUTH_FAILURES, MAX_FRAME, Frame, Verdict
 from lbha.model import IPAddress
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,9 @@ class Sink(Protocol):
     """The daemon side of a transport; each call is awaited before the next."""
 
     async def on_frame(self, verdict: Verdict, frame: Frame | None, link: str) -> None:
-        """A frame the pump did not take as routine (it may change something), or a
-        STALE_GENERATION verdict to warn about."""
+        """A frame the pump did not take as routine (it may change something), or a verdict
+        to warn about: STALE_GENERATION, or an authentication failure (AUTH_FAILURES) on a
+        link the peer's frames arrive on."""
 
     async def on_deadline(self) -> None:
         """The pump's deadline has come."""
@@ -59,11 +60,13 @@ _Handoff = _ForDaemon | None
 def _take(pump: KeepalivePump, data: bytes, address: tuple[str, ...], now: float,
           ) -> _ForDaemon | None:
     """Pass one datagram through the pump; what the daemon must see, if anything (a frame
-    that may change something, or a stale verdict to warn about). Other drops are counted
-    by the pump's receiver and logged here."""
+    that may change something, or a verdict to warn about: stale, or failing authentication
+    from the peer's address, most likely a key mismatch). Other drops are counted by the
+    pump's receiver and logged here."""
     link = f"udp:{address[0]}"
     verdict, frame = pump.received(data, link, now)
-    if frame is not None or verdict is Verdict.STALE_GENERATION:
+    if frame is not None or verdict is Verdict.STALE_GENERATION or (
+            verdict in AUTH_FAILURES and pump.receiver.expects(link)):
         return verdict, frame, link
     if verdict is not Verdict.OK:
         log.debug("dropped a frame on %s: %s", link, verdict)
@@ -256,8 +259,9 @@ class ThreadedUdpTransport(UdpTransport):
     `time.perf_counter`: trio's default clock minus a constant offset, measured at `run`.
     """
 
-    #: At most one STALE_GENERATION verdict a second reaches the daemon (it only warns).
-    STALE_EVERY = 1.0
+    #: At most one frame-less verdict of each kind a second reaches the daemon (it only
+    #: warns).
+    WARN_EVERY = 1.0
 
     def __init__(self, peers: Sequence[IPAddress], port: int,
                  bind: Sequence[IPAddress] = ()) -> None:
@@ -328,7 +332,8 @@ class ThreadedUdpTransport(UdpTransport):
                   for peer in self.peers if (sock := self._socket_for(peer)) is not None]
         wake_fd = wake.fileno()
         next_send = time.perf_counter()
-        stale_handed = -math.inf
+        #: Verdict -> when one was last handed over without a frame.
+        warned: dict[Verdict, float] = {}
         # epoll, not poll: the registration stays put instead of being redone at every wake.
         with select.epoll() as poller:
             for fd in self._plain:
@@ -365,8 +370,8 @@ class ThreadedUdpTransport(UdpTransport):
                     taken = _take(pump, data, address, at + offset)
                     if taken is None:
                         continue
-                    if taken[1] is None:  # a stale verdict: the daemon only warns, rarely
-                        if at - stale_handed < self.STALE_EVERY:
+                    if taken[1] is None:  # a verdict to warn about: the daemon only warns
+                        if at - warned.get(taken[0], -math.inf) < self.WARN_EVERY:
                             continue
-                        stale_handed = at
+                        warned[taken[0]] = at
                     token.run_sync_soon(_hand, to_trio, taken)

@@ -21,7 +21,7 @@ from lbha.config import DEFAULT_PATH, load_config, load_config_text
 from lbha.config_show import render_config
 from lbha.errors import ConfigError, ControlError, LbhaError, Problem
 from lbha.heartbeat.cli import add_commands as add_heartbeat_commands
-from lbha.logs import LEVELS, setup_logging
+from lbha.logs import COMMAND_LEVEL, DAEMON_LEVEL, LEVELS, log_level, setup_logging
 from lbha.model import Config, Paths
 from lbha.plugin_manager import PluginManager, load_plugins
 
@@ -344,8 +344,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lbha", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lbha {__version__}")
-    parser.add_argument("--log-level", choices=LEVELS, default="warning",
-                        help="log level on stderr (default: warning)")
+    parser.add_argument("--log-level", choices=LEVELS,
+                        help=f"log level on stderr (default: {DAEMON_LEVEL} for the daemons, "
+                             f"{COMMAND_LEVEL} for other commands)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     config = sub.add_parser("config", help="check or show a config file")
@@ -377,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     healthd = sub.add_parser("healthd", help="run the health-check daemon")
     healthd.add_argument("--config", type=Path, default=DEFAULT_PATH)
-    healthd.set_defaults(func=cmd_healthd)
+    healthd.set_defaults(func=cmd_healthd, log_level_default=DAEMON_LEVEL)
 
     status = sub.add_parser("status", help="the pair (Master|Slave Active|Passive Link) and "
                             "every real server: state, weight, last check and reason")
@@ -412,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(log_level(args))
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -10,12 +10,17 @@ common-word password, and shows the secret's letters by what it stars).
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 from typing import TextIO
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
+#: A daemon logs its lifecycle (started, takeover, standby, reload) at info, which the
+#: journal must show; other commands say only what went wrong.
+DAEMON_LEVEL = "info"
+COMMAND_LEVEL = "warning"
 
 _PRIORITY = {
     logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2,
@@ -60,3 +65,10 @@ def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+def log_level(args: argparse.Namespace) -> str:
+    """`--log-level` when given (default None), else the command's own default: a daemon's
+    subparser sets `log_level_default=DAEMON_LEVEL`."""
+    level: str = args.log_level or getattr(args, "log_level_default", COMMAND_LEVEL)
+    return level

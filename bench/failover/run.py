@@ -6,6 +6,7 @@ outage of a run is the largest gap between two consecutive replies around the ev
 nothing lost), the anchors' definition. Every run builds a fresh lab and tears it down.
 
     sudo .venv/bin/python bench/failover/run.py [--runs 5] [--timers fast,slow] [--soak 600]
+        [--partition 15]
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ TIMERS = {
 DEADTIME = {"slow": 10.0, "fast": 0.1}
 #: Pair options for every lab; --ipv6-link adds a second heartbeat link over IPv6.
 LAB: dict[str, bool] = {"ipv6_link": False}
+#: Seconds a silent partition lasts (--partition): long enough for every neighbour entry
+#: across it to fail, as in a real one.
+PARTITION = {"seconds": 15.0}
 
 RESPONDER = f"""
 import socket
@@ -56,8 +60,8 @@ while True:
 """
 
 PROBER = f"""
-import json, select, socket, struct, sys, time
-duration, out = float(sys.argv[1]), sys.argv[2]
+import json, os, select, socket, struct, sys, time
+duration, out, stop = float(sys.argv[1]), sys.argv[2], sys.argv[3]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setblocking(False)
 replies = []
@@ -66,7 +70,7 @@ seq = 0
 next_send = start
 while True:
     now = time.monotonic()
-    if now - start > duration:
+    if now - start > duration or os.path.exists(stop):
         break
     if now >= next_send:
         try:
@@ -82,15 +86,17 @@ while True:
         except BlockingIOError:
             break
         replies.append((struct.unpack("!I", data[:4])[0], time.monotonic()))
-json.dump({{"sent": seq, "start": start, "replies": replies}}, open(out, "w"))
+json.dump({{"sent": seq, "start": start, "end": time.monotonic(), "replies": replies}},
+          open(out, "w"))
 """
 
 
 class Probes(NamedTuple):
-    """What the client's prober saw: its start time, probes sent, those answered, and the
-    times of the answers."""
+    """What the client's prober saw: its start and end times, probes sent, those answered,
+    and the times of the answers."""
 
     start: float
+    end: float
     sent: int
     replied: set[int]
     times: list[float]
@@ -109,14 +115,20 @@ class Run:
         for node in ("lb1", "lb2"):
             self.pair.lab.start(node, [PYTHON, "-c", RESPONDER], tmp / f"responder-{node}.log")
         self.out = tmp / "probes.json"
+        self.stop = tmp / "stop-probing"
         self.prober = self.pair.lab.start("client", [PYTHON, "-c", PROBER, str(duration),
-                                                      str(self.out)], tmp / "prober.log")
+                                                      str(self.out), str(self.stop)],
+                                          tmp / "prober.log")
         time.sleep(1.0)  # steady state: the client's ARP entry points at lb1
 
-    def finish(self) -> Probes:
+    def finish(self, stop: bool = False) -> Probes:
+        """The prober's results once it ends: after its duration, or now with `stop`."""
+        if stop:
+            self.stop.touch()
         self.prober.wait(timeout=600)
         data = json.loads(self.out.read_text())
-        return Probes(data["start"], data["sent"], {seq for seq, _t in data["replies"]},
+        return Probes(data["start"], data["end"], data["sent"],
+                      {seq for seq, _t in data["replies"]},
                       sorted(t for _seq, t in data["replies"]))
 
     def close(self) -> None:
@@ -128,6 +140,18 @@ def max_gap(times: list[float], start: float, end: float) -> float:
     before = [t for t in times if t < start]
     inside = [t for t in times if start <= t <= end]
     points = before[-1:] + inside
+    if len(points) < 2:
+        return float("inf")
+    return max(b - a for a, b in itertools.pairwise(points)) * 1000
+
+
+def gap_during(probes: Probes, start: float, end: float) -> float:
+    """The largest gap between replies open at some time in [start, end], in ms, each
+    measured until it closes: a gap still open at `end` runs to the next reply (or to the
+    end of probing), so an outage that outlasts any window is counted in full."""
+    points = ([t for t in probes.times if t < start][-1:]
+              + [t for t in probes.times if start <= t <= end]
+              + ([t for t in probes.times if t > end][:1] or [probes.end]))
     if len(points) < 2:
         return float("inf")
     return max(b - a for a, b in itertools.pairwise(points)) * 1000
@@ -155,16 +179,22 @@ def scenario_death(run: Run, timers: str) -> dict[str, float]:
 def scenario_partition(run: Run, timers: str) -> dict[str, float]:
     t0 = time.monotonic()
     run.pair.detach("lb1")
-    wait_for(lambda: run.pair.holders() == {"lb1", "lb2"}, DEADTIME[timers] * 2 + 2, 0.005)
-    time.sleep(max(1.0, DEADTIME[timers] * 0.2))
+    if not wait_for(lambda: run.pair.holders() == {"lb1", "lb2"}, DEADTIME[timers] * 2 + 2,
+                    0.005):
+        raise RuntimeError(f"partition: both nodes never active: {run.pair.holders()}")
+    time.sleep(max(0.0, t0 + PARTITION["seconds"] - time.monotonic()))
     t1 = time.monotonic()
     run.pair.attach("lb1")
     wait_for(lambda: run.pair.holders() == {"lb1"}, 5, 0.005)
-    time.sleep(1.0)
-    probes = run.finish()
+    settled = time.monotonic()
+    # Probing goes on well past the longest heal gap seen before the fix (about 1 s), so a
+    # gap open during the heal is measured until it closes (gap_during).
+    time.sleep(3.0)
+    probes = run.finish(stop=True)
     return {"outage_ms": max_gap(probes.times, t0, t1 - 0.05),
-            "heal_extra_ms": max_gap(probes.times, t1, t1 + 1.0),
-            "heal_lost": lost_between(probes, t1, t1 + 1.0)}
+            "heal_extra_ms": gap_during(probes, t1, settled + 0.1),
+            "heal_lost": lost_between(probes, t1, probes.end - 0.1),
+            "settled_ms": (settled - t1) * 1000}
 
 
 def scenario_takeover(run: Run, timers: str) -> dict[str, float]:
@@ -190,7 +220,8 @@ def scenario_stop(run: Run, timers: str) -> dict[str, float]:
 
 SCENARIOS: dict[str, tuple[Callable[[Run, str], dict[str, float]], dict[str, float]]] = {
     "node death": (scenario_death, {"slow": 14, "fast": 4}),
-    "silent partition + heal": (scenario_partition, {"slow": 16, "fast": 5}),
+    # An upper bound: the scenario stops the prober once the heal has settled.
+    "silent partition + heal": (scenario_partition, {"slow": 600, "fast": 600}),
     "manual takeover": (scenario_takeover, {"slow": 3, "fast": 3}),
     "graceful stop": (scenario_stop, {"slow": 3, "fast": 3}),
 }
@@ -260,10 +291,13 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=20.0, help="seconds of idle measurement")
     parser.add_argument("--soak", type=float, default=0.0, help="seconds; 0 = skip")
     parser.add_argument("--json", type=Path, help="write raw results here")
+    parser.add_argument("--partition", type=float, default=PARTITION["seconds"],
+                        help="seconds a silent partition lasts (default %(default)g)")
     parser.add_argument("--ipv6-link", action="store_true",
                         help="keepalives over IPv4 and IPv6 (two links) instead of IPv4 only")
     args = parser.parse_args()
     LAB["ipv6_link"] = args.ipv6_link
+    PARTITION["seconds"] = args.partition
     reason = unavailable()
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)

@@ -23,6 +23,8 @@ class FakeNet(trio.abc.SocketFactory):
         self.delay = delay
         self.bound: dict[tuple[str, int], FakeSocket] = {}
         self.blocked: set[frozenset[str]] = set()
+        #: (source, destination) pairs dropped one way only.
+        self.blocked_one_way: set[tuple[str, str]] = set()
         self.sent = 0
         self.dropped = 0
 
@@ -37,8 +39,14 @@ class FakeNet(trio.abc.SocketFactory):
     def partition(self, a: str, b: str) -> None:
         self.blocked.add(frozenset((a, b)))
 
+    def block_one_way(self, source: str, destination: str) -> None:
+        """Drop traffic from `source` to `destination` only (e.g. the sender's neighbour
+        entry for the destination failed, while the other way still works)."""
+        self.blocked_one_way.add((source, destination))
+
     def heal(self) -> None:
         self.blocked.clear()
+        self.blocked_one_way.clear()
 
     def inject(self, source: tuple[str, int], destination: tuple[str, int], data: bytes) -> None:
         """A datagram from a host with no socket here (an attacker on the LAN)."""
@@ -47,6 +55,7 @@ class FakeNet(trio.abc.SocketFactory):
     def _route(self, source: tuple[str, int], destination: tuple[str, int], data: bytes) -> None:
         self.sent += 1
         if frozenset((source[0], destination[0])) in self.blocked or \
+                (source[0], destination[0]) in self.blocked_one_way or \
                 self.rng.random() < self.drop:
             self.dropped += 1
             return

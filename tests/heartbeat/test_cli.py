@@ -10,6 +10,7 @@ import pytest
 from lbha.config import load_config_text
 from lbha.errors import ControlError
 from lbha.heartbeat.cli import add_commands, cluster_status_json, format_status
+from lbha.logs import log_level
 
 STATUS = {
     "node": "lb2", "role": "slave", "state": "passive", "link": "up", "peer": "lb1",
@@ -20,7 +21,7 @@ STATUS = {
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level")
     add_commands(p.add_subparsers(dest="command", required=True))
     return p
 
@@ -107,3 +108,27 @@ addresses = ["198.18.0.2"]
 """)
     assert config.cluster is not None
     assert (config.cluster.keepalive, config.cluster.deadtime) == (0.02, 0.1)
+
+
+@pytest.mark.parametrize(("argv", "level"), [
+    (["heartbeat"], "info"),
+    (["healthd"], "info"),
+    (["--log-level", "warning", "heartbeat"], "warning"),
+    (["--log-level", "debug", "healthd"], "debug"),
+    (["config", "check"], "warning"),
+    (["cluster-status"], "warning"),
+])
+def test_daemons_log_their_lifecycle_unless_told_otherwise(argv: list[str], level: str) -> None:
+    # `lbha --log-level` defaulted to warning for every command, so `lbha heartbeat` under
+    # the unit never logged that it started, took over or stood by.
+    from lbha.cli import build_parser
+
+    assert log_level(build_parser().parse_args(argv)) == level
+
+
+def test_python_m_lbha_heartbeat_has_the_same_defaults() -> None:
+    from lbha.heartbeat.__main__ import build_parser
+
+    assert log_level(build_parser().parse_args(["heartbeat"])) == "info"
+    assert log_level(build_parser().parse_args(["takeover"])) == "warning"
+    assert log_level(build_parser().parse_args(["--log-level", "error", "heartbeat"])) == "error"

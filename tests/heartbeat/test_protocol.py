@@ -91,6 +91,22 @@ def test_decode_verdicts(data: bytes, keys: KeyRing | None, verdict: Verdict) ->
     assert decode(data, keys)[0] is verdict
 
 
+def test_hearing_flags_ride_in_byte_7_which_earlier_builds_ignore() -> None:
+    flags = Flags.MASTER | Flags.REPORTS_HEARING | Flags.HEARS_PEER
+    data = encode(frame(flags=flags), None)
+    assert data[6:8] == bytes([Flags.MASTER, 0x03])
+    assert decode(data, None)[1] == frame(flags=flags)
+    # A frame of an earlier build (byte 7 zero) cannot say whether it hears us.
+    old = encode(frame(flags=Flags.MASTER), None)
+    assert old[7] == 0
+    got = decode(old, None)[1]
+    assert got is not None
+    assert not got.flags & Flags.REPORTS_HEARING
+    # Bits of byte 7 a later build may use are ignored, not refused.
+    later = data[:7] + bytes([0xF3]) + data[8:]
+    assert decode(later, None) == (Verdict.OK, frame(flags=flags))
+
+
 def test_replay_reorder_and_generation() -> None:
     rx = receiver()
     assert rx.accept(encode(frame(seq=5), RING))[0] is Verdict.OK

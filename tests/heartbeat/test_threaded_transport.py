@@ -13,6 +13,7 @@ from lbha.config import load_config_text
 from lbha.events import Event
 from lbha.heartbeat.daemon import Heartbeat
 from lbha.heartbeat.errors import TransportError
+from lbha.heartbeat.protocol import KeyRing, Verdict
 from lbha.heartbeat.transport import ThreadedUdpTransport
 
 from .test_daemon import FakeAddresses, World
@@ -119,3 +120,22 @@ async def test_port_in_use_is_a_clear_error() -> None:
                                          [ipaddress.ip_address("127.0.0.1")])
         with pytest.raises(TransportError, match="another process"):
             await transport.open()
+
+
+@pytest.mark.wallclock
+async def test_frames_failing_authentication_reach_the_daemon_rarely() -> None:
+    # lb1 signs nothing, lb2 expects a key: 50 failing frames a second from lb1's address.
+    port, world = free_udp_port(), World()
+    lb1, lb2 = node("lb1", port, world), node("lb2", port, world)
+    lb2.pump.reconfigure(KeyRing({1: b"0123456789abcdef0123"}, 1), 0.02, 0.2)
+    handed: list[tuple[Verdict, str]] = []
+    lb2._warn_auth = lambda verdict, link: handed.append((verdict, link))  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lb1.run)
+        await nursery.start(lb2.run)
+        await trio.sleep(1.5)
+        nursery.cancel_scope.cancel()
+    assert lb2.pump.verdicts()[Verdict.AUTH_MISMATCH] >= 25
+    # Handed over at once, then at most once a second per kind (the daemon logs once a minute).
+    assert 1 <= len(handed) <= 2
+    assert handed[0] == (Verdict.AUTH_MISMATCH, "udp:127.0.0.1")
