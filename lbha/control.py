@@ -174,18 +174,24 @@ async def serve_control(
     """
     _clear_socket_path(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bound and listening under a private name, then renamed into place: a client that
+    # finds the path always finds a socket that accepts (no refusal between bind and listen).
+    # Short name: a unix socket path is limited to 107 bytes.
+    staging = path.with_name(f".{os.getpid()}.sock")
     old_umask = os.umask(0o177)
     try:
-        await sock.bind(str(path))
+        staging.unlink(missing_ok=True)
+        await sock.bind(str(staging))
+        sock.listen(socket.SOMAXCONN)
+        os.rename(staging, path)
     except OSError as exc:
         sock.close()
+        staging.unlink(missing_ok=True)
         raise ControlError(f"cannot make the control socket {path}: "
                            f"{exc.strerror or exc}") from None
     finally:
         os.umask(old_umask)
     ours = path.stat()  # noqa: ASYNC240 - a local stat cannot block for long
-    os.chmod(path, 0o600)
-    sock.listen(socket.SOMAXCONN)
     slots = _Slots(MAX_CLIENTS)
 
     async def guarded(stream: trio.SocketStream) -> None:
