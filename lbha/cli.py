@@ -89,6 +89,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     from lbha.importers.heartbeat import DEFAULT_AUTH_KEY_FILE
     from lbha.importers.toml_writer import format_value
 
+    if args.ldirectord_cf is None and args.ha_cf is None:
+        print("lbha import: give an ldirectord.cf, --ha-cf FILE, or both", file=sys.stderr)
+        return EXIT_USAGE
     try:
         result = import_paths(args.ldirectord_cf, ha_cf=args.ha_cf,
                               haresources=args.haresources, authkeys=args.authkeys,
@@ -329,8 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list plugins and the check types they provide")
     plugins.set_defaults(func=cmd_plugins)
 
-    imp = sub.add_parser("import", help="convert ldirectord.cf (+ heartbeat files) to lbha TOML")
-    imp.add_argument("ldirectord_cf", type=Path)
+    imp = sub.add_parser("import", help="convert ldirectord.cf and/or heartbeat files to "
+                         "lbha TOML")
+    imp.add_argument("ldirectord_cf", type=Path, nargs="?",
+                     help="ldirectord.cf (optional with --ha-cf)")
     imp.add_argument("--ha-cf", type=Path, help="heartbeat ha.cf")
     imp.add_argument("--haresources", type=Path, help="heartbeat haresources")
     imp.add_argument("--authkeys", type=Path, help="heartbeat authkeys")

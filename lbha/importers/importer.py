@@ -1,4 +1,4 @@
-"""`lbha import`: ldirectord.cf (+ ha.cf, haresources, authkeys) -> one lbha TOML config."""
+"""`lbha import`: ldirectord.cf and/or ha.cf (+ haresources, authkeys) -> one lbha TOML config."""
 
 from __future__ import annotations
 
@@ -24,19 +24,35 @@ def import_ldirectord(
     authkeys: tuple[str, str] | None = None,
     node: str | None = None,
 ) -> ImportResult:
-    """Convert file contents; each optional file is (text, filename).
+    """Convert file contents; each optional file is (text, filename). See import_files."""
+    return import_files((text, source), ha_cf=ha_cf, haresources=haresources,
+                        authkeys=authkeys, node=node)
+
+
+def import_files(
+    ldirectord: tuple[str, str] | None,
+    *,
+    ha_cf: tuple[str, str] | None = None,
+    haresources: tuple[str, str] | None = None,
+    authkeys: tuple[str, str] | None = None,
+    node: str | None = None,
+) -> ImportResult:
+    """Convert ldirectord.cf, ha.cf (+ haresources, authkeys), or both; each is (text, name).
 
     `node` is this node's name in ha.cf (default: haresources' preferred node, else the first
     node). Raises ImportFormatError listing every line that cannot be parsed.
     """
+    if ldirectord is None and ha_cf is None:
+        raise ValueError("nothing to import: give an ldirectord.cf, an ha.cf, or both")
     out = Collector()
-    ld = convert_ldirectord(text, source, out)
+    ld = convert_ldirectord(*ldirectord, out) if ldirectord is not None else None
     cluster_tables: list[Table] = []
     auth_key = None
     hb_comments: list[ImportNote] = []
     if ha_cf is not None:
-        hb = convert_heartbeat(ha_cf, haresources, authkeys, node=node, vips=ld.vips,
-                               ldirectord_file=source, out=out)
+        hb = convert_heartbeat(ha_cf, haresources, authkeys, node=node,
+                               vips=ld.vips if ld is not None else set(),
+                               ldirectord_file=ldirectord[1] if ldirectord else None, out=out)
         cluster_tables, auth_key, hb_comments = hb.tables, hb.auth_key, hb.comments
     else:
         for given in (haresources, authkeys):
@@ -47,18 +63,18 @@ def import_ldirectord(
 
     doc = Document()
     head = doc.table()
-    sources = ", ".join([source, *(f[1] for f in (ha_cf, haresources, authkeys) if f)])
+    sources = ", ".join(f[1] for f in (ldirectord, ha_cf, haresources, authkeys) if f)
     for line in _HEADER.format(sources=sources).splitlines():
         head.comment(line)
-    for note in [*hb_comments, *ld.global_comments]:
+    for note in [*hb_comments, *(ld.global_comments if ld is not None else [])]:
         head.comment(note.as_comment())
-    doc.tables += cluster_tables + ld.tables
+    doc.tables += cluster_tables + (ld.tables if ld is not None else [])
     notes = sorted(out.notes, key=_note_order)
     return ImportResult(doc.render(), notes, auth_key)
 
 
 def import_paths(
-    ldirectord_cf: Path,
+    ldirectord_cf: Path | None,
     *,
     ha_cf: Path | None = None,
     haresources: Path | None = None,
@@ -71,10 +87,8 @@ def import_paths(
         # Latin-1 never fails: old config files are not always UTF-8.
         return None if path is None else (_read_text(path), str(path))
 
-    return import_ldirectord(
-        _read_text(ldirectord_cf), str(ldirectord_cf), ha_cf=read(ha_cf),
-        haresources=read(haresources), authkeys=read(authkeys), node=node,
-    )
+    return import_files(read(ldirectord_cf), ha_cf=read(ha_cf),
+                        haresources=read(haresources), authkeys=read(authkeys), node=node)
 
 
 def _read_text(path: Path) -> str:
