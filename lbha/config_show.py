@@ -110,6 +110,8 @@ def render_config(config: Config, registry: CheckRegistry | None = None) -> str:
     doc = Document()
     top = doc.table()
     top.comment(f"effective configuration of {config.source or '<string>'}; secrets redacted")
+    if config.allow_empty:
+        top.set("allow_empty", True)
     if config.cluster is not None:
         cluster = doc.table("cluster")
         _fill(cluster, config.cluster, frozenset({"peers"}))

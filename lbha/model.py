@@ -351,6 +351,8 @@ class Config:
     virtuals: tuple[VirtualService, ...]
     #: Values of plugin options declared secret (known only when plugins were loaded).
     plugin_secrets: frozenset[str] = frozenset()
+    #: The operator allows a config with no virtual service and no cluster (`allow_empty`).
+    allow_empty: bool = False
 
     def virtual(self, name: str) -> VirtualService:
         for virtual in self.virtuals:
