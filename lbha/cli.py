@@ -41,7 +41,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     plugins = load_plugins()
     warnings: list[Problem] = []
     try:
-        config = load_config(args.file, checks=plugins.checks, warnings=warnings)
+        config = load_config(args.file, checks=plugins.checks, warnings=warnings, files=True)
     except ConfigError as exc:
         _print_warnings(warnings)
         print(exc, file=sys.stderr)

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from lbha.checkapi import CheckRegistry, OptionSpec
 from lbha.durations import format_duration, parse_duration
 from lbha.errors import ConfigError, Problem
+from lbha.keyfile import KeyFileError, read_key_file
 from lbha.model import (
     BUILTIN_CHECK_TYPES,
     ENGINE_CHECK_TYPES,
@@ -978,11 +979,14 @@ def load_config_text(
     *,
     checks: CheckRegistry | None = None,
     warnings: list[Problem] | None = None,
+    files: bool = False,
 ) -> Config:
     """Validate TOML text; raise ConfigError listing every problem found.
 
     With `checks`, check types and plugin options are validated against installed plugins.
     Warnings (valid but doubtful settings) are appended to `warnings` when it is given.
+    With `files`, files the config names are read too (the auth key file), as
+    `lbha config check` does; the daemons read them themselves when they need them.
     """
     try:
         data = tomllib.loads(text)
@@ -1006,6 +1010,11 @@ def load_config_text(
                   "(a reload to it would remove every managed service); add them, or write "
                   "allow_empty = true at the top of the file if that is meant")
     _cross_checks(ctx, virtuals)
+    if files and cluster is not None and cluster.auth_key_file is not None:
+        try:
+            read_key_file(cluster.auth_key_file)
+        except KeyFileError as exc:
+            ctx.error(("cluster", "auth_key_file"), str(exc))
     if cluster is not None:
         vips = {v.address for v in virtuals if v.address is not None}
         for i, fip in enumerate(cluster.floating_ips):
@@ -1035,10 +1044,11 @@ def load_config(
     *,
     checks: CheckRegistry | None = None,
     warnings: list[Problem] | None = None,
+    files: bool = False,
 ) -> Config:
     """Read and validate a config file; see load_config_text."""
     return load_config_text(read_config_file(path), str(path), checks=checks,
-                            warnings=warnings)
+                            warnings=warnings, files=files)
 
 
 def read_config_file(path: str | Path) -> str:

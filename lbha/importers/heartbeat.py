@@ -15,6 +15,7 @@ from pathlib import PurePath
 from lbha.durations import format_duration
 from lbha.importers.report import Collector, ImportNote, Severity
 from lbha.importers.toml_writer import Table, TomlValue
+from lbha.keyfile import MIN_KEY_LENGTH
 from lbha.model import SERIAL_BAUDS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -489,6 +490,11 @@ class _Converter:
                 self.note(file, number, method, f"key {index}: {method} becomes hmac-sha256 "
                           f"with the same key, in {DEFAULT_AUTH_KEY_FILE}; heartbeat and lbha "
                           "nodes cannot talk to each other", Severity.CHANGED)
+                if len(key) < MIN_KEY_LENGTH:
+                    self.note(file, number, method, f"key {index} is shorter than "
+                              f"{MIN_KEY_LENGTH} characters: lbha refuses the key file until "
+                              "it is replaced on both nodes (`openssl rand -hex 32`)",
+                              Severity.WARNING)
         return "".join(f"{index} {key}\n" for index, key in keyed)
 
 

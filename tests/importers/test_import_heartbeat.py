@@ -49,8 +49,8 @@ def test_data_files(validated):
                         ("198.18.0.52/25", None, None)]
     assert cluster.auth == "hmac-sha256"
     assert str(cluster.auth_key_file) == "/etc/lbha/authkey"
-    assert result.auth_key == "2 S3cr3tSha1Key\n3 0ldMd5Key\n"
-    for secret in ("S3cr3tSha1Key", "0ldMd5Key", "mysecretpassword"):
+    assert result.auth_key == "2 S3cr3tSha1Key-0f-heartbeat\n3 0ldMd5Key-0f-heartbeat\n"
+    for secret in ("S3cr3tSha1Key-0f-heartbeat", "0ldMd5Key-0f-heartbeat", "mysecretpassword"):
         assert secret not in result.toml
         assert all(secret not in str(n) and secret not in n.as_comment() for n in result.notes)
 
@@ -234,3 +234,10 @@ def test_a_ping_node_in_ping_and_a_ping_group_is_written_once(validated):
     (line,) = [t for t in result.toml.splitlines() if t.startswith("ping_nodes")]
     assert line.count("198.18.0.254") == 1
     assert any("listed more than once" in n.message for n in result.notes)
+
+
+def test_a_key_too_short_for_lbha_is_a_warning():
+    result = convert(authkeys="auth 1\n1 sha1 short-key\n")
+    (short,) = [n for n in result.notes if "shorter than 16 characters" in n.message]
+    assert short.severity is Severity.WARNING
+    assert short.line == 2
