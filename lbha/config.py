@@ -19,7 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from lbha.checkapi import CheckRegistry, OptionSpec
+from lbha.checkapi import SPEC_KEYS, CheckRegistry, OptionSpec, spec_keys_for
 from lbha.durations import format_duration, parse_duration
 from lbha.errors import ConfigError, Problem
 from lbha.keyfile import KeyFileError, read_key_file
@@ -513,7 +513,16 @@ def _haproxy(t: _Table) -> HaproxyConfig:
 _REAL_CHECK_KEYS = frozenset({"request", "receive", "port", "virtualhost", "regex"})
 
 
-def _check_spec(t: _Table, defaults: CheckDefaults, default_service: str) -> CheckSpec:
+def _unused_key(name: str, key: str, used: frozenset[str]) -> str:
+    reads = f"it reads only {', '.join(sorted(used))}" if used else \
+        "it reads none of the keys such as request, receive or login"
+    return f"the {name} check does not use {key!r} ({reads}); remove it or change the check"
+
+
+def _check_spec(
+    t: _Table, defaults: CheckDefaults, default_service: str, extra_keys: frozenset[str]
+) -> CheckSpec:
+    """`extra_keys`: SPEC_KEYS something besides the check reads (HTTP feedback: virtualhost)."""
     ctx = t.ctx
     registry = ctx.checks
     known_types, known_services = ctx.check_names
@@ -541,8 +550,6 @@ def _check_spec(t: _Table, defaults: CheckDefaults, default_service: str) -> Che
         command = tuple(command_value)
     elif command_value is not _MISSING:
         t.error("command", f"expected a path or a list [path, arg, ...], got {command_value!r}")
-    if check_type == "external" and not command:
-        t.error(None, "an external check needs 'command' (the program to run)")
     connects = t.int("connects_per_negotiate", 0, 0, 1_000_000)
     if connects and check_type != "negotiate":
         t.error("connects_per_negotiate", "only applies to type = \"negotiate\"")
@@ -556,6 +563,10 @@ def _check_spec(t: _Table, defaults: CheckDefaults, default_service: str) -> Che
         _compile(t, "receive", receive)
     ca_file = t.str("ca_file")
     name = service if check_type == "negotiate" and service else check_type
+    used, _ = spec_keys_for(ctx.checks, name)
+    for key in sorted(SPEC_KEYS - (SPEC_KEYS if used is None else used) - extra_keys):
+        if key in t.data:
+            t.error(key, _unused_key(name, key, used or frozenset()))
     options = _plugin_options(t, name)
     spec = CheckSpec(
         type=check_type,
@@ -743,8 +754,9 @@ def _virtual(t: _Table, config_checks: CheckDefaults, haproxy: HaproxyConfig) ->
         t.error("persistence_netmask", "only applies with 'persistence' set")
     first_port = ports[0].first if ports else None
     default_service = "none" if first_port is None else SERVICE_BY_PORT.get(first_port, "none")
-    check = _check_spec(t.table("check"), config_checks, default_service)
     feedback = _feedback(t.table("feedback"))
+    extra = frozenset({"virtualhost"}) if feedback.type is FeedbackType.HTTP else frozenset()
+    check = _check_spec(t.table("check"), config_checks, default_service, extra)
     email = t.str_list("email")
     for i, addr in enumerate(email):
         _email_address(t, ("email", i), addr)
@@ -760,7 +772,13 @@ def _virtual(t: _Table, config_checks: CheckDefaults, haproxy: HaproxyConfig) ->
         name += f"/{protocol}" if protocol != Protocol.FWMARK else ""
     elif not name.strip():
         t.error("name", "must not be empty")
-    reals = _reals(t, check, forwarding, address, single, layer)
+    used, required = spec_keys_for(t.ctx.checks, check.check_name)
+    reals = _reals(t, check, forwarding, address, single, layer,
+                   SPEC_KEYS if used is None else used | extra)
+    for key, what in required.items():
+        if any(not getattr(spec, key) for spec in [r.check for r in reals] or [check]):
+            t.error("check", f"the {check.check_name} check needs {key!r} ({what}): without "
+                    "it the check can never pass")
     t.finish()
     return VirtualService(
         name=name,
@@ -840,8 +858,9 @@ def _fallback(t: _Table, vip: IPAddress | None, single: int | None) -> Fallback 
 
 def _reals(
     t: _Table, check: CheckSpec, forwarding: Forwarding, vip: IPAddress | None,
-    single: int | None, layer: int,
+    single: int | None, layer: int, used: frozenset[str],
 ) -> tuple[RealServer, ...]:
+    """`used`: the SPEC_KEYS the service's check reads; a real server may override those."""
     reals: list[RealServer] = []
     names: set[str] = set()
     endpoints: set[tuple[IPAddress, int | None]] = set()
@@ -870,6 +889,8 @@ def _reals(
                 changes[key] = value
         if changes.get("regex", check.regex) and "receive" in changes:
             _compile(override, "receive", changes["receive"])
+        for key in sorted(changes.keys() & SPEC_KEYS - used):
+            override.error(key, _unused_key(check.check_name, key, used))
         override.finish()
         name = rt.str("name")
         if address is None:

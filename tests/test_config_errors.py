@@ -154,8 +154,6 @@ CASES = [
      "'connect'?"),
     ("unknown-service", VIRTUAL.replace("ports = 80", 'ports = 80\n[virtual.check]\n'
      'service = "htps"'), "unknown negotiate service 'htps'; did you mean 'https'?"),
-    ("external-no-command", VIRTUAL.replace("ports = 80", 'ports = 80\n[virtual.check]\n'
-     'type = "external"'), "virtual[0].check: an external check needs 'command'"),
     ("bad-regex", VIRTUAL.replace("ports = 80", 'ports = 80\n[virtual.check]\n'
      'receive = "OK("\nregex = true'), "virtual[0].check.receive: 'OK(' is not a valid regular"),
     ("bad-method", VIRTUAL.replace("ports = 80", 'ports = 80\n[virtual.check]\nmethod = "POST"'),
