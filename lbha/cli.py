@@ -92,10 +92,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.ldirectord_cf is None and args.ha_cf is None:
         print("lbha import: give an ldirectord.cf, --ha-cf FILE, or both", file=sys.stderr)
         return EXIT_USAGE
+    checks = load_plugins().checks
     try:
         result = import_paths(args.ldirectord_cf, ha_cf=args.ha_cf,
                               haresources=args.haresources, authkeys=args.authkeys,
-                              node=args.node)
+                              node=args.node, checks=checks)
     except (OSError, LbhaError) as exc:
         print(f"lbha import: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -111,8 +112,8 @@ def cmd_import(args: argparse.Namespace) -> int:
                             f"auth_key_file = {format_value(str(args.authkey_out))}")
     warnings: list[Problem] = []
     try:
-        load_config_text(toml, str(args.output or "<imported>"),
-                         checks=load_plugins().checks, warnings=warnings)
+        load_config_text(toml, str(args.output or "<imported>"), checks=checks,
+                         warnings=warnings)
     except ConfigError as exc:
         print(f"lbha import: the imported config does not validate (a bug in the importer, "
               f"please report it):\n{exc}", file=sys.stderr)
