@@ -93,6 +93,14 @@ def test_config_check_refuses_an_empty_file(tmp_path: Path) -> None:
     assert "OK (0 virtual services" in out.stdout
 
 
+def test_healthd_does_not_start_on_an_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "lbha.toml"
+    path.write_text("\n")
+    out = lbha("healthd", "--config", str(path))
+    assert out.returncode == 1
+    assert "this config manages nothing" in out.stderr
+
+
 def test_healthd_reload_to_an_empty_file_keeps_the_services(tmp_path: Path) -> None:
     path = tmp_path / "lbha.toml"
     path.write_text(SERVICE.format(tmp=tmp_path))
