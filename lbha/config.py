@@ -337,7 +337,8 @@ def _cluster(t: _Table) -> ClusterConfig | None:
     if auth == "hmac-sha256" and not key_file:
         t.error(None, "missing 'auth_key_file' (or set auth = \"none\", for a lab only)")
     if auth == "none" and key_file:
-        t.warn(("cluster", "auth_key_file"), "ignored because auth = \"none\"")
+        t.error("auth_key_file", "does nothing with auth = \"none\"; remove it, or remove "
+                "auth = \"none\" to authenticate the frames")
     floating = []
     seen: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
     for i, item in enumerate(t.list("floating_ips")):
@@ -538,7 +539,8 @@ def _check_spec(
                 f"{_did_you_mean(service, known_services)}")
         service = None
     if service is not None and check_type != "negotiate":
-        t.warn((*t.path, "service"), f"ignored: type is {check_type!r}, not \"negotiate\"")
+        t.error("service", f"does nothing: type is {check_type!r}, not \"negotiate\"; remove "
+                "it or set type = \"negotiate\"")
     if check_type == "negotiate" and service is None:
         service = default_service
     command_value = t.raw("command")

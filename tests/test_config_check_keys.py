@@ -195,3 +195,16 @@ def test_config_check_cli_names_the_ignored_key(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert f"{path}:6: virtual[0].check.receive: the smtp check does not use 'receive'" \
         in out.stderr
+
+
+def test_a_service_with_a_type_other_than_negotiate_is_refused(registry: CheckRegistry) -> None:
+    found = problems(service('type = "connect"\nservice = "http"'), registry)
+    assert found == ["lbha.toml:6: virtual[0].check.service: does nothing: type is 'connect', "
+                     "not \"negotiate\"; remove it or set type = \"negotiate\""]
+
+
+def test_a_key_file_with_auth_none_is_refused() -> None:
+    text = '[cluster]\nnode = "a"\nrole = "master"\nauth = "none"\nauth_key_file = "/k"\n' \
+        '[[cluster.peers]]\nname = "b"\naddresses = ["198.18.0.2"]\n'
+    with pytest.raises(ConfigError, match=r"cluster\.auth_key_file: does nothing with auth"):
+        load_config_text(text)
