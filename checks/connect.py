@@ -52,6 +52,7 @@ def describe_error(action: str, endpoint: str, exc: OSError) -> str:
 class ConnectCheck:
     name = "connect"
     negotiate = False
+    spec_keys: frozenset[str] = frozenset()
     description = (
         "TCP connect to the real server's check port; UDP services: empty datagram, "
         "down on ICMP port unreachable"

@@ -304,6 +304,8 @@ async def _read_exact(stream: trio.SocketStream, buffer: bytearray, size: int) -
 class DnsCheck:
     name = "dns"
     negotiate = True
+    spec_keys = frozenset({"request", "receive", "regex"})
+    required_spec_keys = MappingProxyType({"request": "the name or address to query"})
     description = (
         "DNS query for request (A/AAAA, or PTR for an address) over UDP with TCP fallback; "
         "up when an answer of that type matches receive"

@@ -159,6 +159,8 @@ def _verdict(status: int, capture: _Capture) -> CheckResult:
 class ExternalCheck:
     name = "external"
     negotiate = False
+    spec_keys = frozenset({"command"})
+    required_spec_keys = MappingProxyType({"command": "the program to run"})
     description = "run a command with VIP VPORT RIP RPORT; exit status 0 means up"
     options: MappingProxyType[str, OptionSpec] = MappingProxyType({})
 

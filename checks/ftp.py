@@ -30,6 +30,7 @@ _EPSV = re.compile(r"\|\|\|(\d{1,5})\|")
 class FtpCheck:
     name = "ftp"
     negotiate = True
+    spec_keys = frozenset({"login", "password", "request", "receive", "regex"})
     description = "FTP: greeting 220, login, and RETR of `request` in passive mode matched " \
                   "against `receive`"
     options: MappingProxyType[str, OptionSpec] = MappingProxyType({})

@@ -402,6 +402,8 @@ class HttpCheck:
         self.name = name
         self.description = description
         self._tls = name == "https"
+        self.spec_keys = frozenset({"request", "receive", "regex", "virtualhost", "method"}) \
+            | (frozenset({"verify_tls", "ca_file"}) if self._tls else frozenset())
 
     async def check(self, request: CheckRequest) -> CheckResult:
         target = request.target

@@ -191,6 +191,8 @@ class LdapCheck:
     """`ldap` (plain, optional StartTLS) or `ldaps` (implicit TLS)."""
 
     negotiate = True
+    spec_keys = frozenset({"request", "receive", "regex", "login", "password", "verify_tls",
+                           "ca_file", "virtualhost"})
 
     def __init__(self, name: str, implicit_tls: bool) -> None:
         self.name = name

@@ -26,6 +26,8 @@ from lbha.checks.lines import (
 #: The name ldirectord's Net::SMTP sends; servers that check HELO names accept it.
 DEFAULT_HELO = "localhost.localdomain"
 
+#: With STARTTLS / STLS or implicit TLS: certificate checking and the name to check.
+_TLS_KEYS = frozenset({"verify_tls", "ca_file", "virtualhost"})
 _STARTTLS_HELP = (
     "upgrade with {verb} and finish the check over TLS; down when the server does not offer "
     "it (certificate checked only with verify_tls)"
@@ -39,6 +41,7 @@ class SmtpCheck:
     """Greeting 220, EHLO (HELO when EHLO is refused), optional STARTTLS, QUIT."""
 
     negotiate = True
+    spec_keys = _TLS_KEYS
     options: MappingProxyType[str, OptionSpec] = MappingProxyType({
         "starttls": OptionSpec(type="bool", default=False,
                                help=_STARTTLS_HELP.format(verb="STARTTLS")),
@@ -147,6 +150,7 @@ class ImapCheck:
     """Greeting `* OK`/`* PREAUTH`, optional STARTTLS, LOGIN when configured, LOGOUT."""
 
     negotiate = True
+    spec_keys = _TLS_KEYS | {"login", "password"}
 
     def __init__(self, name: str, *, implicit_tls: bool) -> None:
         self.name = name
@@ -242,6 +246,7 @@ class PopCheck:
     """Greeting `+OK`, optional STLS, USER/PASS when a login is configured, QUIT."""
 
     negotiate = True
+    spec_keys = _TLS_KEYS | {"login", "password"}
 
     def __init__(self, name: str, *, implicit_tls: bool) -> None:
         self.name = name

@@ -161,6 +161,8 @@ def probe_for(request: CheckRequest) -> MysqlProbe:
 class MysqlCheck:
     name = "mysql"
     negotiate = True
+    spec_keys = frozenset({"login", "password", "database", "request", "verify_tls", "ca_file"})
+    required_spec_keys = MappingProxyType({"login": "the MySQL user to log in as"})
     description = "MySQL/MariaDB: log in as login to database, run request, want a row back"
     options: MappingProxyType[str, OptionSpec] = MappingProxyType({
         "tls": OptionSpec(type="bool", default=False,

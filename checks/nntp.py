@@ -14,6 +14,7 @@ _GREETINGS = MappingProxyType({200: "posting allowed", 201: "no posting"})
 class NntpCheck:
     name = "nntp"
     negotiate = True
+    spec_keys: frozenset[str] = frozenset()
     description = "NNTP: greeting 200 or 201 (service available), then QUIT"
     options: MappingProxyType[str, OptionSpec] = MappingProxyType({})
 

@@ -223,6 +223,7 @@ def _same_host(sender: str, target: Target) -> bool:
 class PingCheck:
     name = "ping"
     negotiate = False
+    spec_keys: frozenset[str] = frozenset()
     description = "ICMP / ICMPv6 echo request to the real server"
     options: MappingProxyType[str, OptionSpec] = MappingProxyType({
         "count": OptionSpec(

@@ -150,6 +150,11 @@ async def exchange(
 class RadiusCheck:
     name = "radius"
     negotiate = True
+    spec_keys = frozenset({"login", "password", "secret"})
+    required_spec_keys = MappingProxyType({
+        "secret": "the shared secret the server knows this balancer by",
+        "login": "the user name of the Access-Request",
+    })
     description = "RADIUS Access-Request for login/password with secret; up on Access-Accept"
     options: MappingProxyType[str, OptionSpec] = MappingProxyType({
         "attempts": OptionSpec(type="int", default=3, minimum=1, maximum=10,

@@ -46,6 +46,7 @@ def _line_text(line: bytes) -> bytes:
 class SimpleTcpCheck:
     name = "simpletcp"
     negotiate = True
+    spec_keys = frozenset({"request", "receive", "regex"})
     description = "send request, up when a line of the answer matches receive"
     options: MappingProxyType[str, OptionSpec] = MappingProxyType({})
 

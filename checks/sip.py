@@ -380,6 +380,7 @@ class _Exchange:
 class SipCheck:
     name = "sip"
     negotiate = True
+    spec_keys = frozenset({"login"})
     description = (
         "SIP OPTIONS (UDP, or TCP for a TCP service) as login; up on a 200 response to "
         "that transaction"

@@ -41,8 +41,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
-import os
-import stat
 import struct
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -50,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from lbha import keyfile
 from lbha.heartbeat.errors import KeyFileError
 
 MAGIC = b"LH"
@@ -57,7 +56,6 @@ VERSION = 1
 AUTH_NONE = 0
 AUTH_HMAC_SHA256 = 1
 MAC_SIZE = 32
-MIN_KEY_LENGTH = 16
 REPLAY_WINDOW = 64
 
 _HEADER = struct.Struct(">2sBBBBBBQQI")
@@ -172,51 +170,18 @@ class KeyRing:
 
 
 def load_key_file(path: Path) -> KeyRing:
-    """Read an `ID KEY` file; refuse it unless only its owner (root or us) may read it."""
+    """Read an `ID KEY` file (lbha.keyfile: the one reader `lbha config check` uses too)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise KeyFileError(f"cannot open auth key file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"auth key file {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise KeyFileError(
-                f"auth key file {path} has mode {stat.S_IMODE(st.st_mode):04o}: other users "
-                f"could read the key; run `chmod 600 {path}`"
-            )
-        if st.st_uid not in (0, os.geteuid()):
-            raise KeyFileError(f"auth key file {path} is owned by uid {st.st_uid}; "
-                               f"run `chown root {path}`")
-        text = f.read().decode("utf-8", errors="replace")
-    return parse_keys(text, str(path))
+        return KeyRing(*keyfile.read_key_file(path))
+    except keyfile.KeyFileError as exc:
+        raise KeyFileError(str(exc)) from None
 
 
 def parse_keys(text: str, source: str = "<keys>") -> KeyRing:
-    keys: dict[int, bytes] = {}
-    first: int | None = None
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split()
-        where = f"{source}:{number}"
-        if len(parts) != 2 or not parts[0].isdigit():
-            raise KeyFileError(f"{where}: expected `ID KEY` (ID 1..255, KEY one word)")
-        key_id, key = int(parts[0]), parts[1].encode()
-        if not 1 <= key_id <= 255:
-            raise KeyFileError(f"{where}: key id {key_id} is out of range 1..255")
-        if key_id in keys:
-            raise KeyFileError(f"{where}: key id {key_id} is listed twice")
-        if len(key) < MIN_KEY_LENGTH:
-            raise KeyFileError(f"{where}: key {key_id} is shorter than {MIN_KEY_LENGTH} "
-                               "characters; generate one with `openssl rand -hex 32`")
-        keys[key_id] = key
-        first = key_id if first is None else first
-    if first is None:
-        raise KeyFileError(f"{source}: no key found (lines `ID KEY`)")
-    return KeyRing(keys, first)
+    try:
+        return KeyRing(*keyfile.parse_keys(text, source))
+    except keyfile.KeyFileError as exc:
+        raise KeyFileError(str(exc)) from None
 
 
 def encode(frame: Frame, keys: KeyRing | None) -> bytes:

@@ -14,7 +14,7 @@ from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
 
 from lbha.errors import PluginError
-from lbha.model import CheckSpec, IPAddress
+from lbha.model import ENGINE_CHECK_TYPES, CheckSpec, IPAddress
 
 #: Seconds a check keeps back from the engine's deadline at most (see CheckRequest.own_budget).
 OWN_VERDICT_MARGIN = 0.1
@@ -24,6 +24,17 @@ OWN_VERDICT_MARGIN = 0.1
 REDACTED = "****"
 #: Option value types a check schema may declare; "duration" takes "500ms" / "3s" / "2m".
 OPTION_TYPES: frozenset[str] = frozenset({"str", "int", "float", "bool", "duration"})
+
+#: The keys of a `[virtual.check]` table that only some check types read (CheckSpec fields);
+#: `type`, `service`, `port`, the timing keys and `options` apply to every check. A check type
+#: lists the ones it reads in `spec_keys` and the ones it cannot run without in
+#: `required_spec_keys`; config check refuses a key the check does not read and a check that
+#: lacks a required one. Both attributes are optional: without `spec_keys` every key is
+#: accepted, as before they existed.
+SPEC_KEYS: frozenset[str] = frozenset({
+    "request", "receive", "regex", "virtualhost", "method", "login", "password", "database",
+    "secret", "verify_tls", "ca_file", "command",
+})
 
 
 @dataclass(frozen=True)
@@ -161,6 +172,37 @@ class CheckType(Protocol):
         ...
 
 
+#: Optional: the SPEC_KEYS a check type reads, and those it needs (key -> what to set, shown in
+#: the error), e.g. for a RADIUS check
+#:
+#:     spec_keys = frozenset({"login", "password", "secret"})
+#:     required_spec_keys = MappingProxyType({"secret": "the RADIUS shared secret", ...})
+
+
+def spec_keys_of(check: CheckType) -> frozenset[str]:
+    """The SPEC_KEYS `check` reads (all of them when it does not say)."""
+    return frozenset(getattr(check, "spec_keys", SPEC_KEYS))
+
+
+def required_spec_keys_of(check: CheckType) -> Mapping[str, str]:
+    """The SPEC_KEYS `check` cannot run without, each with what to set it to."""
+    return getattr(check, "required_spec_keys", {})
+
+
+def spec_keys_for(
+    registry: CheckRegistry | None, name: str
+) -> tuple[frozenset[str] | None, Mapping[str, str]]:
+    """The SPEC_KEYS check `name` reads and those it needs; None for the keys read when the
+    check is unknown (no plugins loaded, or none provides it), so nothing can be judged.
+    The engine's own `on` / `off` and the `none` service read none."""
+    if name in ENGINE_CHECK_TYPES or name == "none":
+        return frozenset(), {}
+    if registry is None or name not in registry:
+        return None, {}
+    check = registry.get(name)
+    return spec_keys_of(check), required_spec_keys_of(check)
+
+
 #: Optional, for check types run thousands of times a second: a check type may also define
 #:
 #:     async def check_batch(self, requests: Sequence[CheckRequest]) -> list[CheckResult]
@@ -211,6 +253,12 @@ class CheckRegistry:
                 except ValueError as exc:
                     raise PluginError(f"check type {name!r}: the default of option {option!r} "
                                       f"is not valid: {exc}") from None
+        keys, required = spec_keys_of(check), required_spec_keys_of(check)
+        if not keys <= SPEC_KEYS or not required.keys() <= keys:
+            raise PluginError(
+                f"check type {name!r}: spec_keys must be a subset of {', '.join(sorted(SPEC_KEYS))}"
+                " and include every key of required_spec_keys"
+            )
         self._checks[name] = RegisteredCheck(check, self.current_plugin)
 
     def remove_plugin(self, plugin: str) -> None:

@@ -41,7 +41,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     plugins = load_plugins()
     warnings: list[Problem] = []
     try:
-        config = load_config(args.file, checks=plugins.checks, warnings=warnings)
+        config = load_config(args.file, checks=plugins.checks, warnings=warnings, files=True)
     except ConfigError as exc:
         _print_warnings(warnings)
         print(exc, file=sys.stderr)
@@ -89,10 +89,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     from lbha.importers.heartbeat import DEFAULT_AUTH_KEY_FILE
     from lbha.importers.toml_writer import format_value
 
+    if args.ldirectord_cf is None and args.ha_cf is None:
+        print("lbha import: give an ldirectord.cf, --ha-cf FILE, or both", file=sys.stderr)
+        return EXIT_USAGE
+    checks = load_plugins().checks
     try:
         result = import_paths(args.ldirectord_cf, ha_cf=args.ha_cf,
                               haresources=args.haresources, authkeys=args.authkeys,
-                              node=args.node)
+                              node=args.node, checks=checks)
     except (OSError, LbhaError) as exc:
         print(f"lbha import: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -108,8 +112,8 @@ def cmd_import(args: argparse.Namespace) -> int:
                             f"auth_key_file = {format_value(str(args.authkey_out))}")
     warnings: list[Problem] = []
     try:
-        load_config_text(toml, str(args.output or "<imported>"),
-                         checks=load_plugins().checks, warnings=warnings)
+        load_config_text(toml, str(args.output or "<imported>"), checks=checks,
+                         warnings=warnings)
     except ConfigError as exc:
         print(f"lbha import: the imported config does not validate (a bug in the importer, "
               f"please report it):\n{exc}", file=sys.stderr)
@@ -361,8 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list plugins and the check types they provide")
     plugins.set_defaults(func=cmd_plugins)
 
-    imp = sub.add_parser("import", help="convert ldirectord.cf (+ heartbeat files) to lbha TOML")
-    imp.add_argument("ldirectord_cf", type=Path)
+    imp = sub.add_parser("import", help="convert ldirectord.cf and/or heartbeat files to "
+                         "lbha TOML")
+    imp.add_argument("ldirectord_cf", type=Path, nargs="?",
+                     help="ldirectord.cf (optional with --ha-cf)")
     imp.add_argument("--ha-cf", type=Path, help="heartbeat ha.cf")
     imp.add_argument("--haresources", type=Path, help="heartbeat haresources")
     imp.add_argument("--authkeys", type=Path, help="heartbeat authkeys")

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from lbha.checkapi import CheckRegistry, OptionSpec
-from lbha.durations import parse_duration
+from lbha.checkapi import SPEC_KEYS, CheckRegistry, OptionSpec, spec_keys_for
+from lbha.durations import format_duration, parse_duration
 from lbha.errors import ConfigError, Problem
+from lbha.keyfile import KeyFileError, read_key_file
 from lbha.model import (
     BUILTIN_CHECK_TYPES,
     ENGINE_CHECK_TYPES,
@@ -57,6 +61,20 @@ from lbha.model import (
 from lbha.toml_locator import Locator
 
 DEFAULT_PATH = Path("/etc/lbha/lbha.toml")
+#: A config file larger than this is refused unread (10,000 real servers take about 1 MiB).
+MAX_CONFIG_BYTES = 16 * 2**20
+
+#: Timer floors (docs/config.md, "Timer floors"): below them a setting cannot do its job on a
+#: general-purpose kernel (scheduling jitter alone is a few ms) and only burns CPU or fails
+#: over on noise. deadtime >= 2 x keepalive and keepalive < warntime < deadtime <= initdead
+#: are checked too.
+MIN_KEEPALIVE = 0.01
+#: Check intervals and timeouts, feedback intervals, ping_timeout, garp_interval.
+MIN_TIMER = 0.01
+#: garp_refresh, when not 0 (off).
+MIN_GARP_REFRESH = 0.1
+#: IPVS / HAProxy reconcile intervals: each pass reads the whole kernel / HAProxy table.
+MIN_RECONCILE = 0.1
 
 KeyPath = tuple[str | int, ...]
 T = TypeVar("T")
@@ -81,6 +99,17 @@ class _Context:
         self.checks = checks
         self.errors: list[Problem] = []
         self.warnings: list[Problem] = []
+
+    @cached_property
+    def check_names(self) -> tuple[frozenset[str], frozenset[str]]:
+        """Check types and negotiate services known, with the plugins' (asked once)."""
+        types = ENGINE_CHECK_TYPES | BUILTIN_CHECK_TYPES
+        services = NEGOTIATE_SERVICES
+        if self.checks is not None:
+            negotiate = self.checks.negotiate_names()
+            types |= {n for n in self.checks if n not in negotiate}
+            services |= negotiate
+        return types, services
 
     def _problem(self, path: KeyPath, message: str) -> Problem:
         return Problem(self.source, format_path(path), message, self.locator.line(path))
@@ -165,7 +194,11 @@ class _Table:
             return default
         return value
 
-    def duration(self, key: str, default: T, positive: bool = True) -> float | T:
+    def duration(
+        self, key: str, default: T, positive: bool = True, minimum: float = 0.0
+    ) -> float | T:
+        """A duration; `minimum` is a floor below which the setting cannot work (0 is "off"
+        where `positive` is false, and is then allowed under the floor)."""
         value = self.raw(key)
         if value is _MISSING:
             return default
@@ -176,6 +209,10 @@ class _Table:
             return default
         if positive and seconds <= 0:
             self.error(key, f"must be greater than 0, got {value!r}")
+            return default
+        if seconds < minimum and (positive or seconds > 0):
+            self.error(key, f"{value!r} is below the floor of {format_duration(minimum)} "
+                       "(see docs/config.md, \"Timer floors\")")
             return default
         return seconds
 
@@ -285,7 +322,7 @@ def _cluster(t: _Table) -> ClusterConfig | None:
         if not peer.addresses and serial is None:
             t.ctx.error(("cluster", "peers", i, "addresses"),
                         "a peer needs at least one address unless a serial link is configured")
-    keepalive = t.duration("keepalive", 1.0)
+    keepalive = t.duration("keepalive", 1.0, minimum=MIN_KEEPALIVE)
     deadtime = t.duration("deadtime", 10.0)
     warntime = t.duration("warntime", deadtime / 2)
     initdead = t.duration("initdead", max(3 * deadtime, 30.0))
@@ -304,7 +341,8 @@ def _cluster(t: _Table) -> ClusterConfig | None:
     if auth == "hmac-sha256" and not key_file:
         t.error(None, "missing 'auth_key_file' (or set auth = \"none\", for a lab only)")
     if auth == "none" and key_file:
-        t.warn(("cluster", "auth_key_file"), "ignored because auth = \"none\"")
+        t.error("auth_key_file", "does nothing with auth = \"none\"; remove it, or remove "
+                "auth = \"none\" to authenticate the frames")
     floating = []
     seen: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
     for i, item in enumerate(t.list("floating_ips")):
@@ -328,14 +366,14 @@ def _cluster(t: _Table) -> ClusterConfig | None:
         deadtime=deadtime,
         initdead=initdead,
         ping_nodes=t.address_list("ping_nodes"),
-        ping_timeout=t.duration("ping_timeout", 10.0),
+        ping_timeout=t.duration("ping_timeout", 10.0, minimum=MIN_TIMER),
         auto_failback=t.bool("auto_failback", True),
         auth=auth,
         auth_key_file=Path(key_file) if key_file and auth != "none" else None,
         floating_ips=tuple(floating),
         garp_count=t.int("garp_count", 5, 0, 100),
-        garp_interval=t.duration("garp_interval", 0.2),
-        garp_refresh=t.duration("garp_refresh", 0.0, positive=False),
+        garp_interval=t.duration("garp_interval", 0.2, minimum=MIN_TIMER),
+        garp_refresh=t.duration("garp_refresh", 0.0, positive=False, minimum=MIN_GARP_REFRESH),
         realtime=t.bool("realtime", True),
     )
     t.finish()
@@ -364,15 +402,32 @@ def _floating_ip(t: _Table, i: int, item: object) -> FloatingIP | None:
     except ValueError:
         t.ctx.error((*t.path, *path), f"{address!r} is not an address with an optional /prefix")
         return None
+    hint = "it needs one: write it as a table with `device`"
+    if (problem := _floating_problem(interface.ip, device, hint)) is not None:
+        t.ctx.error((*t.path, *path), problem)
+        return None
     return FloatingIP(interface, device, label)
+
+
+def _floating_problem(address: IPAddress, device: str | None, scope_hint: str) -> str | None:
+    """Why `address` cannot float (be added to an interface and announced), or None;
+    `scope_hint` says how to give a link-local address its interface."""
+    if address.is_multicast:
+        return f"{address} is a multicast address; a floating IP must be unicast"
+    if address.is_unspecified or address == ipaddress.IPv4Address("255.255.255.255"):
+        return f"{address} is not a host address"
+    if address.is_link_local and device is None:
+        return f"{address} is link-local: it exists on every interface, so {scope_hint}"
+    return None
 
 
 def _check_defaults(t: _Table) -> CheckDefaults:
     defaults = CheckDefaults()
     result = CheckDefaults(
-        interval=t.duration("interval", defaults.interval),
-        timeout=t.duration("timeout", defaults.timeout),
-        negotiate_timeout=t.duration("negotiate_timeout", defaults.negotiate_timeout),
+        interval=t.duration("interval", defaults.interval, minimum=MIN_TIMER),
+        timeout=t.duration("timeout", defaults.timeout, minimum=MIN_TIMER),
+        negotiate_timeout=t.duration("negotiate_timeout", defaults.negotiate_timeout,
+                                     minimum=MIN_TIMER),
         failure_count=t.int("failure_count", defaults.failure_count, 1, 1000),
         rise=t.int("rise", defaults.rise, 1, 1000),
         quiescent=t.bool("quiescent", defaults.quiescent),
@@ -444,7 +499,7 @@ def _paths(t: _Table) -> Paths:
 def _ipvs(t: _Table) -> IpvsConfig:
     result = IpvsConfig(
         cleanstop=t.bool("cleanstop", True),
-        reconcile_interval=t.duration("reconcile_interval", 30.0),
+        reconcile_interval=t.duration("reconcile_interval", 30.0, minimum=MIN_RECONCILE),
     )
     t.finish()
     return result
@@ -453,7 +508,7 @@ def _ipvs(t: _Table) -> IpvsConfig:
 def _haproxy(t: _Table) -> HaproxyConfig:
     result = HaproxyConfig(
         socket=t.str("socket"),
-        reconcile_interval=t.duration("reconcile_interval", 10.0),
+        reconcile_interval=t.duration("reconcile_interval", 10.0, minimum=MIN_RECONCILE),
     )
     t.finish()
     return result
@@ -465,14 +520,19 @@ def _haproxy(t: _Table) -> HaproxyConfig:
 _REAL_CHECK_KEYS = frozenset({"request", "receive", "port", "virtualhost", "regex"})
 
 
-def _check_spec(t: _Table, defaults: CheckDefaults, default_service: str) -> CheckSpec:
+def _unused_key(name: str, key: str, used: frozenset[str]) -> str:
+    reads = f"it reads only {', '.join(sorted(used))}" if used else \
+        "it reads none of the keys such as request, receive or login"
+    return f"the {name} check does not use {key!r} ({reads}); remove it or change the check"
+
+
+def _check_spec(
+    t: _Table, defaults: CheckDefaults, default_service: str, extra_keys: frozenset[str]
+) -> CheckSpec:
+    """`extra_keys`: SPEC_KEYS something besides the check reads (HTTP feedback: virtualhost)."""
     ctx = t.ctx
     registry = ctx.checks
-    known_types = set(ENGINE_CHECK_TYPES | BUILTIN_CHECK_TYPES)
-    known_services = set(NEGOTIATE_SERVICES)
-    if registry is not None:
-        known_types |= {n for n in registry if n not in registry.negotiate_names()}
-        known_services |= registry.negotiate_names()
+    known_types, known_services = ctx.check_names
     check_type = t.str("type", "negotiate")
     if check_type not in known_types:
         t.error("type", f"unknown check type {check_type!r}"
@@ -485,7 +545,8 @@ def _check_spec(t: _Table, defaults: CheckDefaults, default_service: str) -> Che
                 f"{_did_you_mean(service, known_services)}")
         service = None
     if service is not None and check_type != "negotiate":
-        t.warn((*t.path, "service"), f"ignored: type is {check_type!r}, not \"negotiate\"")
+        t.error("service", f"does nothing: type is {check_type!r}, not \"negotiate\"; remove "
+                "it or set type = \"negotiate\"")
     if check_type == "negotiate" and service is None:
         service = default_service
     command_value = t.raw("command")
@@ -497,8 +558,6 @@ def _check_spec(t: _Table, defaults: CheckDefaults, default_service: str) -> Che
         command = tuple(command_value)
     elif command_value is not _MISSING:
         t.error("command", f"expected a path or a list [path, arg, ...], got {command_value!r}")
-    if check_type == "external" and not command:
-        t.error(None, "an external check needs 'command' (the program to run)")
     connects = t.int("connects_per_negotiate", 0, 0, 1_000_000)
     if connects and check_type != "negotiate":
         t.error("connects_per_negotiate", "only applies to type = \"negotiate\"")
@@ -512,6 +571,10 @@ def _check_spec(t: _Table, defaults: CheckDefaults, default_service: str) -> Che
         _compile(t, "receive", receive)
     ca_file = t.str("ca_file")
     name = service if check_type == "negotiate" and service else check_type
+    used, _ = spec_keys_for(ctx.checks, name)
+    for key in sorted(SPEC_KEYS - (SPEC_KEYS if used is None else used) - extra_keys):
+        if key in t.data:
+            t.error(key, _unused_key(name, key, used or frozenset()))
     options = _plugin_options(t, name)
     spec = CheckSpec(
         type=check_type,
@@ -530,9 +593,10 @@ def _check_spec(t: _Table, defaults: CheckDefaults, default_service: str) -> Che
         connects_per_negotiate=connects,
         verify_tls=t.bool("verify_tls", False),
         ca_file=Path(ca_file) if ca_file else None,
-        interval=t.duration("interval", defaults.interval),
-        timeout=t.duration("timeout", defaults.timeout),
-        negotiate_timeout=t.duration("negotiate_timeout", defaults.negotiate_timeout),
+        interval=t.duration("interval", defaults.interval, minimum=MIN_TIMER),
+        timeout=t.duration("timeout", defaults.timeout, minimum=MIN_TIMER),
+        negotiate_timeout=t.duration("negotiate_timeout", defaults.negotiate_timeout,
+                                     minimum=MIN_TIMER),
         failure_count=t.int("failure_count", defaults.failure_count, 1, 1000),
         rise=t.int("rise", defaults.rise, 1, 1000),
         quiescent=t.bool("quiescent", defaults.quiescent),
@@ -613,6 +677,7 @@ def _ports(t: _Table) -> tuple[tuple[PortRange, ...], bool]:
         return (), True
     items = value if isinstance(value, list) else [value]
     ranges: list[PortRange] = []
+    where: list[KeyPath] = []
     for i, item in enumerate(items):
         path: str | tuple[str, int] = ("ports", i) if isinstance(value, list) else "ports"
         at = (*t.path, *(path if isinstance(path, tuple) else (path,)))
@@ -621,10 +686,18 @@ def _ports(t: _Table) -> tuple[tuple[PortRange, ...], bool]:
             t.ctx.error(at, f"expected a port 1..65535, a range like \"1024-5000\" or \"*\", "
                         f"got {item!r}")
             continue
-        for other in ranges:
-            if rng.first <= other.last and other.first <= rng.last:
-                t.ctx.error(at, f"port {rng} overlaps port {other} of the same service")
         ranges.append(rng)
+        where.append(at)
+    # Swept in port order (a list of thousands of ports must not cost n^2): each range is
+    # compared with the one reaching furthest before it, reported at the later-listed one.
+    widest: int | None = None
+    for n in sorted(range(len(ranges)), key=lambda n: (ranges[n].first, n)):
+        if widest is not None and ranges[n].first <= ranges[widest].last:
+            later, other = max(n, widest), min(n, widest)
+            t.ctx.error(where[later], f"port {ranges[later]} overlaps port {ranges[other]} of "
+                        "the same service")
+        if widest is None or ranges[n].last > ranges[widest].last:
+            widest = n
     return tuple(ranges), False
 
 
@@ -672,6 +745,9 @@ def _virtual(t: _Table, config_checks: CheckDefaults, haproxy: HaproxyConfig) ->
     if protocol != Protocol.FWMARK and mark is not None:
         t.error("mark", "only applies to protocol = \"fwmark\"")
     address = t.address("address", required=protocol != Protocol.FWMARK)
+    hint = "it cannot be a virtual service address (which has no interface); use a global one"
+    if address is not None and (problem := _floating_problem(address, None, hint)) is not None:
+        t.error("address", problem)
     ports, all_ports = _ports(t)
     if protocol == Protocol.FWMARK and (ports or all_ports):
         t.error("ports", "a fwmark service matches packets by mark and takes no ports")
@@ -690,8 +766,9 @@ def _virtual(t: _Table, config_checks: CheckDefaults, haproxy: HaproxyConfig) ->
         t.error("persistence_netmask", "only applies with 'persistence' set")
     first_port = ports[0].first if ports else None
     default_service = "none" if first_port is None else SERVICE_BY_PORT.get(first_port, "none")
-    check = _check_spec(t.table("check"), config_checks, default_service)
     feedback = _feedback(t.table("feedback"))
+    extra = frozenset({"virtualhost"}) if feedback.type is FeedbackType.HTTP else frozenset()
+    check = _check_spec(t.table("check"), config_checks, default_service, extra)
     email = t.str_list("email")
     for i, addr in enumerate(email):
         _email_address(t, ("email", i), addr)
@@ -707,7 +784,13 @@ def _virtual(t: _Table, config_checks: CheckDefaults, haproxy: HaproxyConfig) ->
         name += f"/{protocol}" if protocol != Protocol.FWMARK else ""
     elif not name.strip():
         t.error("name", "must not be empty")
-    reals = _reals(t, check, forwarding, address, single, layer)
+    used, required = spec_keys_for(t.ctx.checks, check.check_name)
+    reals = _reals(t, check, forwarding, address, single, layer,
+                   SPEC_KEYS if used is None else used | extra)
+    for key, what in required.items():
+        if any(not getattr(spec, key) for spec in [r.check for r in reals] or [check]):
+            t.error("check", f"the {check.check_name} check needs {key!r} ({what}): without "
+                    "it the check can never pass")
     t.finish()
     return VirtualService(
         name=name,
@@ -761,7 +844,7 @@ def _feedback(t: _Table) -> Feedback:
         type=ftype,
         port=t.int("port", 3333, 1, 65535),
         path=path,
-        interval=t.duration("interval", None),
+        interval=t.duration("interval", None, minimum=MIN_TIMER),
     )
     t.finish()
     return result
@@ -787,8 +870,9 @@ def _fallback(t: _Table, vip: IPAddress | None, single: int | None) -> Fallback 
 
 def _reals(
     t: _Table, check: CheckSpec, forwarding: Forwarding, vip: IPAddress | None,
-    single: int | None, layer: int,
+    single: int | None, layer: int, used: frozenset[str],
 ) -> tuple[RealServer, ...]:
+    """`used`: the SPEC_KEYS the service's check reads; a real server may override those."""
     reals: list[RealServer] = []
     names: set[str] = set()
     endpoints: set[tuple[IPAddress, int | None]] = set()
@@ -817,6 +901,8 @@ def _reals(
                 changes[key] = value
         if changes.get("regex", check.regex) and "receive" in changes:
             _compile(override, "receive", changes["receive"])
+        for key in sorted(changes.keys() & SPEC_KEYS - used):
+            override.error(key, _unused_key(check.check_name, key, used))
         override.finish()
         name = rt.str("name")
         if address is None:
@@ -876,30 +962,45 @@ def _cross_checks(ctx: _Context, virtuals: list[VirtualService]) -> None:
             ctx.error(("virtual", i, "real", 0, "address"),
                       f"{virtual.reals[0].address} is not of the family of the service "
                       f"address {virtual.address}")
-        for j, other in enumerate(virtuals[:i]):
-            clash = _overlap(virtual, other)
-            if clash:
-                ctx.error(("virtual", i), f"{clash} is also served by virtual[{j}] "
-                          f"({other.name!r})")
+    for i, j, clash in sorted(_overlaps(virtuals)):
+        ctx.error(("virtual", i), f"{clash} is also served by virtual[{j}] "
+                  f"({virtuals[j].name!r})")
 
 
-def _overlap(a: VirtualService, b: VirtualService) -> str | None:
-    if a.layer != 4 or b.layer != 4:
-        return None
-    if a.protocol == Protocol.FWMARK or b.protocol == Protocol.FWMARK:
-        same = a.protocol == b.protocol == Protocol.FWMARK and a.mark == b.mark \
-            and a.family == b.family
-        return f"fwmark {a.mark}" if same else None
-    if a.address != b.address:
-        return None
-    for proto in set(_protocols(a)) & set(_protocols(b)):
-        if a.all_ports or b.all_ports:
-            return f"{a.address}:*/{proto}"
-        for ra in a.ports:
-            for rb in b.ports:
-                if ra.first <= rb.last and rb.first <= ra.last:
-                    return f"{a.address}:{max(ra.first, rb.first)}/{proto}"
-    return None
+def _overlaps(virtuals: list[VirtualService]) -> set[tuple[int, int, str]]:
+    """(later index, earlier index, what both serve) for layer 4 services that overlap.
+
+    Services are grouped by what IPVS keys them on (address and protocol, or fwmark) and each
+    group's port ranges are swept in order, so 10,000 services cost n log n, not n^2.
+    """
+    groups: dict[tuple[Any, ...], list[tuple[int, int, int]]] = {}
+    for i, virtual in enumerate(virtuals):
+        if virtual.layer != 4:
+            continue
+        if virtual.protocol == Protocol.FWMARK:
+            groups.setdefault(("fwmark", virtual.mark, virtual.family), []).append((0, 0, i))
+            continue
+        ranges = [(1, 65535)] if virtual.all_ports else [(r.first, r.last) for r in virtual.ports]
+        for proto in _protocols(virtual):
+            for first, last in ranges:
+                groups.setdefault((virtual.address, proto), []).append((first, last, i))
+    found: set[tuple[int, int, str]] = set()
+    for key, ranges in groups.items():
+        ranges.sort()
+        widest: tuple[int, int, int] | None = None  # the range reaching furthest so far
+        for first, last, i in ranges:
+            if widest is not None and first <= widest[1] and widest[2] != i:
+                a, b = virtuals[i], virtuals[widest[2]]
+                if key[0] == "fwmark":
+                    clash = f"fwmark {a.mark}"
+                elif a.all_ports or b.all_ports:
+                    clash = f"{a.address}:*/{key[1]}"
+                else:
+                    clash = f"{a.address}:{first}/{key[1]}"
+                found.add((max(i, widest[2]), min(i, widest[2]), clash))
+            if widest is None or last > widest[1]:
+                widest = (first, last, i)
+    return found
 
 
 # --------------------------------------------------------------------------- entry points
@@ -911,11 +1012,14 @@ def load_config_text(
     *,
     checks: CheckRegistry | None = None,
     warnings: list[Problem] | None = None,
+    files: bool = False,
 ) -> Config:
     """Validate TOML text; raise ConfigError listing every problem found.
 
     With `checks`, check types and plugin options are validated against installed plugins.
     Warnings (valid but doubtful settings) are appended to `warnings` when it is given.
+    With `files`, files the config names are read too (the auth key file), as
+    `lbha config check` does; the daemons read them themselves when they need them.
     """
     try:
         data = tomllib.loads(text)
@@ -932,8 +1036,18 @@ def load_config_text(
     ipvs = _ipvs(root.table("ipvs"))
     haproxy = _haproxy(root.table("haproxy"))
     virtuals = [_virtual(vt, check_defaults, haproxy) for vt in root.tables("virtual")]
+    allow_empty = root.bool("allow_empty", False)
     root.finish()
+    if cluster is None and not virtuals and not allow_empty and not data.get("virtual"):
+        ctx.error((), "this config manages nothing: no [[virtual]] service and no [cluster] "
+                  "(a reload to it would remove every managed service); add them, or write "
+                  "allow_empty = true at the top of the file if that is meant")
     _cross_checks(ctx, virtuals)
+    if files and cluster is not None and cluster.auth_key_file is not None:
+        try:
+            read_key_file(cluster.auth_key_file)
+        except KeyFileError as exc:
+            ctx.error(("cluster", "auth_key_file"), str(exc))
     if cluster is not None:
         vips = {v.address for v in virtuals if v.address is not None}
         for i, fip in enumerate(cluster.floating_ips):
@@ -953,6 +1067,7 @@ def load_config_text(
         ipvs=ipvs,
         haproxy=haproxy,
         virtuals=tuple(virtuals),
+        allow_empty=allow_empty,
     )
 
 
@@ -961,10 +1076,42 @@ def load_config(
     *,
     checks: CheckRegistry | None = None,
     warnings: list[Problem] | None = None,
+    files: bool = False,
 ) -> Config:
     """Read and validate a config file; see load_config_text."""
+    return load_config_text(read_config_file(path), str(path), checks=checks,
+                            warnings=warnings, files=files)
+
+
+def read_config_file(path: str | Path) -> str:
+    """The text of a config file: a regular file of at most MAX_CONFIG_BYTES of UTF-8.
+
+    Opened without blocking, so a FIFO or a device given by mistake is refused, not waited on.
+    """
+    def refuse(message: str) -> ConfigError:
+        return ConfigError([Problem(str(path), "", message)])
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([Problem(str(path), "", f"cannot read: {exc}")]) from None
-    return load_config_text(text, str(path), checks=checks, warnings=warnings)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise refuse(f"cannot read: {exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse("cannot read: not a regular file (a config is a plain TOML file)")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise refuse(f"cannot read: {st.st_size} bytes is over the limit of "
+                         f"{MAX_CONFIG_BYTES // 2**20} MiB for a config file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise refuse(f"cannot read: {exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:  # it grew while being read
+        raise refuse(f"cannot read: over the limit of {MAX_CONFIG_BYTES // 2**20} MiB "
+                     "for a config file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise refuse(f"cannot read: not UTF-8 text: {exc}") from None

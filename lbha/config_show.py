@@ -6,7 +6,7 @@ from dataclasses import fields, is_dataclass
 from enum import Enum
 from typing import Any
 
-from lbha.checkapi import REDACTED, CheckRegistry
+from lbha.checkapi import REDACTED, SPEC_KEYS, CheckRegistry, spec_keys_for
 from lbha.config import SECRET_KEYS
 from lbha.durations import format_duration
 from lbha.importers.toml_writer import Document, Table, TomlValue
@@ -62,8 +62,10 @@ def _fill(table: Table, obj: Any, skip: frozenset[str] = frozenset()) -> None:
 
 def _check(doc: Document, name: str, spec: CheckSpec, registry: CheckRegistry | None) -> None:
     table = doc.table(name)
-    _fill(table, spec, frozenset({"options", "command"}))
-    if spec.command:
+    used, _ = spec_keys_for(registry, spec.check_name)
+    unused = SPEC_KEYS - used if used is not None else frozenset()  # config check refuses them
+    _fill(table, spec, frozenset({"options", "command"}) | unused)
+    if spec.command and "command" not in unused:
         table.set("command", list(spec.command))
     if spec.options:
         schema = registry.get(spec.check_name).options \
@@ -109,6 +111,8 @@ def render_config(config: Config, registry: CheckRegistry | None = None) -> str:
     doc = Document()
     top = doc.table()
     top.comment(f"effective configuration of {config.source or '<string>'}; secrets redacted")
+    if config.allow_empty:
+        top.set("allow_empty", True)
     if config.cluster is not None:
         cluster = doc.table("cluster")
         _fill(cluster, config.cluster, frozenset({"peers"}))

@@ -352,6 +352,8 @@ class Config:
     ipvs: IpvsConfig
     haproxy: HaproxyConfig
     virtuals: tuple[VirtualService, ...]
+    #: The operator allows a config with no virtual service and no cluster (`allow_empty`).
+    allow_empty: bool = False
 
     def virtual(self, name: str) -> VirtualService:
         for virtual in self.virtuals:

@@ -15,7 +15,8 @@ name = "web"
 address = "198.18.0.100"
 ports = 80
 [virtual.check]
-type = "connect"
+service = "ftp"
+login = "probe"
 password = "never-shown"
 [[virtual.real]]
 address = "198.18.0.21"
@@ -42,7 +43,7 @@ def test_config_check_bad_lists_every_problem(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert "2 problems in configuration" in out.stderr
     assert f"{path}:4: virtual[0].ports: expected a port" in out.stderr
-    assert f"{path}:10: virtual[0].real[0].weight: expected an integer" in out.stderr
+    assert f"{path}:11: virtual[0].real[0].weight: expected an integer" in out.stderr
 
 
 def test_config_check_missing_file(tmp_path: Path) -> None:

@@ -129,7 +129,7 @@ def test_full_config_loads_into_typed_objects() -> None:
 
 
 def test_defaults_from_the_appliance_manual() -> None:
-    config = load_config_text("")
+    config = load_config_text("allow_empty = true\n")
     assert config.cluster is None
     checks = config.checks
     assert (checks.interval, checks.timeout, checks.negotiate_timeout) == (5.0, 3.0, 5.0)

@@ -37,14 +37,32 @@ DOCUMENTATION_NETS = (
 
 def test_the_examples_are_there() -> None:
     names = {path.name for path in EXAMPLE_FILES}
-    assert {"lbha.toml", "leostream.toml"} <= names
+    assert {"lbha.toml", "leostream.toml", "heartbeat-only.toml"} <= names
+
+
+def test_heartbeat_only_example_is_a_pair_with_floating_ips_and_nothing_else() -> None:
+    config = load_config(EXAMPLES / "heartbeat-only.toml")
+    cluster = config.cluster
+    assert cluster is not None
+    assert config.virtuals == ()
+    assert [p.name for p in cluster.peers] == ["lb2"]
+    assert len(cluster.peers[0].addresses) == 2
+    assert [str(f.interface) for f in cluster.floating_ips] == ["198.18.30.10/24",
+                                                                "198.18.31.10/24"]
+    assert cluster.floating_ips[1].device == "eth1"
+    assert (cluster.keepalive, cluster.warntime, cluster.deadtime, cluster.initdead) == (
+        1.0, 5.0, 10.0, 30.0)
+    assert cluster.auth == "hmac-sha256"
+    raw = tomllib.loads((EXAMPLES / "heartbeat-only.toml").read_text(encoding="utf-8"))
+    assert set(raw) == {"cluster"}  # only the keys a heartbeat-only pair needs
 
 
 @pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: p.name)
 def test_example_validates_without_warnings(path: Path) -> None:
     warnings: list[Problem] = []
     config = load_config(path, warnings=warnings)  # raises ConfigError listing every problem
-    assert config.virtuals
+    assert config.virtuals or config.cluster is not None
+    assert not config.allow_empty
     assert warnings == []
 
 
@@ -133,8 +151,15 @@ def _lbha_command() -> list[str]:
 
 
 def test_lbha_config_check_accepts_leostream(tmp_path: Path) -> None:
+    # config check also reads the key file, so point the copy at one that exists.
+    key = tmp_path / "authkeys"
+    key.write_text("1 " + "k" * 32 + "\n")
+    key.chmod(0o600)
+    config = tmp_path / "leostream.toml"
+    config.write_text((EXAMPLES / "leostream.toml").read_text().replace(
+        '"/etc/lbha/authkeys"', f'"{key}"'))
     proc = subprocess.run(
-        [*_lbha_command(), "config", "check", str(EXAMPLES / "leostream.toml")],
+        [*_lbha_command(), "config", "check", str(config)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -1,6 +1,6 @@
 """Importers from ldirectord.cf and Linux-HA heartbeat files."""
 
-from lbha.importers.importer import import_ldirectord, import_paths
+from lbha.importers.importer import import_files, import_ldirectord, import_paths
 from lbha.importers.report import ImportFormatError, ImportNote, ImportResult, Severity
 
 __all__ = [
@@ -8,6 +8,7 @@ __all__ = [
     "ImportNote",
     "ImportResult",
     "Severity",
+    "import_files",
     "import_ldirectord",
     "import_paths",
 ]

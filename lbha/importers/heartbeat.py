@@ -15,6 +15,7 @@ from pathlib import PurePath
 from lbha.durations import format_duration
 from lbha.importers.report import Collector, ImportNote, Severity
 from lbha.importers.toml_writer import Table, TomlValue
+from lbha.keyfile import MIN_KEY_LENGTH
 from lbha.model import SERIAL_BAUDS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -209,7 +210,7 @@ class _Converter:
         self.port(file, cluster, port, port_used)
         self.timing(file, cluster, times, bool(ping_nodes))
         if ping_nodes:
-            cluster.set("ping_nodes", ping_nodes)
+            cluster.set("ping_nodes", self.once(file, ping_nodes))
         if auto_failback is None:
             self.note(file, None, "auto_failback", "not set: heartbeat's default 'legacy' "
                       "behaves like on; wrote auto_failback = true", Severity.CHANGED)
@@ -364,6 +365,17 @@ class _Converter:
                     floating.append(entry)
         return preferred, floating
 
+    def once(self, file: str, ping_nodes: list[str]) -> list[str]:
+        """The ping nodes without repeats (a node in `ping` and in a `ping_group`)."""
+        kept: dict[IPAddress, str] = {}
+        for token in ping_nodes:
+            address = ipaddress.ip_address(token)
+            if address in kept:
+                self.note(file, None, "ping", f"ping node {token} is listed more than once "
+                          "(ping, ping6, ping_group); written once", Severity.CHANGED)
+            kept.setdefault(address, token)
+        return list(kept.values())
+
     def resource(self, file: str, line: int, resource: str, vips: set[IPAddress],
                  ldirectord_file: str | None) -> TomlValue | None:
         script, _, arg = resource.partition("::")
@@ -373,7 +385,12 @@ class _Converter:
             return self.ip_resource(file, line, resource, arg, vips)
         if script == "ldirectord":
             named = PurePath(arg or "ldirectord.cf").name
-            if ldirectord_file is not None and named != PurePath(ldirectord_file).name:
+            if ldirectord_file is None:
+                self.note(file, line, resource, f"heartbeat starts ldirectord with {named}, "
+                          "which is not imported: its services are not in this config; "
+                          f"import it too (`lbha import {arg or named} --ha-cf ...`)",
+                          Severity.WARNING, resource)
+            elif named != PurePath(ldirectord_file).name:
                 self.note(file, line, resource, f"heartbeat starts ldirectord with {named}, not "
                           f"with the imported {ldirectord_file}", Severity.WARNING, resource)
             else:
@@ -473,6 +490,11 @@ class _Converter:
                 self.note(file, number, method, f"key {index}: {method} becomes hmac-sha256 "
                           f"with the same key, in {DEFAULT_AUTH_KEY_FILE}; heartbeat and lbha "
                           "nodes cannot talk to each other", Severity.CHANGED)
+                if len(key) < MIN_KEY_LENGTH:
+                    self.note(file, number, method, f"key {index} is shorter than "
+                              f"{MIN_KEY_LENGTH} characters: lbha refuses the key file until "
+                              "it is replaced on both nodes (`openssl rand -hex 32`)",
+                              Severity.WARNING)
         return "".join(f"{index} {key}\n" for index, key in keyed)
 
 

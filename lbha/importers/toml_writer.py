@@ -78,6 +78,9 @@ class Table:
                 return value
         return None
 
+    def remove(self, key: str) -> None:
+        self._entries = [(k, v) for k, v in self._entries if k != key]
+
     def comment(self, text: str) -> None:
         self._entries.append((None, text))
 

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from lbha.importers import ImportFormatError, Severity, import_ldirectord, import_paths
+from lbha.importers import (
+    ImportFormatError,
+    Severity,
+    import_files,
+    import_ldirectord,
+    import_paths,
+)
 
 DATA = Path(__file__).parent / "data"
 LD = "virtual=198.18.0.10:80\n\treal=198.18.1.1:80 gate\n"
@@ -43,8 +49,8 @@ def test_data_files(validated):
                         ("198.18.0.52/25", None, None)]
     assert cluster.auth == "hmac-sha256"
     assert str(cluster.auth_key_file) == "/etc/lbha/authkey"
-    assert result.auth_key == "2 S3cr3tSha1Key\n3 0ldMd5Key\n"
-    for secret in ("S3cr3tSha1Key", "0ldMd5Key", "mysecretpassword"):
+    assert result.auth_key == "2 S3cr3tSha1Key-0f-heartbeat\n3 0ldMd5Key-0f-heartbeat\n"
+    for secret in ("S3cr3tSha1Key-0f-heartbeat", "0ldMd5Key-0f-heartbeat", "mysecretpassword"):
         assert secret not in result.toml
         assert all(secret not in str(n) and secret not in n.as_comment() for n in result.notes)
 
@@ -178,3 +184,60 @@ def test_authkeys_errors_never_echo_keys():
     with pytest.raises(ImportFormatError) as caught:
         convert(authkeys="auth 1\n1 sha1 k\nsecret-junk-line\n")
     assert "secret-junk-line" not in str(caught.value)
+
+
+def test_ha_cf_alone_is_imported(validated):
+    result = import_paths(None, ha_cf=DATA / "ha.cf", haresources=DATA / "haresources",
+                          authkeys=DATA / "authkeys")
+    config = validated(result)
+    assert config.virtuals == ()
+    assert config.cluster.node == "lb1"
+    # Without an ldirectord.cf no haresources address is a VIP: each one floats.
+    assert {str(f.address) for f in config.cluster.floating_ips} == {
+        "198.18.0.10", "198.18.0.50", "198.18.0.51", "198.18.0.52"}
+    ldirectord = [n for n in result.notes if n.directive.startswith("ldirectord::")]
+    assert len(ldirectord) == 1
+    assert ldirectord[0].severity is Severity.WARNING
+    assert "full.cf, which is not imported" in ldirectord[0].message
+
+
+def test_nothing_to_import_is_refused():
+    with pytest.raises(ValueError, match="nothing to import"):
+        import_files(None)
+
+
+def test_cli_imports_ha_cf_alone(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "lbha.toml"
+    key = tmp_path / "authkey"
+    run = subprocess.run(
+        [sys.executable, "-m", "lbha", "import", "--ha-cf", str(DATA / "ha.cf"),
+         "--authkeys", str(DATA / "authkeys"), "-o", str(out), "--authkey-out", str(key)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode in (0, 1), run.stderr  # 1: some ha.cf directives are not imported
+    assert "[cluster]" in out.read_text()
+    assert "[[virtual]]" not in out.read_text()
+    usage = subprocess.run([sys.executable, "-m", "lbha", "import"], capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert usage.returncode == 2
+    assert "give an ldirectord.cf, --ha-cf FILE, or both" in usage.stderr
+
+
+def test_a_ping_node_in_ping_and_a_ping_group_is_written_once(validated):
+    result = convert(ha_cf=HA + "ping 198.18.0.254 198.18.0.253\n"
+                     "ping_group g 198.18.0.253 198.18.0.252 198.18.0.254\n")
+    cluster = validated(result).cluster
+    assert [str(a) for a in cluster.ping_nodes] == ["198.18.0.254", "198.18.0.253",
+                                                   "198.18.0.252"]
+    (line,) = [t for t in result.toml.splitlines() if t.startswith("ping_nodes")]
+    assert line.count("198.18.0.254") == 1
+    assert any("listed more than once" in n.message for n in result.notes)
+
+
+def test_a_key_too_short_for_lbha_is_a_warning():
+    result = convert(authkeys="auth 1\n1 sha1 short-key\n")
+    (short,) = [n for n in result.notes if "shorter than 16 characters" in n.message]
+    assert short.severity is Severity.WARNING
+    assert short.line == 2
