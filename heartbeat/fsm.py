@@ -10,14 +10,23 @@ IPs) or passive. The rules, in the order `_decide` applies them:
 1. Start-up: stay passive until the peer is heard or `initdead` passes.
 2. Peer dead (every link silent for `deadtime`) or leaving (graceful stop): become active.
 3. Both active (a partition healed): the node with the stronger claim keeps the IPs and
-   announces them (GARP / NA) at once; the other releases. Claim, compared in order: wants
-   to be active (manual takeover), not yielded (manual standby), master role, smaller name.
+   announces them (GARP / NA) at once; the other releases. Claim, compared in order: able to
+   serve (carrier, below), wants to be active (manual takeover), not yielded (manual
+   standby), master role, smaller name.
    While active, wants/yielded are clear, so after a partition the master keeps.
 4. Active and the peer asks for the IPs (WANTS_ACTIVE: manual takeover or failback): release
    first, then tell the peer, which takes over on hearing PASSIVE. No moment with both active.
 5. Both passive: the stronger claim becomes active.
 6. Passive and the peer is active: ask for the IPs when a manual takeover is pending, or when
    this node is the master with auto_failback on and has not been put in standby.
+
+Carrier (the `Carrier` event, from the link watch): a node whose interfaces carrying floating
+IPs lost their carrier cannot serve. It releases at once and tells the peer (if any link still
+works) with NO_CARRIER set, which outranks every other claim; it never takes the
+IPs while the carrier is down, whatever the rules above say. When the carrier returns it
+rejoins by the usual rules, but a peer it lost during the cut is given one deadtime to be
+heard before being judged dead: otherwise the returning node would take the IPs the peer took
+over meanwhile, and both would hold them until the split brain is resolved.
 
 Becoming active, or the peer coming back while active, always announces the addresses.
 """
@@ -66,6 +75,10 @@ class State:
     #: Manual standby (or a release on the peer's request): do not ask for the IPs back.
     yielded: bool = False
     split_brain: bool = False
+    #: Devices carrying floating IPs that have no carrier: this node cannot serve.
+    no_carrier: frozenset[str] = frozenset()
+    #: The carrier came back with the peer unheard: it is not judged dead before this time.
+    rejoin_until: float | None = None
 
 
 # ----------------------------------------------------------------------------- events
@@ -99,7 +112,16 @@ class Stop:
     now: float
 
 
-Event = Tick | Received | Takeover | Standby | Stop
+@dataclass(frozen=True)
+class Carrier:
+    """The devices carrying floating IPs that have no carrier now (empty: every one can
+    serve)."""
+
+    now: float
+    down: frozenset[str]
+
+
+Event = Tick | Received | Takeover | Standby | Stop | Carrier
 
 
 # ----------------------------------------------------------------------------- actions
@@ -177,7 +199,7 @@ def frame_state(state: State) -> PeerState:
 
 
 def wants_active(settings: Settings, state: State) -> bool:
-    if state.active or state.leaving:
+    if state.active or state.leaving or state.no_carrier:
         return False
     return state.takeover_pending or (
         settings.master and settings.auto_failback and not state.yielded
@@ -190,6 +212,8 @@ def frame_flags(settings: Settings, state: State) -> Flags:
         flags |= Flags.WANTS_ACTIVE
     if state.yielded:
         flags |= Flags.YIELDED
+    if state.no_carrier:
+        flags |= Flags.NO_CARRIER
     return flags
 
 
@@ -201,18 +225,23 @@ def next_deadline(settings: Settings, state: State) -> float | None:
         times.append(state.started + t.initdead)
     if state.last_heard is not None and not state.warned and state.peer_alive:
         times.append(state.last_heard + t.warntime)
+    if state.rejoin_until is not None:
+        times.append(state.rejoin_until)
     return min(times) if times else None
 
 
-def _claim(wants: bool, yielded: bool, master: bool, name: str) -> tuple[bool, bool, bool, str]:
+def _claim(serves: bool, wants: bool, yielded: bool, master: bool,
+           name: str) -> tuple[bool, bool, bool, bool, str]:
     # Compared with max(): the inverted name makes the smaller name win a full tie.
-    return (wants, not yielded, master, "".join(chr(0x10FFFF - ord(c)) for c in name))
+    return (serves, wants, not yielded, master, "".join(chr(0x10FFFF - ord(c)) for c in name))
 
 
 def _we_win(settings: Settings, state: State) -> bool:
-    ours = _claim(wants_active(settings, state), state.yielded, settings.master, settings.node)
+    ours = _claim(not state.no_carrier, wants_active(settings, state), state.yielded,
+                  settings.master, settings.node)
     pf = state.peer_flags
-    theirs = _claim(bool(pf & Flags.WANTS_ACTIVE), bool(pf & Flags.YIELDED),
+    theirs = _claim(not pf & Flags.NO_CARRIER, bool(pf & Flags.WANTS_ACTIVE),
+                    bool(pf & Flags.YIELDED),
                     bool(pf & Flags.MASTER), settings.peer)
     return ours > theirs
 
@@ -302,6 +331,8 @@ def _step(settings: Settings, state: State, event: Event) -> tuple[State, list[A
         state, reason = _takeover(state, actions)
     elif isinstance(event, Standby):
         state, reason = _standby(settings, state, actions)
+    elif isinstance(event, Carrier):
+        state, reason = _carrier(settings, state, event, actions)
     return _decide(settings, state, event.now, reason, actions)
 
 
@@ -372,6 +403,10 @@ def _takeover(state: State, actions: list[Action]) -> tuple[State, str]:
     if state.active:
         actions.append(Reply(True, "already active"))
         return state, ""
+    if state.no_carrier:
+        actions.append(Reply(False, f"refused: no carrier on {_devices(state.no_carrier)}; "
+                                    "this node cannot serve the floating IPs"))
+        return state, ""
     state = replace(state, takeover_pending=True, yielded=False, starting=False)
     actions.append(Send())
     return state, "manual takeover"
@@ -390,6 +425,40 @@ def _standby(settings: Settings, state: State, actions: list[Action]) -> tuple[S
     actions.append(Send())
     actions.append(Reply(True, f"released the floating IPs; {settings.peer} takes over"))
     return replace(state, active=False, yielded=True, takeover_pending=False), ""
+
+
+def _devices(names: frozenset[str]) -> str:
+    return ", ".join(sorted(names))
+
+
+def _carrier(
+    settings: Settings, state: State, event: Carrier, actions: list[Action]
+) -> tuple[State, str]:
+    lost, back = event.down - state.no_carrier, state.no_carrier - event.down
+    if not lost and not back:
+        return state, ""
+    state = replace(state, no_carrier=event.down)
+    reason = ""
+    if lost:
+        reason = f"no carrier on {_devices(lost)}"
+        actions.append(Notify("carrier_lost", "critical" if state.active else "warning", "up",
+                              "down", reason))
+        if state.active:
+            # Release for the peer, as keepalived's FAULT state does: clients cannot reach the
+            # addresses here, and keeping them would make both nodes hold them on return.
+            actions.append(Release(reason))
+            actions.append(Notify("standby", "warning", "active", "passive",
+                                  f"{reason}: released the floating IPs"))
+            state = replace(state, active=False, split_brain=False)
+    if back:
+        actions.append(Notify("carrier_back", "info", "down", "up",
+                              f"carrier back on {_devices(back)}"))
+        if not event.down:
+            reason = f"carrier back on {_devices(back)}"
+            if not state.peer_alive:
+                state = replace(state, rejoin_until=event.now + settings.timers.deadtime)
+    actions.append(Send())
+    return state, reason
 
 
 def _stop(state: State, actions: list[Action]) -> tuple[State, list[Action]]:
@@ -413,11 +482,13 @@ def _become_active(
 def _decide(
     settings: Settings, state: State, now: float, reason: str, actions: list[Action]
 ) -> tuple[State, list[Action]]:
-    if state.starting:
+    if state.rejoin_until is not None and (state.peer_alive or now >= state.rejoin_until):
+        state = replace(state, rejoin_until=None)
+    if state.starting or state.no_carrier:
         return state, actions
     peer = settings.peer
     if not state.peer_alive:
-        if not state.active:
+        if not state.active and state.rejoin_until is None:
             why = reason or f"{peer} is dead"
             kind = "takeover" if state.takeover_pending else "failover"
             state = _become_active(settings, state, kind, why, actions)
@@ -450,6 +521,8 @@ def _decide(
     if _we_win(settings, state):
         if state.takeover_pending:
             why = "manual takeover"
+        elif state.peer_flags & Flags.NO_CARRIER:
+            why = f"{peer} has no carrier"
         elif state.peer_flags & Flags.YIELDED:
             why = f"{peer} is in standby"
         elif settings.master:

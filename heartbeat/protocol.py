@@ -64,7 +64,7 @@ _SEQ_AT = 16
 _SEQ = struct.Struct(">Q")
 _SEQ_END = _SEQ_AT + _SEQ.size
 MAX_FRAME = _HEADER.size + 2 * 256 + MAC_SIZE
-_ALL_FLAGS = 0x07
+_ALL_FLAGS = 0x0F
 
 
 class PeerState(enum.IntEnum):
@@ -82,6 +82,8 @@ class Flags(enum.IntFlag):
     MASTER = 1
     WANTS_ACTIVE = 2
     YIELDED = 4
+    #: An interface carrying floating IPs has no carrier: this node cannot serve them.
+    NO_CARRIER = 8
 
 
 #: Wire value -> member, without the enum machinery on every frame.
