@@ -180,6 +180,20 @@ def _targets(rtnl: Rtnetlink, ips: Sequence[FloatingIP]) -> tuple[list[Placement
     return _resolve(ips, rtnl.addresses(), dict(socket.if_nameindex()), _no_mac)
 
 
+def placement_problems(ips: Sequence[FloatingIP]) -> list[str]:
+    """Why some of `ips` could not be placed on this host now (empty: every one can)."""
+    try:
+        rtnl = Rtnetlink()
+    except OSError as exc:
+        return [f"cannot read this host's interfaces: {exc}"]
+    try:
+        return _targets(rtnl, ips)[1]
+    except (NetlinkError, OSError) as exc:
+        return [f"cannot read this host's interfaces: {exc}"]
+    finally:
+        rtnl.close()
+
+
 @dataclass(frozen=True)
 class Placed:
     """The outcome of placing the floating IPs: those held now, those this call added (the
