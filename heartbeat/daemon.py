@@ -123,7 +123,7 @@ class Heartbeat:
 
         Refuses to start (FloatingIPError, nothing changed) when a floating IP cannot be
         placed on this host: a node that cannot serve must not claim to."""
-        await self.addresses.check()
+        await self.addresses.check(self._ips)
         await self.transport.open()
         try:
             # A passive start must not leave addresses a crashed run left behind.
@@ -391,9 +391,15 @@ class Heartbeat:
     # ------------------------------------------------------------------ reload
 
     async def reconfigure(self, config: Config, keys: KeyRing | None) -> None:
-        """Apply a reloaded config: timers, failback, keys, floating IPs. Not node/peer/port."""
+        """Apply a reloaded config: timers, failback, keys, floating IPs. Not node/peer/port.
+        Refused, changing nothing, when a floating IP could not be placed on this host."""
         cluster = config.cluster
         assert cluster is not None
+        try:
+            await self.addresses.check(floating_ips(config))
+        except HeartbeatError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            return
         new = settings_from(cluster)
         if (new.node, new.peer, new.master) != (self.settings.node, self.settings.peer,
                                                 self.settings.master) \

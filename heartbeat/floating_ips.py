@@ -102,8 +102,8 @@ class AddressManager(ABC):
     def close(self) -> None:
         """Close what announcing keeps open (at daemon stop)."""
 
-    async def check(self) -> None:
-        """Raise FloatingIPError unless every floating IP can be placed on this host (its
+    async def check(self, ips: Sequence[FloatingIP]) -> None:
+        """Raise FloatingIPError unless every one of `ips` can be placed on this host (its
         device exists, or an interface holds its subnet). Changes nothing."""
         await trio.lowlevel.checkpoint()
 
@@ -327,8 +327,7 @@ class NetlinkAddresses(AddressManager):
             raise FloatingIPError("; ".join(placed.problems))
         return placed.added
 
-    async def check(self) -> None:
-        ips = self._ips
+    async def check(self, ips: Sequence[FloatingIP]) -> None:
         _placements, problems = await self._netlink(lambda rtnl: _targets(rtnl, ips))
         if problems:
             raise FloatingIPError("; ".join(problems))

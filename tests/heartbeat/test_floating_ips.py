@@ -182,8 +182,8 @@ async def test_acquire_places_what_it_can_and_announces_only_what_it_holds(
         assert await addresses.acquire() == ["198.18.0.11", "198.18.0.12"]
         assert await addresses.acquire() == []
         with pytest.raises(FloatingIPError, match="device 'eth9' does not exist"):
-            await NetlinkAddresses([fip("198.18.0.13", device="eth9")]).check()
-        await addresses.check()
+            await addresses.check([fip("198.18.0.13", device="eth9")])
+        await addresses.check([fip("198.18.0.13", device="eth0")])
     finally:
         addresses.close()
 
