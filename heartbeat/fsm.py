@@ -22,11 +22,13 @@ IPs) or passive. The rules, in the order `_decide` applies them:
 
 Carrier (the `Carrier` event, from the link watch): a node whose interfaces carrying floating
 IPs lost their carrier cannot serve. It releases at once and tells the peer (if any link still
-works) with NO_CARRIER set, which outranks every other claim; it never takes the
-IPs while the carrier is down, whatever the rules above say. When the carrier returns it
-rejoins by the usual rules, but a peer it lost during the cut is given one deadtime to be
-heard before being judged dead: otherwise the returning node would take the IPs the peer took
-over meanwhile, and both would hold them until the split brain is resolved.
+works) with NO_CARRIER set, which outranks every other claim; it never takes the IPs or asks
+for them while the carrier is down, whatever the rules above say. When the carrier returns it
+still counts as unable for one deadtime (and still says NO_CARRIER, so a live peer takes
+over meanwhile), then rejoins by the usual rules. Frames queued during the cut behind a
+pending ARP resolution, on both sides, arrive in a burst when the link returns, oldest first;
+acting on one at once (a PASSIVE from before the peer took over) made both nodes hold the IPs.
+After a deadtime the latest frame is the peer's current state.
 
 Becoming active, or the peer coming back while active, always announces the addresses.
 """
@@ -77,7 +79,7 @@ class State:
     split_brain: bool = False
     #: Devices carrying floating IPs that have no carrier: this node cannot serve.
     no_carrier: frozenset[str] = frozenset()
-    #: The carrier came back with the peer unheard: it is not judged dead before this time.
+    #: The carrier came back: still unable to serve until this time (frames settle).
     rejoin_until: float | None = None
 
 
@@ -198,8 +200,13 @@ def frame_state(state: State) -> PeerState:
     return PeerState.STARTING if state.starting else PeerState.PASSIVE
 
 
+def unable(state: State) -> bool:
+    """No carrier on an interface carrying floating IPs, or back less than deadtime ago."""
+    return bool(state.no_carrier) or state.rejoin_until is not None
+
+
 def wants_active(settings: Settings, state: State) -> bool:
-    if state.active or state.leaving or state.no_carrier:
+    if state.active or state.leaving or unable(state):
         return False
     return state.takeover_pending or (
         settings.master and settings.auto_failback and not state.yielded
@@ -212,7 +219,7 @@ def frame_flags(settings: Settings, state: State) -> Flags:
         flags |= Flags.WANTS_ACTIVE
     if state.yielded:
         flags |= Flags.YIELDED
-    if state.no_carrier:
+    if unable(state):
         flags |= Flags.NO_CARRIER
     return flags
 
@@ -237,7 +244,7 @@ def _claim(serves: bool, wants: bool, yielded: bool, master: bool,
 
 
 def _we_win(settings: Settings, state: State) -> bool:
-    ours = _claim(not state.no_carrier, wants_active(settings, state), state.yielded,
+    ours = _claim(not unable(state), wants_active(settings, state), state.yielded,
                   settings.master, settings.node)
     pf = state.peer_flags
     theirs = _claim(not pf & Flags.NO_CARRIER, bool(pf & Flags.WANTS_ACTIVE),
@@ -288,7 +295,8 @@ def heard(state: State, link: str, at: float) -> State:
 
 def routine(settings: Settings, state: State) -> Routine | None:
     """The frames that are routine in `state`, or None when every frame may matter."""
-    if state.peer_state is None or state.last_heard is None or not state.links:
+    if state.peer_state is None or state.last_heard is None or not state.links \
+            or state.rejoin_until is not None:  # a deadline `Routine.deadline` does not know
         return None
     t = state.last_heard
     for link in state.links:
@@ -454,9 +462,9 @@ def _carrier(
         actions.append(Notify("carrier_back", "info", "down", "up",
                               f"carrier back on {_devices(back)}"))
         if not event.down:
-            reason = f"carrier back on {_devices(back)}"
-            if not state.peer_alive:
-                state = replace(state, rejoin_until=event.now + settings.timers.deadtime)
+            state = replace(state, rejoin_until=event.now + settings.timers.deadtime)
+    if lost:
+        state = replace(state, rejoin_until=None)
     actions.append(Send())
     return state, reason
 
@@ -482,13 +490,13 @@ def _become_active(
 def _decide(
     settings: Settings, state: State, now: float, reason: str, actions: list[Action]
 ) -> tuple[State, list[Action]]:
-    if state.rejoin_until is not None and (state.peer_alive or now >= state.rejoin_until):
+    if state.rejoin_until is not None and now >= state.rejoin_until:
         state = replace(state, rejoin_until=None)
-    if state.starting or state.no_carrier:
+    if state.starting or unable(state):
         return state, actions
     peer = settings.peer
     if not state.peer_alive:
-        if not state.active and state.rejoin_until is None:
+        if not state.active:
             why = reason or f"{peer} is dead"
             kind = "takeover" if state.takeover_pending else "failover"
             state = _become_active(settings, state, kind, why, actions)

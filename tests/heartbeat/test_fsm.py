@@ -279,29 +279,48 @@ def test_no_carrier_never_takes_over() -> None:
 @pytest.mark.parametrize("auto_failback", [True, False])
 def test_cable_cut_and_return_never_both_active(auto_failback: bool) -> None:
     a, b = started_pair(auto_failback)
+    stale_from_b = fsm.frame_state(b.state), fsm.frame_flags(b.s, b.state)
     a.feed(Carrier(1.0, ETH0))  # the cut: a's frames reach nobody, b's reach nobody
     assert not a.holds
+    stale_from_a = fsm.frame_state(a.state), fsm.frame_flags(a.s, a.state)
     b.feed(Tick(1.0 + TIMERS.deadtime))
     assert b.holds  # failover after deadtime
     a.feed(Tick(1.0 + TIMERS.deadtime))
     assert "peer_dead" in a.kinds()
     a.feed(Carrier(5.0, UP))  # the cable is back
-    assert not a.holds  # the peer may hold the IPs: hear it first
-    a.feed(Tick(5.0 + TIMERS.deadtime / 2))
+    # Frames queued during the cut arrive first, oldest first: b's PASSIVE from before its
+    # failover, a's NO_CARRIER. Neither may make anyone act.
+    a.feed(Received(5.001, "udp", *stale_from_b))
+    b.feed(Received(5.001, "udp", *stale_from_a))
     assert not a.holds
-    a.hear(b, 5.0 + TIMERS.deadtime / 2)
-    assert not a.holds
+    assert b.holds
+    exchange(a, b, 5.002)
+    assert not a.holds  # still settling: a says NO_CARRIER, asks for nothing
+    assert fsm.frame_flags(a.s, a.state) & Flags.NO_CARRIER
+    assert fsm.routine(a.s, a.state) is None  # the end of settling needs the daemon
+    assert a.state.rejoin_until == pytest.approx(5.0 + TIMERS.deadtime)
+    deadline = fsm.next_deadline(a.s, a.state)
+    assert deadline is not None
+    assert deadline <= a.state.rejoin_until
+    a.feed(Tick(5.0 + TIMERS.deadtime))
     assert a.state.rejoin_until is None
-    exchange(a, b, 5.2)
+    exchange(a, b, 5.0 + TIMERS.deadtime)
     assert a.holds is auto_failback
     assert b.holds is not auto_failback
 
 
-def test_carrier_flap_shorter_than_deadtime_takes_back_at_once() -> None:
-    a, _ = started_pair()
+def test_carrier_flap_shorter_than_deadtime_lets_the_live_peer_take_over() -> None:
+    a, b = started_pair()
     a.feed(Carrier(0.2, ETH0))
-    a.feed(Carrier(0.3, UP))  # within deadtime: the peer is still alive and passive
+    a.feed(Carrier(0.25, UP))  # within deadtime: the peer is still alive and passive
+    assert not a.holds
+    b.hear(a, 0.26)  # a still says it cannot serve: b, alive, takes over at once
+    assert b.holds
+    a.hear(b, 0.26)
+    a.feed(Tick(0.25 + TIMERS.deadtime))
+    exchange(a, b, 0.25 + TIMERS.deadtime)  # settled: the master fails back by the handshake
     assert a.holds
+    assert not b.holds
     assert a.kinds()[-3:] == ["standby", "carrier_back", "takeover"]
 
 
