@@ -293,7 +293,7 @@ def scenario_cable_cut(run: Run, timers: str) -> dict[str, float]:
     spans = {node: held_intervals(log.changes(), node == "lb1", t0 - 1, end)
              for node, log in logs.items()}
     probes = run.finish()
-    released = next((b for a, b in spans["lb1"] if b > t0), end)
+    released = next((b for a, b in spans["lb1"] if t0 < b < end), math.inf)
     return {"released_ms": (released - t0) * 1000,
             "overlap_cut_ms": overlap_ms([(a, min(b, t1)) for a, b in spans["lb1"]],
                                          spans["lb2"]),
