@@ -5,7 +5,9 @@ under MockClock). `run_daemon` wraps it for `lbha heartbeat`: config and key fil
 control socket, SIGTERM/SIGINT (one cancel scope) and SIGHUP (reload).
 
 Every state machine step runs under one lock and its actions run in order before the next
-step, so a Release always completes before the frame saying PASSIVE leaves.
+step, so a Release always completes before the frame saying PASSIVE leaves. The address
+manager's watch (link_watch.py) reports carrier changes as state machine events and missing
+floating IPs, which the active node re-adds under the same lock.
 """
 
 from __future__ import annotations
