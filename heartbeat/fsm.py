@@ -461,10 +461,10 @@ def _carrier(
     if back:
         actions.append(Notify("carrier_back", "info", "down", "up",
                               f"carrier back on {_devices(back)}"))
-        if not event.down:
-            state = replace(state, rejoin_until=event.now + settings.timers.deadtime)
     if lost:
         state = replace(state, rejoin_until=None)
+    elif not event.down:  # every device back: settle for a deadtime (module docstring)
+        state = replace(state, rejoin_until=event.now + settings.timers.deadtime)
     actions.append(Send())
     return state, reason
 
