@@ -1,10 +1,13 @@
-"""`lbha config check` on the node: a floating IP that cannot be placed on this host."""
+"""`lbha config check` and `cluster-status` on the node: floating IPs that cannot be placed or
+are not held here."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+
+from lbha.heartbeat.cli import format_status
 
 CONFIG = """
 [cluster]
@@ -36,3 +39,19 @@ def test_existing_device_passes_quietly(tmp_path: Path) -> None:
     out = config_check(tmp_path, "lo")
     assert out.returncode == 0, out.stderr
     assert out.stderr == ""
+
+
+def test_cluster_status_says_what_is_not_held_and_why() -> None:
+    status = {"role": "master", "state": "active", "link": "up", "node": "lb1", "peer": "lb2",
+              "peer_state": "passive", "last_keepalive_age": 0.01, "floating_ips": [],
+              "floating_ip_error": "floating IP 198.18.0.10: device 'eth9' does not exist on "
+                                   "this host",
+              "floating_ips_restored": 2, "no_carrier": ["eth0"]}
+    lines = format_status(status).splitlines()
+    assert lines[2:] == [
+        "  floating IPs held: none",
+        "  floating IPs NOT held: floating IP 198.18.0.10: device 'eth9' does not exist on "
+        "this host",
+        "  no carrier on eth0: cannot serve",
+        "  floating IPs restored after removal: 2",
+    ]
