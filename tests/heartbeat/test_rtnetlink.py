@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import select
+import socket
+import subprocess
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -21,6 +23,7 @@ from lbha.heartbeat.rtnetlink import (
     Change,
     LinkChange,
     Monitor,
+    Overflow,
     Rtnetlink,
     _address_msg,
 )
@@ -177,5 +180,24 @@ def test_monitor_reports_address_and_carrier_changes_without_blocking(host: Host
         seen = read_until(monitor, lambda s: any(
             isinstance(c, LinkChange) and c.link.name == "eth0" and c.link.usable for c in s))
         assert any(isinstance(c, LinkChange) and c.link.usable for c in seen)
+    finally:
+        monitor.close()
+
+
+def test_monitor_reports_notifications_the_kernel_dropped(host: Host) -> None:
+    monitor = host._open(Monitor)
+    try:
+        # A tiny buffer and a burst it cannot hold: the kernel drops notifications and says
+        # so once (ENOBUFS); the watch then reads the state afresh.
+        monitor._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        batch = "".join(f"addr add 198.18.1.{i}/32 dev eth0\n" for i in range(1, 201))
+        subprocess.run(["ip", "-n", host.ns, "-batch", "-"], input=batch, text=True,
+                       check=True, timeout=30)
+        seen = read_until(monitor, lambda s: Overflow() in s)
+        assert Overflow() in seen
+        assert len([c for c in seen if isinstance(c, AddressChange)]) < 200
+        host.show("addr", "add", "198.18.0.10/24", "dev", "eth0")
+        vip = AddressChange(True, Address(host.index, "198.18.0.10", 24))
+        assert vip in read_until(monitor, lambda s: vip in s)  # and it keeps reporting
     finally:
         monitor.close()
