@@ -114,9 +114,11 @@ Links = Callable[[], Awaitable[list[Link]]]
 class LinkWatch:
     """Reads the kernel's notifications on the trio thread and tells a `Sink`."""
 
-    def __init__(self, targets: Targets, links: Links) -> None:
+    def __init__(self, targets: Targets, links: Links,
+                 monitor: Callable[[], Monitor] = Monitor) -> None:
         self._targets = targets
         self._links = links
+        self._monitor = monitor
         self._waiting: trio.CancelScope | None = None
         self._stale = False
 
@@ -142,7 +144,7 @@ class LinkWatch:
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Until cancelled. Started once the first carrier state is told, so the state
         machine never takes over on an interface without carrier."""
-        monitor = Monitor()  # subscribed before the dump: no change falls in between
+        monitor = self._monitor()  # subscribed before the dump: no change falls in between
         try:
             watched = await self._fresh(None)
             told = watched.no_carrier()

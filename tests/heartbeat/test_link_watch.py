@@ -1,11 +1,18 @@
-"""The link watch's decision: what each kernel notification asks of the daemon (pure)."""
+"""The link watch: what each kernel notification asks of the daemon (pure), and the driver
+that reads them and tells the daemon (a scripted monitor; the real one: test_rtnetlink.py)."""
 
 from __future__ import annotations
 
+import socket
+from dataclasses import dataclass, field
+
+import trio
+import trio.testing
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_LOWER_UP, IFF_RUNNING, IFF_UP
 
-from lbha.heartbeat.link_watch import Verdict, Watched, decide, with_links
-from lbha.heartbeat.rtnetlink import Address, AddressChange, Link, LinkChange, Overflow
+from lbha.heartbeat.errors import FloatingIPError
+from lbha.heartbeat.link_watch import RETRY, LinkWatch, Verdict, Watched, decide, with_links
+from lbha.heartbeat.rtnetlink import Address, AddressChange, Change, Link, LinkChange, Overflow
 
 UP = IFF_UP | IFF_RUNNING | IFF_LOWER_UP
 NO_CARRIER = IFF_UP  # administratively up, no carrier: not running
@@ -69,3 +76,107 @@ def test_device_removed_or_renamed_cannot_serve_until_it_is_back() -> None:
 def test_lost_notifications_ask_for_a_fresh_read_and_a_restore() -> None:
     w = watched()
     assert decide(w, Overflow()) == (w, Verdict(restore=True, resync=True))
+
+
+# ------------------------------------------------------------------- the driver
+
+
+class ScriptedMonitor:
+    """Stands in for rtnetlink.Monitor: readable when the test queues a batch."""
+
+    def __init__(self) -> None:
+        self._ours, self._theirs = socket.socketpair()
+        self._ours.setblocking(False)
+        self.batches: list[list[Change]] = []
+        self.closed = False
+
+    def push(self, *changes: Change) -> None:
+        self.batches.append(list(changes))
+        self._theirs.send(b"x")
+
+    def fileno(self) -> int:
+        return self._ours.fileno()
+
+    def read(self, max_reads: int) -> list[Change]:
+        try:
+            self._ours.recv(1 << 16)
+        except BlockingIOError:
+            return []
+        changes = [c for batch in self.batches for c in batch]
+        self.batches.clear()
+        return changes
+
+    def close(self) -> None:
+        self.closed = True
+        self._ours.close()
+        self._theirs.close()
+
+
+@dataclass
+class Recorder:
+    told: list[object] = field(default_factory=list)
+
+    async def on_carrier(self, down: frozenset[str]) -> None:
+        await trio.lowlevel.checkpoint()
+        self.told.append(set(down))
+
+    async def on_address_lost(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.told.append("restore")
+
+
+async def test_watch_tells_the_carrier_first_then_changes_once_per_batch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    monitor = ScriptedMonitor()
+    links = [ETH0._replace(flags=NO_CARRIER), ETH1]
+    devices = {"eth0"}
+    dumps = 0
+    fail = False
+
+    async def targets() -> tuple[frozenset[str], frozenset[str]]:
+        await trio.lowlevel.checkpoint()
+        if fail:
+            raise FloatingIPError("netlink: interrupted")
+        return frozenset({VIP}), frozenset(devices)
+
+    async def dump() -> list[Link]:
+        nonlocal dumps
+        await trio.lowlevel.checkpoint()
+        dumps += 1
+        return list(links)
+
+    watch = LinkWatch(targets, dump, lambda: monitor)  # type: ignore[arg-type,return-value]
+    sink = Recorder()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch.run, sink)
+        assert sink.told == [{"eth0"}]  # before anything else can happen
+        # A flap inside one batch reports nothing; the return asks for a look at addresses.
+        monitor.push(LinkChange(ETH0, False), LinkChange(ETH0._replace(flags=0), False),
+                     LinkChange(ETH0, False))
+        await trio.sleep(0.1)
+        assert sink.told == [{"eth0"}, set(), "restore"]
+        # Two removals of ours in a batch: one look.
+        monitor.push(AddressChange(False, Address(2, VIP, 24)),
+                     AddressChange(False, Address(2, VIP, 24)))
+        await trio.sleep(0.1)
+        assert sink.told[3:] == ["restore"]
+        # A reload moves the floating IPs to eth1, which has no carrier: read afresh.
+        devices = {"eth1"}
+        links = [ETH0, ETH1._replace(flags=0)]
+        watch.refresh()
+        await trio.sleep(0.1)
+        assert sink.told[4:] == [{"eth1"}, "restore"]
+        # Lost notifications while netlink fails: logged, retried, then read afresh.
+        fail = True
+        before = dumps
+        monitor.push(Overflow())
+        await trio.sleep(0.5)
+        assert dumps == before
+        fail = False
+        links = [ETH0, ETH1]
+        await trio.sleep(RETRY)
+        assert dumps == before + 1
+        assert sink.told[6:] == ["restore", set(), "restore"]
+        nursery.cancel_scope.cancel()
+    assert monitor.closed
