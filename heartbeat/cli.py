@@ -97,6 +97,16 @@ def cmd_standby(args: argparse.Namespace) -> int:
     return _command(args, "standby")
 
 
+def host_problems(config: Config) -> list[str]:
+    """What stops `lbha heartbeat` on this host although the config is valid: a floating IP
+    whose device does not exist here or whose subnet no interface holds."""
+    from lbha.heartbeat.floating_ips import floating_ips, placement_problems
+
+    if config.cluster is None:
+        return []
+    return placement_problems(floating_ips(config))
+
+
 def cluster_status_json(config: Config) -> dict[str, Any]:
     """The heartbeat daemon's status; raises ControlError when it is not running."""
     result = request(config.paths.heartbeat_socket, "status")
@@ -115,6 +125,12 @@ def format_status(status: dict[str, Any]) -> str:
         f"last keepalive {heard}",
         f"  floating IPs held: {held}",
     ]
+    if status.get("floating_ip_error"):
+        lines.append(f"  floating IPs NOT held: {status['floating_ip_error']}")
+    if status.get("no_carrier"):
+        lines.append(f"  no carrier on {', '.join(status['no_carrier'])}: cannot serve")
+    if status.get("floating_ips_restored"):
+        lines.append(f"  floating IPs restored after removal: {status['floating_ips_restored']}")
     dropped = status.get("frames_dropped") or {}
     if dropped:
         lines.append("  frames dropped: " + ", ".join(f"{k} {v}" for k, v in dropped.items()))

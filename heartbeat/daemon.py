@@ -5,7 +5,9 @@ under MockClock). `run_daemon` wraps it for `lbha heartbeat`: config and key fil
 control socket, SIGTERM/SIGINT (one cancel scope) and SIGHUP (reload).
 
 Every state machine step runs under one lock and its actions run in order before the next
-step, so a Release always completes before the frame saying PASSIVE leaves.
+step, so a Release always completes before the frame saying PASSIVE leaves. The address
+manager's watch (link_watch.py) reports carrier changes as state machine events and missing
+floating IPs, which the active node re-adds under the same lock.
 """
 
 from __future__ import annotations
@@ -123,11 +125,19 @@ class Heartbeat:
         self._changed = trio.Event()
         self._started_wall = time.time()
         self._garp_count = cluster.garp_count
+        #: Floating IPs re-added after something else removed them.
+        self._restored = 0
+        #: Why the last acquire did not place every floating IP (None: it did).
+        self._address_error: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until cancelled; on the way out release the IPs and tell the peer, bounded."""
+        """Run until cancelled; on the way out release the IPs and tell the peer, bounded.
+
+        Refuses to start (FloatingIPError, nothing changed) when a floating IP cannot be
+        placed on this host: a node that cannot serve must not claim to."""
+        await self.addresses.check(self._ips)
         await self.transport.open()
         try:
             # A passive start must not leave addresses a crashed run left behind.
@@ -135,6 +145,8 @@ class Heartbeat:
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    # The carrier is known before any frame can make this node take over.
+                    await nursery.start(self.addresses.watch, self)
                     await nursery.start(self.transport.run, self.pump, self)
                     task_status.started()
             finally:
@@ -212,6 +224,38 @@ class Heartbeat:
         """transport.Sink: the state machine's next deadline has come."""
         await self._handle_handed(fsm.Tick(trio.current_time()))
 
+    async def on_carrier(self, down: frozenset[str]) -> None:
+        """link_watch.Sink: the devices carrying floating IPs without carrier are `down`."""
+        async with self._lock:
+            await self._handle(fsm.Carrier(trio.current_time(), down))
+
+    async def on_address_lost(self) -> None:
+        """link_watch.Sink: a floating IP may have been removed behind our back. Re-added
+        only while active, under the lock our own releases hold, so never fought over."""
+        async with self._lock:
+            if not self.state.active or self.state.leaving:
+                return
+            added = await self._acquire("restoring removed floating IPs")
+            if not added:
+                return
+            self._restored += len(added)
+            what = ", ".join(added)
+            await self._start_announcing(f"restored {what}")
+            self._notify(fsm.Notify("floating_ip_restored", "warning", "missing", "held",
+                                    f"{what} removed behind lbha's back; re-added and "
+                                    "announced"))
+
+    async def _acquire(self, reason: str) -> list[str]:
+        """Place every floating IP it can; the addresses added (caller holds the lock)."""
+        try:
+            added = await self.addresses.acquire()
+        except HeartbeatError as exc:
+            log.error("floating IPs (%s): %s", reason, exc)
+            self._address_error = str(exc)
+            return []
+        self._address_error = None
+        return added or []
+
     async def _handle_handed(self, event: fsm.Event) -> None:
         """Handle what the pump handed over, then count it, so the routine filter published
         next is known to include its effect."""
@@ -249,10 +293,7 @@ class Heartbeat:
 
     async def _do(self, action: fsm.Action) -> None:
         if isinstance(action, fsm.Acquire):
-            try:
-                await self.addresses.acquire()
-            except HeartbeatError as exc:
-                log.error("takeover (%s): %s", action.reason, exc)
+            await self._acquire(action.reason)
             await self._start_announcing(action.reason)
         elif isinstance(action, fsm.Release):
             if self._announcing is not None:
@@ -277,8 +318,9 @@ class Heartbeat:
             self._announcing.cancel()
         # The first at once, before the rest of the step (events, logs, our frame): until
         # it arrives, clients send to the node that released the addresses.
-        await self.addresses.announce()
-        log.info("announced floating IPs (%s)", reason)
+        announced = await self.addresses.announce()
+        if announced:
+            log.info("announced floating IPs %s (%s)", ", ".join(announced), reason)
         scope = trio.CancelScope()
         self._announcing = scope
         self._nursery.start_soon(self._announce, scope)
@@ -369,6 +411,9 @@ class Heartbeat:
             "peer_state": s.peer_state.name.lower() if s.peer_state is not None else "dead",
             "last_keepalive_age": age,
             "floating_ips": held,
+            "floating_ip_error": self._address_error,
+            "floating_ips_restored": self._restored,
+            "no_carrier": sorted(s.no_carrier),
             "takeover_pending": s.takeover_pending,
             "yielded": s.yielded,
             "auto_failback": self.settings.auto_failback,
@@ -381,9 +426,15 @@ class Heartbeat:
     # ------------------------------------------------------------------ reload
 
     async def reconfigure(self, config: Config, keys: KeyRing | None) -> None:
-        """Apply a reloaded config: timers, failback, keys, floating IPs. Not node/peer/port."""
+        """Apply a reloaded config: timers, failback, keys, floating IPs. Not node/peer/port.
+        Refused, changing nothing, when a floating IP could not be placed on this host."""
         cluster = config.cluster
         assert cluster is not None
+        try:
+            await self.addresses.check(floating_ips(config))
+        except HeartbeatError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            return
         new = settings_from(cluster)
         if (new.node, new.peer, new.master) != (self.settings.node, self.settings.peer,
                                                 self.settings.master) \
@@ -408,7 +459,7 @@ class Heartbeat:
                 if dropped:
                     await self.addresses.remove(dropped)
                 if self.state.active:
-                    await self.addresses.acquire()
+                    await self._acquire("reload")
                     await self._start_announcing("reload")
             except HeartbeatError as exc:
                 log.error("reload: floating IPs not fully applied: %s", exc)

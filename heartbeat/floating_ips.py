@@ -32,7 +32,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
 from lbha.heartbeat.errors import FloatingIPError
-from lbha.heartbeat.rtnetlink import Address, Rtnetlink
+from lbha.heartbeat.link_watch import LinkWatch, Sink
+from lbha.heartbeat.rtnetlink import Address, Link, Rtnetlink
 from lbha.model import Config, FloatingIP, IPInterface
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,9 @@ class AddressManager(ABC):
     """What the daemon needs from the floating-IP layer (tests substitute a fake)."""
 
     @abstractmethod
-    async def acquire(self) -> None:
-        """Add every floating IP (already present is fine)."""
+    async def acquire(self) -> list[str]:
+        """Add every floating IP (already present is fine); return those this call added.
+        Places every one it can, then raises FloatingIPError naming the others."""
 
     @abstractmethod
     async def release(self) -> None:
@@ -89,8 +91,8 @@ class AddressManager(ABC):
         """The floating IPs present on this host now."""
 
     @abstractmethod
-    async def announce(self) -> None:
-        """Send one round of GARP / NA for the floating IPs."""
+    async def announce(self) -> list[str]:
+        """Send one round of GARP / NA for the floating IPs held; return those announced."""
 
     @abstractmethod
     def reconfigure(self, ips: Sequence[FloatingIP]) -> None:
@@ -100,6 +102,18 @@ class AddressManager(ABC):
     def close(self) -> None:
         """Close what announcing keeps open (at daemon stop)."""
 
+    async def check(self, ips: Sequence[FloatingIP]) -> None:
+        """Raise FloatingIPError unless every one of `ips` can be placed on this host (its
+        device exists, or an interface holds its subnet). Changes nothing."""
+        await trio.lowlevel.checkpoint()
+
+    async def watch(self, sink: Sink, *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Until cancelled: tell `sink` when a floating IP is removed behind our back and
+        when the devices carrying them lose or regain carrier (nothing to watch here)."""
+        task_status.started()
+        await trio.sleep_forever()
+
 
 def _default_label(device: str, n: int) -> str | None:
     label = f"{device}:h{n}"
@@ -107,7 +121,9 @@ def _default_label(device: str, n: int) -> str | None:
 
 
 def _resolve(ips: Sequence[FloatingIP], addresses: Sequence[Address],
-             names: Mapping[int, str], mac: Callable[[str], bytes]) -> list[Placement]:
+             names: Mapping[int, str], mac: Callable[[str], bytes],
+             ) -> tuple[list[Placement], list[str]]:
+    """Where each floating IP goes, and why the others cannot be placed."""
     indexes = {name: index for index, name in names.items()}
     ours = {fip.address for fip in ips}
     subnets = []
@@ -116,6 +132,7 @@ def _resolve(ips: Sequence[FloatingIP], addresses: Sequence[Address],
         if address not in ours and not address.is_link_local:
             subnets.append((ipaddress.ip_interface(f"{address}/{a.prefixlen}"), a.index))
     placements = []
+    problems = []
     per_device: dict[str, int] = {}
     for fip in ips:
         full = fip.interface.network.prefixlen == fip.interface.max_prefixlen
@@ -123,8 +140,9 @@ def _resolve(ips: Sequence[FloatingIP], addresses: Sequence[Address],
         if fip.device is not None:
             index = indexes.get(fip.device)
             if index is None:
-                raise FloatingIPError(f"floating IP {fip.address}: device {fip.device!r} "
-                                      "does not exist")
+                problems.append(f"floating IP {fip.address}: device {fip.device!r} does not "
+                                "exist on this host")
+                continue
             if full:
                 interface = next((ipaddress.ip_interface(f"{fip.address}/{net.network.prefixlen}")
                                   for net, i in subnets
@@ -132,36 +150,75 @@ def _resolve(ips: Sequence[FloatingIP], addresses: Sequence[Address],
         else:
             match = [(net, i) for net, i in subnets if fip.address in net.network]
             if not match:
-                raise FloatingIPError(
-                    f"floating IP {fip.address}: no interface has an address in its subnet; "
-                    "configure one or give the floating IP an explicit device")
+                problems.append(f"floating IP {fip.address}: no interface has an address in "
+                                "its subnet; configure one or give the floating IP an "
+                                "explicit device")
+                continue
             net, index = max(match, key=lambda m: m[0].network.prefixlen)
             if full:
                 interface = ipaddress.ip_interface(f"{fip.address}/{net.network.prefixlen}")
         device = names.get(index)
         if device is None:  # the interface went away between two netlink reads
-            raise FloatingIPError(f"floating IP {fip.address}: interface {index} vanished "
-                                  "while it was being placed")
+            problems.append(f"floating IP {fip.address}: interface {index} vanished while it "
+                            "was being placed")
+            continue
         label = None
         if fip.address.version == 4:
             n = per_device.get(device, 0)
             per_device[device] = n + 1
             label = fip.label or _default_label(device, n)
         placements.append(Placement(interface, index, device, label, mac(device)))
-    return placements
+    return placements, problems
 
 
-def _place(rtnl: Rtnetlink, ips: Sequence[FloatingIP]) -> list[Placement]:
-    placements = _resolve(ips, rtnl.addresses(), dict(socket.if_nameindex()),
-                          rtnl.hardware_address)
+def _no_mac(_device: str) -> bytes:
+    return b""
+
+
+def _targets(rtnl: Rtnetlink, ips: Sequence[FloatingIP]) -> tuple[list[Placement], list[str]]:
+    """Where the floating IPs would go now, and why some could not (nothing is changed)."""
+    return _resolve(ips, rtnl.addresses(), dict(socket.if_nameindex()), _no_mac)
+
+
+def placement_problems(ips: Sequence[FloatingIP]) -> list[str]:
+    """Why some of `ips` could not be placed on this host now (empty: every one can)."""
+    try:
+        rtnl = Rtnetlink()
+    except OSError as exc:
+        return [f"cannot read this host's interfaces: {exc}"]
+    try:
+        return _targets(rtnl, ips)[1]
+    except (NetlinkError, OSError) as exc:
+        return [f"cannot read this host's interfaces: {exc}"]
+    finally:
+        rtnl.close()
+
+
+@dataclass(frozen=True)
+class Placed:
+    """The outcome of placing the floating IPs: those held now, those this call added (the
+    others were there already), and why the rest are not held."""
+
+    held: list[Placement]
+    added: list[str]
+    problems: list[str]
+
+
+def _place(rtnl: Rtnetlink, ips: Sequence[FloatingIP]) -> Placed:
+    placements, problems = _resolve(ips, rtnl.addresses(), dict(socket.if_nameindex()),
+                                    rtnl.hardware_address)
+    held, added = [], []
     for p in placements:
         try:
             rtnl.add_address(p.index, p.address, p.interface.network.prefixlen, label=p.label,
                              flags=0 if p.label else IFA_F_NODAD)
+            added.append(p.address)
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
-                raise FloatingIPError(f"cannot add {p.interface} to {p.device}: {exc}") from None
-    return placements
+                problems.append(f"cannot add {p.interface} to {p.device}: {exc}")
+                continue
+        held.append(p)
+    return Placed(held, added, problems)
 
 
 def _present(rtnl: Rtnetlink, addresses: set[str]) -> list[Address]:
@@ -227,6 +284,7 @@ class NetlinkAddresses(AddressManager):
         self._limiter = trio.CapacityLimiter(1)
         self._packet: socket.socket | None = None
         self._rtnl: Rtnetlink | None = None
+        self._watch = LinkWatch(self._watched, self._links)
 
     def close(self) -> None:
         if self._packet is not None:
@@ -239,6 +297,7 @@ class NetlinkAddresses(AddressManager):
     def reconfigure(self, ips: Sequence[FloatingIP]) -> None:
         self._ips = tuple(ips)
         self._placements = []
+        self._watch.refresh()
 
     async def _netlink(self, work: Callable[[Rtnetlink], T]) -> T:
         def call() -> T:
@@ -260,9 +319,32 @@ class NetlinkAddresses(AddressManager):
         # done, so no two threads ever use the socket.
         return await trio.to_thread.run_sync(call, limiter=self._limiter, abandon_on_cancel=True)
 
-    async def acquire(self) -> None:
+    async def acquire(self) -> list[str]:
         ips = self._ips
-        self._placements = await self._netlink(lambda rtnl: _place(rtnl, ips))
+        placed = await self._netlink(lambda rtnl: _place(rtnl, ips))
+        self._placements = placed.held
+        if placed.problems:
+            raise FloatingIPError("; ".join(placed.problems))
+        return placed.added
+
+    async def check(self, ips: Sequence[FloatingIP]) -> None:
+        _placements, problems = await self._netlink(lambda rtnl: _targets(rtnl, ips))
+        if problems:
+            raise FloatingIPError("; ".join(problems))
+
+    async def watch(self, sink: Sink, *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self._watch.run(sink, task_status=task_status)
+
+    async def _watched(self) -> tuple[frozenset[str], frozenset[str]]:
+        ips = self._ips
+        placements, _problems = await self._netlink(lambda rtnl: _targets(rtnl, ips))
+        # A configured device that does not exist (any more) cannot serve: watched as such.
+        devices = {p.device for p in placements} | {f.device for f in ips if f.device}
+        return frozenset(str(f.address) for f in ips), frozenset(devices)
+
+    async def _links(self) -> list[Link]:
+        return await self._netlink(lambda rtnl: rtnl.links())
 
     async def release(self) -> None:
         await self.remove({str(fip.address) for fip in self._ips})
@@ -278,7 +360,8 @@ class NetlinkAddresses(AddressManager):
         present = await self._netlink(lambda rtnl: _present(rtnl, addresses))
         return sorted({a.address for a in present})
 
-    async def announce(self) -> None:
+    async def announce(self) -> list[str]:
+        announced = []
         for p in self._placements:
             try:
                 if isinstance(p.interface, ipaddress.IPv4Interface):
@@ -289,3 +372,6 @@ class NetlinkAddresses(AddressManager):
                     send_na(p.index, p.mac, p.interface.ip)
             except OSError as exc:
                 log.warning("cannot announce %s on %s: %s", p.address, p.device, exc)
+                continue
+            announced.append(p.address)
+        return announced

@@ -15,14 +15,24 @@ IPs) or passive. The rules, in the order `_decide` applies them:
    say it hears this node (HEARS_PEER), so after the keeper's announcement: until then
    clients may still point here. A heal is rarely symmetric: a node's frames can wait a
    second on an ARP entry that failed during the partition while the peer's get through.
-   Claim, compared in order: wants to be active (manual takeover), not yielded (manual
-   standby), master role, smaller name. While active, wants/yielded are clear, so after a
-   partition the master keeps.
+   Claim, compared in order: able to serve (carrier, below), wants to be active (manual
+   takeover), not yielded (manual standby), master role, smaller name. While active,
+   wants/yielded are clear, so after a partition the master keeps.
 4. Active and the peer asks for the IPs (WANTS_ACTIVE: manual takeover or failback): release
    first, then tell the peer, which takes over on hearing PASSIVE. No moment with both active.
 5. Both passive: the stronger claim becomes active.
 6. Passive and the peer is active: ask for the IPs when a manual takeover is pending, or when
    this node is the master with auto_failback on and has not been put in standby.
+
+Carrier (the `Carrier` event, from the link watch): a node whose interfaces carrying floating
+IPs lost their carrier cannot serve. It releases at once and tells the peer (if any link still
+works) with NO_CARRIER set, which outranks every other claim; it never takes the IPs or asks
+for them while the carrier is down, whatever the rules above say. When the carrier returns it
+still counts as unable for one deadtime (and still says NO_CARRIER, so a live peer takes
+over meanwhile), then rejoins by the usual rules. Frames queued during the cut behind a
+pending ARP resolution, on both sides, arrive in a burst when the link returns, oldest first;
+acting on one at once (a PASSIVE from before the peer took over) made both nodes hold the IPs.
+After a deadtime the latest frame is the peer's current state.
 
 Becoming active, or the peer coming back while active, always announces the addresses.
 """
@@ -71,6 +81,10 @@ class State:
     #: Manual standby (or a release on the peer's request): do not ask for the IPs back.
     yielded: bool = False
     split_brain: bool = False
+    #: Devices carrying floating IPs that have no carrier: this node cannot serve.
+    no_carrier: frozenset[str] = frozenset()
+    #: The carrier came back: still unable to serve until this time (frames settle).
+    rejoin_until: float | None = None
 
 
 # ----------------------------------------------------------------------------- events
@@ -104,7 +118,16 @@ class Stop:
     now: float
 
 
-Event = Tick | Received | Takeover | Standby | Stop
+@dataclass(frozen=True)
+class Carrier:
+    """The devices carrying floating IPs that have no carrier now (empty: every one can
+    serve)."""
+
+    now: float
+    down: frozenset[str]
+
+
+Event = Tick | Received | Takeover | Standby | Stop | Carrier
 
 
 # ----------------------------------------------------------------------------- actions
@@ -181,8 +204,13 @@ def frame_state(state: State) -> PeerState:
     return PeerState.STARTING if state.starting else PeerState.PASSIVE
 
 
+def unable(state: State) -> bool:
+    """No carrier on an interface carrying floating IPs, or back less than deadtime ago."""
+    return bool(state.no_carrier) or state.rejoin_until is not None
+
+
 def wants_active(settings: Settings, state: State) -> bool:
-    if state.active or state.leaving:
+    if state.active or state.leaving or unable(state):
         return False
     return state.takeover_pending or (
         settings.master and settings.auto_failback and not state.yielded
@@ -197,6 +225,8 @@ def frame_flags(settings: Settings, state: State) -> Flags:
         flags |= Flags.WANTS_ACTIVE
     if state.yielded:
         flags |= Flags.YIELDED
+    if unable(state):
+        flags |= Flags.NO_CARRIER
     return flags
 
 
@@ -208,18 +238,23 @@ def next_deadline(settings: Settings, state: State) -> float | None:
         times.append(state.started + t.initdead)
     if state.last_heard is not None and not state.warned and state.peer_alive:
         times.append(state.last_heard + t.warntime)
+    if state.rejoin_until is not None:
+        times.append(state.rejoin_until)
     return min(times) if times else None
 
 
-def _claim(wants: bool, yielded: bool, master: bool, name: str) -> tuple[bool, bool, bool, str]:
+def _claim(serves: bool, wants: bool, yielded: bool, master: bool,
+           name: str) -> tuple[bool, bool, bool, bool, str]:
     # Compared with max(): the inverted name makes the smaller name win a full tie.
-    return (wants, not yielded, master, "".join(chr(0x10FFFF - ord(c)) for c in name))
+    return (serves, wants, not yielded, master, "".join(chr(0x10FFFF - ord(c)) for c in name))
 
 
 def _we_win(settings: Settings, state: State) -> bool:
-    ours = _claim(wants_active(settings, state), state.yielded, settings.master, settings.node)
+    ours = _claim(not unable(state), wants_active(settings, state), state.yielded,
+                  settings.master, settings.node)
     pf = state.peer_flags
-    theirs = _claim(bool(pf & Flags.WANTS_ACTIVE), bool(pf & Flags.YIELDED),
+    theirs = _claim(not pf & Flags.NO_CARRIER, bool(pf & Flags.WANTS_ACTIVE),
+                    bool(pf & Flags.YIELDED),
                     bool(pf & Flags.MASTER), settings.peer)
     return ours > theirs
 
@@ -266,7 +301,8 @@ def heard(state: State, link: str, at: float) -> State:
 
 def routine(settings: Settings, state: State) -> Routine | None:
     """The frames that are routine in `state`, or None when every frame may matter."""
-    if state.peer_state is None or state.last_heard is None or not state.links:
+    if state.peer_state is None or state.last_heard is None or not state.links \
+            or state.rejoin_until is not None:  # a deadline `Routine.deadline` does not know
         return None
     t = state.last_heard
     for link in state.links:
@@ -309,6 +345,8 @@ def _step(settings: Settings, state: State, event: Event) -> tuple[State, list[A
         state, reason = _takeover(state, actions)
     elif isinstance(event, Standby):
         state, reason = _standby(settings, state, actions)
+    elif isinstance(event, Carrier):
+        state, reason = _carrier(settings, state, event, actions)
     return _decide(settings, state, event.now, reason, actions)
 
 
@@ -377,6 +415,10 @@ def _takeover(state: State, actions: list[Action]) -> tuple[State, str]:
     if state.active:
         actions.append(Reply(True, "already active"))
         return state, ""
+    if state.no_carrier:
+        actions.append(Reply(False, f"refused: no carrier on {_devices(state.no_carrier)}; "
+                                    "this node cannot serve the floating IPs"))
+        return state, ""
     state = replace(state, takeover_pending=True, yielded=False, starting=False)
     actions.append(Send())
     return state, "manual takeover"
@@ -395,6 +437,40 @@ def _standby(settings: Settings, state: State, actions: list[Action]) -> tuple[S
     actions.append(Send())
     actions.append(Reply(True, f"released the floating IPs; {settings.peer} takes over"))
     return replace(state, active=False, yielded=True, takeover_pending=False), ""
+
+
+def _devices(names: frozenset[str]) -> str:
+    return ", ".join(sorted(names))
+
+
+def _carrier(
+    settings: Settings, state: State, event: Carrier, actions: list[Action]
+) -> tuple[State, str]:
+    lost, back = event.down - state.no_carrier, state.no_carrier - event.down
+    if not lost and not back:
+        return state, ""
+    state = replace(state, no_carrier=event.down)
+    reason = ""
+    if lost:
+        reason = f"no carrier on {_devices(lost)}"
+        actions.append(Notify("carrier_lost", "critical" if state.active else "warning", "up",
+                              "down", reason))
+        if state.active:
+            # Release for the peer, as keepalived's FAULT state does: clients cannot reach the
+            # addresses here, and keeping them would make both nodes hold them on return.
+            actions.append(Release(reason))
+            actions.append(Notify("standby", "warning", "active", "passive",
+                                  f"{reason}: released the floating IPs"))
+            state = replace(state, active=False, split_brain=False)
+    if back:
+        actions.append(Notify("carrier_back", "info", "down", "up",
+                              f"carrier back on {_devices(back)}"))
+    if lost:
+        state = replace(state, rejoin_until=None)
+    elif not event.down:  # every device back: settle for a deadtime (module docstring)
+        state = replace(state, rejoin_until=event.now + settings.timers.deadtime)
+    actions.append(Send())
+    return state, reason
 
 
 def _stop(state: State, actions: list[Action]) -> tuple[State, list[Action]]:
@@ -419,7 +495,9 @@ def _become_active(
 def _decide(
     settings: Settings, state: State, now: float, reason: str, actions: list[Action]
 ) -> tuple[State, list[Action]]:
-    if state.starting:
+    if state.rejoin_until is not None and now >= state.rejoin_until:
+        state = replace(state, rejoin_until=None)
+    if state.starting or unable(state):
         return state, actions
     peer = settings.peer
     if not state.peer_alive:
@@ -481,6 +559,8 @@ def _decide(
     if _we_win(settings, state):
         if state.takeover_pending:
             why = "manual takeover"
+        elif state.peer_flags & Flags.NO_CARRIER:
+            why = f"{peer} has no carrier"
         elif state.peer_flags & Flags.YIELDED:
             why = f"{peer} is in standby"
         elif settings.master:

@@ -64,7 +64,7 @@ _SEQ_AT = 16
 _SEQ = struct.Struct(">Q")
 _SEQ_END = _SEQ_AT + _SEQ.size
 MAX_FRAME = _HEADER.size + 2 * 256 + MAC_SIZE
-_ALL_FLAGS = 0x07
+_ALL_FLAGS = 0x0F
 #: Byte 7 bits this build knows; the rest are reserved for later and ignored on receive.
 _KNOWN_MORE_FLAGS = 0x03
 
@@ -86,6 +86,8 @@ class Flags(enum.IntFlag):
     MASTER = 1
     WANTS_ACTIVE = 2
     YIELDED = 4
+    #: An interface carrying floating IPs has no carrier: this node cannot serve them.
+    NO_CARRIER = 8
     #: The sender sets HEARS_PEER (not set by earlier builds, which cannot say).
     REPORTS_HEARING = 0x100
     #: The sender hears its peer: it has taken its frames since it last found it dead.

@@ -21,6 +21,7 @@ from lbha.config import DEFAULT_PATH, load_config, load_config_text
 from lbha.config_show import render_config
 from lbha.errors import ConfigError, ControlError, LbhaError, Problem
 from lbha.heartbeat.cli import add_commands as add_heartbeat_commands
+from lbha.heartbeat.cli import host_problems
 from lbha.logs import COMMAND_LEVEL, DAEMON_LEVEL, LEVELS, log_level, setup_logging
 from lbha.model import Config, Paths
 from lbha.plugin_manager import PluginManager, load_plugins
@@ -47,6 +48,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return EXIT_INVALID
     _print_warnings(warnings)
+    for problem in host_problems(config):  # a warning: the file may be checked elsewhere
+        print(f"warning: {args.file}: {problem} (lbha heartbeat refuses to start on this "
+              "host)", file=sys.stderr)
     reals = sum(len(v.reals) for v in config.virtuals)
     print(f"{args.file}: OK ({len(config.virtuals)} virtual services, {reals} real servers)")
     return EXIT_OK

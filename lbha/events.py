@@ -39,7 +39,8 @@ class RealServerEvent(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class ClusterEvent(Event):
-    """The pair changed: failover, takeover, link down/up, peer dead, split brain."""
+    """The pair changed: failover, takeover, standby, link down/up, peer dead, split brain,
+    floating IP restored, carrier lost/back (kinds listed in README.md)."""
 
     old_state: str
     new_state: str

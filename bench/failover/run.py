@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.heartbeat.netns import PYTHON, unavailable, wait_for  # noqa: E402
 from tests.heartbeat.pair import VIP4, Pair  # noqa: E402
+from tests.heartbeat.sniff import Sniffer  # noqa: E402
 
 PORT = 7777
 INTERVAL = 0.01
@@ -218,12 +219,131 @@ def scenario_stop(run: Run, timers: str) -> dict[str, float]:
             "lost": lost_between(probes, t0, t0 + 1.0)}
 
 
+ADDRESS_LOG = r"""
+import json, os, select, signal, socket, sys, time
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+vip, out = sys.argv[1], sys.argv[2]
+# Above the daemons (SCHED_RR 10): a busy machine must not delay the time of a change.
+os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(20))
+sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+sock.bind((0, 0x10))  # RTMGRP_IPV4_IFADDR
+marshal = MarshalRtnl()
+stop = False
+def done(*_):
+    global stop
+    stop = True
+signal.signal(signal.SIGTERM, done)
+changes = []
+print("ready", flush=True)
+while not stop:
+    if select.select([sock], [], [], 0.05)[0]:
+        at = time.monotonic()
+        for msg in marshal.parse(sock.recv(1 << 16)):
+            kind = msg["header"]["type"]
+            if kind in (20, 21) and (msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")) == vip:
+                changes.append((at, kind == 20))
+json.dump(changes, open(out, "w"))
+"""
+
+
+class AddressLog:
+    """When the VIP came and went on one node, as the kernel announced it (the CLOCK_MONOTONIC
+    time of each RTM_NEWADDR / RTM_DELADDR, read at once at real-time priority: no
+    polling)."""
+
+    def __init__(self, run: Run, node: str) -> None:
+        self.out = run.tmp / f"addresses-{node}.json"
+        log = run.tmp / f"address-log-{node}.log"
+        self.proc = run.pair.lab.start(node, [PYTHON, "-c", ADDRESS_LOG, VIP4, str(self.out)],
+                                       log)
+        if not wait_for(lambda: "ready" in log.read_text(), 10, 0.01):
+            raise RuntimeError(f"address log on {node} did not start: {log.read_text()}")
+
+    def changes(self) -> list[tuple[float, bool]]:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(10)
+        return [(float(t), bool(added)) for t, added in json.loads(self.out.read_text())]
+
+
+def held_intervals(changes: list[tuple[float, bool]], initially: bool,
+                   start: float, end: float) -> list[tuple[float, float]]:
+    """The spans of [start, end] in which a node held the VIP."""
+    spans, since = [], start if initially else None
+    for at, added in changes:
+        if added and since is None:
+            since = at
+        elif not added and since is not None:
+            spans.append((since, at))
+            since = None
+    if since is not None:
+        spans.append((since, end))
+    return spans
+
+
+def overlap_ms(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Total time both nodes held the VIP, in ms."""
+    return sum(max(0.0, min(a1, b1) - max(a0, b0)) for a0, a1 in a for b0, b1 in b) * 1000
+
+
+def scenario_vip_removed(run: Run, timers: str) -> dict[str, float]:
+    """`ip addr del` the VIP on the active node: how soon it is back and announced."""
+    log = AddressLog(run, "lb1")
+    sniffer = Sniffer(run.pair.lab, "client", run.tmp / "sniff.log")
+    run.pair.lab.ip("-n", run.pair.lab.ns("lb1"), "addr", "del", f"{VIP4}/24", "dev", "eth0")
+    wait_for(lambda: run.pair.holds("lb1"), 5, 0.005)
+    time.sleep(1.0)
+    changes = log.changes()
+    garps = sniffer.announcements()
+    probes = run.finish()
+    removed = next(t for t, added in changes if not added)
+    back = next((t for t, added in changes if added and t > removed), math.inf)
+    garp = next((t for t, address in garps if address == VIP4 and t > removed), math.inf)
+    return {"back_ms": (back - removed) * 1000, "first_garp_ms": (garp - removed) * 1000,
+            "outage_ms": max_gap(probes.times, removed, removed + 1.0),
+            "lost": lost_between(probes, removed, removed + 1.0)}
+
+
+#: How long the cable stays cut: past deadtime, so the peer takes over meanwhile.
+CUT = {"slow": 12.0, "fast": 2.0}
+
+
+def scenario_cable_cut(run: Run, timers: str) -> dict[str, float]:
+    """The active node's switch port goes down (its carrier drops) and comes back."""
+    logs = {node: AddressLog(run, node) for node in ("lb1", "lb2")}
+    port = ("-n", run.pair.lab.switch, "link", "set", "p-lb1")
+    t0 = time.monotonic()
+    run.pair.lab.ip(*port, "down")
+    time.sleep(CUT[timers])
+    t1 = time.monotonic()
+    run.pair.lab.ip(*port, "up")
+    # lb1 settles for a deadtime, then fails back (auto_failback) by the handshake.
+    wait_for(lambda: run.pair.holders() == {"lb1"}, DEADTIME[timers] * 2 + 5, 0.005)
+    time.sleep(1.5)
+    end = time.monotonic()
+    spans = {node: held_intervals(log.changes(), node == "lb1", t0 - 1, end)
+             for node, log in logs.items()}
+    probes = run.finish()
+    released = next((b for a, b in spans["lb1"] if t0 < b < end), math.inf)
+    return {"released_ms": (released - t0) * 1000,
+            "overlap_cut_ms": overlap_ms([(a, min(b, t1)) for a, b in spans["lb1"]],
+                                         spans["lb2"]),
+            "overlap_return_ms": overlap_ms([(max(a, t1), b) for a, b in spans["lb1"]
+                                             if b > t1], spans["lb2"]),
+            "outage_ms": max_gap(probes.times, t0, t1 - 0.05),
+            "return_extra_ms": max_gap(probes.times, t1, end),
+            "return_lost": lost_between(probes, t1, end),
+            # An overlap is real when a split brain was resolved; else it is timing noise.
+            "split_brains": sum(run.pair.log(n).count("split brain") for n in ("lb1", "lb2"))}
+
+
 SCENARIOS: dict[str, tuple[Callable[[Run, str], dict[str, float]], dict[str, float]]] = {
     "node death": (scenario_death, {"slow": 14, "fast": 4}),
     # An upper bound: the scenario stops the prober once the heal has settled.
     "silent partition + heal": (scenario_partition, {"slow": 600, "fast": 600}),
     "manual takeover": (scenario_takeover, {"slow": 3, "fast": 3}),
     "graceful stop": (scenario_stop, {"slow": 3, "fast": 3}),
+    "vip removed": (scenario_vip_removed, {"slow": 4, "fast": 4}),
+    "cable cut": (scenario_cable_cut, {"slow": 32, "fast": 7}),
 }
 
 

@@ -3,6 +3,7 @@ cancelling a stuck netlink request."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import struct
 import threading
@@ -10,6 +11,7 @@ import threading
 import pytest
 import trio
 import trio.testing
+from pyroute2.netlink.exceptions import NetlinkError
 
 from lbha.config import load_config_text
 from lbha.heartbeat import floating_ips as floating_ips_module
@@ -35,7 +37,9 @@ ADDRESSES = [Address(1, "127.0.0.1", 8), Address(2, "198.18.0.1", 24),
 
 
 def resolve(ips: list[FloatingIP]) -> list[Placement]:
-    return _resolve(ips, ADDRESSES, NAMES, lambda _device: MAC)
+    placements, problems = _resolve(ips, ADDRESSES, NAMES, lambda _device: MAC)
+    assert problems == []
+    return placements
 
 
 def fip(text: str, device: str | None = None, label: str | None = None) -> FloatingIP:
@@ -62,11 +66,15 @@ def test_explicit_device_and_prefix_win() -> None:
 @pytest.mark.parametrize(
     ("ip", "message"),
     [(fip("203.0.113.5"), "no interface has an address in its subnet"),
-     (fip("198.18.0.10", device="eth9"), "device 'eth9' does not exist")],
+     (fip("198.18.0.10", device="eth9"), "device 'eth9' does not exist on this host")],
 )
-def test_unplaceable(ip: FloatingIP, message: str) -> None:
-    with pytest.raises(FloatingIPError, match=message):
-        resolve([ip])
+def test_unplaceable_ones_are_reported_and_the_others_still_placed(ip: FloatingIP,
+                                                                   message: str) -> None:
+    placements, problems = _resolve([ip, fip("198.18.0.11")], ADDRESSES, NAMES,
+                                    lambda _device: MAC)
+    assert [p.address for p in placements] == ["198.18.0.11"]
+    assert len(problems) == 1
+    assert message in problems[0]
 
 
 def test_every_vip_plus_extra_floating_ips_once() -> None:
@@ -115,8 +123,69 @@ def test_unsolicited_na_has_override_and_target_lladdr() -> None:
 
 
 def test_interface_gone_between_reads_is_a_clear_error() -> None:
-    with pytest.raises(FloatingIPError, match="interface 3 vanished"):
-        _resolve([fip("198.18.7.9")], ADDRESSES, {1: "lo", 2: "eth0"}, lambda _device: MAC)
+    placements, problems = _resolve([fip("198.18.7.9")], ADDRESSES, {1: "lo", 2: "eth0"},
+                                    lambda _device: MAC)
+    assert placements == []
+    assert problems == ["floating IP 198.18.7.9: interface 3 vanished while it was being "
+                        "placed"]
+
+
+class RefusingRtnetlink:
+    """The kernel view of ADDRESSES, refusing to add one address; records what was added."""
+
+    def __init__(self, refuse: str) -> None:
+        self.refuse = refuse
+        self.present = list(ADDRESSES)
+
+    def addresses(self) -> list[Address]:
+        return list(self.present)
+
+    def add_address(self, index: int, address: str, prefixlen: int, *, label: str | None = None,
+                    flags: int = 0) -> None:
+        if address == self.refuse:
+            raise NetlinkError(errno.EPERM, "Operation not permitted")
+        if any(a.address == address for a in self.present):
+            raise NetlinkError(errno.EEXIST, "File exists")
+        self.present.append(Address(index, address, prefixlen))
+
+    def hardware_address(self, device: str) -> bytes:
+        return MAC
+
+    def close(self) -> None:
+        pass
+
+
+async def test_acquire_places_what_it_can_and_announces_only_what_it_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kernel = RefusingRtnetlink(refuse="198.18.0.12")
+    monkeypatch.setattr(floating_ips_module, "Rtnetlink", lambda: kernel)
+    monkeypatch.setattr(floating_ips_module.socket, "if_nameindex",
+                        lambda: list(NAMES.items()))
+    sent: list[str] = []
+    monkeypatch.setattr(floating_ips_module, "send_garp",
+                        lambda _sock, _device, _mac, address: sent.append(str(address)))
+    addresses = NetlinkAddresses([fip("198.18.0.10"), fip("198.18.0.11"), fip("198.18.0.12"),
+                                  fip("198.18.0.13", device="eth9")])
+    try:
+        with pytest.raises(FloatingIPError) as failed:
+            await addresses.acquire()
+        assert str(failed.value) == (
+            "floating IP 198.18.0.13: device 'eth9' does not exist on this host; cannot add "
+            "198.18.0.12/24 to eth0: (1, 'Operation not permitted')")
+        assert await addresses.announce() == ["198.18.0.10", "198.18.0.11"]
+        assert sent == ["198.18.0.10", "198.18.0.11"]
+        # Added by this call vs already there: what the watch counts as restored.
+        kernel.refuse = ""
+        del kernel.present[-1]  # 198.18.0.11 removed behind our back
+        addresses.reconfigure([fip("198.18.0.10"), fip("198.18.0.11"), fip("198.18.0.12")])
+        assert await addresses.acquire() == ["198.18.0.11", "198.18.0.12"]
+        assert await addresses.acquire() == []
+        with pytest.raises(FloatingIPError, match="device 'eth9' does not exist"):
+            await addresses.check([fip("198.18.0.13", device="eth9")])
+        await addresses.check([fip("198.18.0.13", device="eth0")])
+    finally:
+        addresses.close()
 
 
 async def test_a_stuck_netlink_request_gives_way_to_cancellation(

@@ -14,6 +14,7 @@ from lbha.heartbeat import fsm
 from lbha.heartbeat.fsm import (
     Acquire,
     Announce,
+    Carrier,
     Notify,
     Received,
     Release,
@@ -294,6 +295,110 @@ def test_stopping_node_refuses_commands() -> None:
     assert a.feed(Takeover(0.3)) == [Reply(False, "the daemon is stopping")]
 
 
+# ------------------------------------------------------------------- carrier
+
+ETH0 = frozenset({"eth0"})
+UP = frozenset[str]()
+
+
+def test_carrier_loss_on_the_active_node_releases_and_yields_to_the_peer() -> None:
+    a, b = started_pair()
+    actions = a.feed(Carrier(0.2, ETH0))
+    assert [type(x) for x in actions] == [Release, fsm.Send, Notify, Notify]
+    assert not a.holds
+    assert a.kinds()[-2:] == ["carrier_lost", "standby"]
+    flags = fsm.frame_flags(a.s, a.state)
+    assert flags & Flags.NO_CARRIER
+    assert not flags & Flags.WANTS_ACTIVE  # the master with failback asks for nothing
+    # A second link (serial, another NIC) still works: the peer takes over at once.
+    b.hear(a, 0.2)
+    assert b.holds
+    exchange(a, b, 0.25)
+    assert b.holds
+    assert not a.holds
+
+
+def test_no_carrier_never_takes_over() -> None:
+    a, b = started_pair()
+    b.feed(Carrier(0.2, ETH0))
+    assert not b.holds
+    a.feed(Stop(0.3))
+    b.hear(a, 0.3)  # the peer leaves: nobody else can serve, but b cannot either
+    assert not b.holds
+    b.feed(Tick(5.0))
+    assert not b.holds
+    reply = b.feed(Takeover(5.0))[-1]
+    assert isinstance(reply, Reply)
+    assert not reply.ok
+    assert "no carrier on eth0" in reply.message
+    # The carrier returns and the peer is long gone: b waits one deadtime for it, then serves.
+    b.feed(Carrier(6.0, UP))
+    assert not b.holds
+    assert fsm.next_deadline(b.s, b.state) == pytest.approx(6.0 + TIMERS.deadtime)
+    b.feed(Tick(6.0 + TIMERS.deadtime))
+    assert b.holds
+    assert b.kinds()[-2:] == ["carrier_back", "failover"]
+
+
+@pytest.mark.parametrize("auto_failback", [True, False])
+def test_cable_cut_and_return_never_both_active(auto_failback: bool) -> None:
+    a, b = started_pair(auto_failback)
+    stale_from_b = fsm.frame_state(b.state), fsm.frame_flags(b.s, b.state)
+    a.feed(Carrier(1.0, ETH0))  # the cut: a's frames reach nobody, b's reach nobody
+    assert not a.holds
+    stale_from_a = fsm.frame_state(a.state), fsm.frame_flags(a.s, a.state)
+    b.feed(Tick(1.0 + TIMERS.deadtime))
+    assert b.holds  # failover after deadtime
+    a.feed(Tick(1.0 + TIMERS.deadtime))
+    assert "peer_dead" in a.kinds()
+    a.feed(Carrier(5.0, UP))  # the cable is back
+    # Frames queued during the cut arrive first, oldest first: b's PASSIVE from before its
+    # failover, a's NO_CARRIER. Neither may make anyone act.
+    a.feed(Received(5.001, "udp", *stale_from_b))
+    b.feed(Received(5.001, "udp", *stale_from_a))
+    assert not a.holds
+    assert b.holds
+    exchange(a, b, 5.002)
+    assert not a.holds  # still settling: a says NO_CARRIER, asks for nothing
+    assert fsm.frame_flags(a.s, a.state) & Flags.NO_CARRIER
+    assert fsm.routine(a.s, a.state) is None  # the end of settling needs the daemon
+    assert a.state.rejoin_until == pytest.approx(5.0 + TIMERS.deadtime)
+    deadline = fsm.next_deadline(a.s, a.state)
+    assert deadline is not None
+    assert deadline <= a.state.rejoin_until
+    a.feed(Tick(5.0 + TIMERS.deadtime))
+    assert a.state.rejoin_until is None
+    exchange(a, b, 5.0 + TIMERS.deadtime)
+    assert a.holds is auto_failback
+    assert b.holds is not auto_failback
+
+
+def test_carrier_flap_shorter_than_deadtime_lets_the_live_peer_take_over() -> None:
+    a, b = started_pair()
+    a.feed(Carrier(0.2, ETH0))
+    a.feed(Carrier(0.25, UP))  # within deadtime: the peer is still alive and passive
+    assert not a.holds
+    b.hear(a, 0.26)  # a still says it cannot serve: b, alive, takes over at once
+    assert b.holds
+    a.hear(b, 0.26)
+    a.feed(Tick(0.25 + TIMERS.deadtime))
+    exchange(a, b, 0.25 + TIMERS.deadtime)  # settled: the master fails back by the handshake
+    assert a.holds
+    assert not b.holds
+    assert a.kinds()[-3:] == ["standby", "carrier_back", "takeover"]
+
+
+def test_carrier_report_repeated_or_on_another_device_changes_nothing_more() -> None:
+    a, _ = started_pair()
+    a.feed(Carrier(1.0, ETH0))
+    assert a.feed(Carrier(1.0, ETH0)) == []
+    actions = a.feed(Carrier(1.1, frozenset({"eth0", "eth1"})))
+    assert [type(x) for x in actions] == [fsm.Send, Notify]
+    assert not a.holds
+    a.feed(Carrier(1.2, frozenset({"eth1"})))  # still one down: still cannot serve
+    assert not a.holds
+
+
 # ------------------------------------------------------------------- exhaustive table
 
 BOOLS = (False, True)
@@ -302,11 +407,11 @@ BOOLS = (False, True)
 def all_states(s: Settings) -> list[State]:
     """Every reachable combination of the local decision inputs, peer view aside."""
     out = []
-    for active, yielded, pending in itertools.product(BOOLS, BOOLS, BOOLS):
-        if active and (yielded or pending):
-            continue  # becoming active clears both
+    for active, yielded, pending, cut in itertools.product(BOOLS, BOOLS, BOOLS, BOOLS):
+        if active and (yielded or pending or cut):
+            continue  # becoming active clears both; no carrier releases
         out.append(State(started=0.0, starting=False, active=active, yielded=yielded,
-                         takeover_pending=pending))
+                         takeover_pending=pending, no_carrier=ETH0 if cut else UP))
     return out
 
 
@@ -314,8 +419,9 @@ def all_states(s: Settings) -> list[State]:
 @pytest.mark.parametrize("a_master", BOOLS)
 def test_exhaustive_pairs_converge_to_exactly_one_active(a_master: bool,
                                                          auto_failback: bool) -> None:
-    """Every pair of states, connected: after keepalives, exactly one node is active, and
-    no node ever acquires while its peer's last frame said ACTIVE."""
+    """Every pair of states, connected: after keepalives, exactly one node is active (none
+    when neither has carrier; the one with carrier when only one has), and no node ever
+    acquires while its peer's last frame said ACTIVE."""
     sa = replace(settings(a_master, auto_failback), node="lb1", peer="lb2")
     sb = replace(settings(not a_master, auto_failback), node="lb2", peer="lb1")
     for state_a, state_b in itertools.product(all_states(sa), all_states(sb)):
@@ -332,7 +438,12 @@ def test_exhaustive_pairs_converge_to_exactly_one_active(a_master: bool,
                 # announced the addresses to the clients still pointing here.
                 if any(isinstance(x, Release) for x in actions):
                     assert second.state.peer_alive, (state_a, state_b)
+        if state_a.no_carrier and state_b.no_carrier:
+            assert (a.holds, b.holds) == (False, False), (state_a, state_b)
+            continue
         assert a.holds != b.holds, (state_a, state_b)
+        if state_a.no_carrier or state_b.no_carrier:
+            assert (b if state_a.no_carrier else a).holds, (state_a, state_b)
         if both_before:
             keeper = a if a.holds else b
             assert not any(isinstance(x, Release) for x in keeper.actions)
@@ -346,6 +457,8 @@ EVENTS = st.one_of(
     st.builds(lambda dt: ("tick", dt), st.floats(0, 0.4)),
     st.builds(lambda dt, cmd: (cmd, dt), st.floats(0, 0.4),
               st.sampled_from(["takeover", "standby"])),
+    st.builds(lambda dt, down: ("carrier", dt, down), st.floats(0, 0.4),
+              st.sampled_from([UP, ETH0])),
 )
 
 
@@ -360,6 +473,8 @@ def step_through(s: Settings, script: list[tuple[object, ...]]) -> list[State]:
             event = Received(now, link, peer_state, flags)  # type: ignore[arg-type]
         elif kind == "tick":
             event = Tick(now)
+        elif kind == "carrier":
+            event = Carrier(now, rest[0])  # type: ignore[arg-type]
         else:
             event = Takeover(now) if kind == "takeover" else Standby(now)
         state, actions = fsm.step(s, state, event)

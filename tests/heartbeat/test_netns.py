@@ -15,6 +15,7 @@ import pytest
 
 from .netns import PYTHON, unavailable, wait_for
 from .pair import NODES, VIP4, VIP6, Pair
+from .sniff import Sniffer
 
 pytestmark = [pytest.mark.netns, pytest.mark.wallclock]
 
@@ -264,3 +265,108 @@ def test_sighup_reload_applies_floating_ips_and_refuses_bad_config(pair: Pair) -
     assert pair.holds("lb1", "198.18.0.11")
     config.write_text(good)  # the CLI reads the file too, to find the control socket
     assert pair.status("lb1")["state"] == "active"
+
+
+# ------------------------------------------------------------------- the host under the daemon
+
+
+def test_floating_ip_removed_behind_our_back_is_restored_and_announced(pair: Pair) -> None:
+    start_both(pair)
+    sniffer = Sniffer(pair.lab, "client", pair.tmp / "sniff.log")
+    lb1 = pair.lab.ns("lb1")
+    removed = time.monotonic()
+    pair.lab.ip("-n", lb1, "addr", "del", f"{VIP4}/24", "dev", "eth0")
+    assert wait_for(lambda: pair.holds("lb1"), 2)
+    back = time.monotonic()
+    pair.lab.ip("-n", lb1, "addr", "del", f"{VIP6}/64", "dev", "eth0")
+    assert wait_for(lambda: pair.holds("lb1", VIP6), 2)
+    assert wait_for(lambda: pair.status("lb1")["floating_ips_restored"] == 2, 2)
+    time.sleep(0.2)
+    seen = sniffer.announcements()
+    garps = [t for t, address in seen if address == VIP4 and t > removed]
+    assert garps, seen
+    assert [a for t, a in seen if a == VIP6 and t > back], seen
+    print(f"VIP back after {(back - removed) * 1000:.1f} ms, first GARP after "
+          f"{(garps[0] - removed) * 1000:.1f} ms")
+    log = pair.log("lb1")
+    assert log.count("floating ip restored") == 2, log
+    assert f"{VIP4} removed behind lbha's back" in log
+    assert pair.holders() == {"lb1"}  # the passive node never re-adds
+    status = pair.status("lb1")
+    assert status["state"] == "active"
+    assert status["floating_ip_error"] is None
+    # Our own release is no loss: standby hands over without a fight.
+    result = pair.cli("lb1", "standby")
+    assert result.returncode == 0, result.stderr
+    assert wait_for(lambda: pair.holders() == {"lb2"}, 2)
+    time.sleep(0.3)
+    assert pair.holders() == {"lb2"}
+    assert pair.status("lb1")["floating_ips_restored"] == 2
+    assert pair.status("lb2")["floating_ips_restored"] == 0
+
+
+def test_interface_down_and_up_on_the_active_node(pair: Pair) -> None:
+    start_both(pair)
+    pair.link("lb1", up=False)  # its only heartbeat link goes with it
+    assert wait_for(lambda: not pair.holds("lb1"), 2)
+    assert wait_for(lambda: pair.holders() == {"lb2"}, 2)
+    assert pair.status("lb1")["no_carrier"] == ["eth0"]
+    time.sleep(0.5)
+    assert pair.holders() == {"lb2"}  # never retaken while down
+    sniffer = Sniffer(pair.lab, "client", pair.tmp / "sniff.log")
+    pair.link("lb1", up=True)
+    # Back up, the master fails back by the usual rules and announces.
+    assert wait_for(lambda: pair.holders() == {"lb1"}, 3), pair.holders()
+    assert wait_for(lambda: pair.holders(VIP6) == {"lb1"}, 2)
+    assert wait_for(lambda: pair.client_sees(VIP4) == pair.lab.mac("lb1"), 2)
+    assert [a for _t, a in sniffer.announcements() if a == VIP4]
+    log = pair.log("lb1")
+    assert "carrier lost: no carrier on eth0" in log
+    assert "carrier back: carrier back on eth0" in log
+    assert pair.status("lb1")["no_carrier"] == []
+
+
+def test_cable_cut_releases_and_return_never_overlaps(pair: Pair) -> None:
+    start_both(pair)
+    pair.lab.ip("-n", pair.lab.switch, "link", "set", "p-lb1", "down")  # lb1 loses carrier
+    assert wait_for(lambda: not pair.holds("lb1"), 1)
+    assert wait_for(lambda: pair.holders() == {"lb2"}, 2)
+    time.sleep(1.0)
+    assert pair.holders() == {"lb2"}
+    both: list[float] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + 10
+        while not done.is_set() and time.monotonic() < deadline:
+            if pair.both_hold():
+                both.append(time.monotonic())
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        pair.lab.ip("-n", pair.lab.switch, "link", "set", "p-lb1", "up")
+        assert wait_for(lambda: pair.holders() == {"lb1"}, 3), pair.holders()
+        assert wait_for(lambda: pair.client_sees(VIP4) == pair.lab.mac("lb1"), 2)
+        time.sleep(0.5)
+    finally:
+        done.set()
+        watcher.join()
+    assert not both, f"both nodes held the VIP {len(both)} times"
+    assert pair.holders() == {"lb1"}
+    assert "split brain" not in pair.log("lb1") + pair.log("lb2")
+
+
+def test_floating_ip_on_a_missing_device_refuses_to_start(pair: Pair) -> None:
+    config = pair.configs["lb1"]
+    config.write_text(config.read_text().replace(
+        f'floating_ips = ["{VIP4}", "{VIP6}"]',
+        f'floating_ips = [{{ address = "{VIP4}/24", device = "eth9" }}, "{VIP6}"]'))
+    before = pair.lab.ip("-n", pair.lab.ns("lb1"), "addr")
+    result = pair.lab.run("lb1", [PYTHON, "-m", "lbha.heartbeat", "heartbeat", "--config",
+                                  str(config)])
+    assert result.returncode == 1
+    assert f"floating IP {VIP4}: device 'eth9' does not exist on this host" in result.stderr
+    assert "announced" not in result.stderr
+    assert pair.lab.ip("-n", pair.lab.ns("lb1"), "addr") == before

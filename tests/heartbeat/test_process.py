@@ -64,7 +64,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         pytest.skip(reason)
     lab = Lab()
     try:
-        lab.add_host("lb1", [f"{NODES['lb1'][0]}/24"])
+        lab.add_host("lb1", [f"{NODES['lb1'][0]}/24", f"{NODES['lb1'][1]}/64"])
         keys = tmp_path / "authkeys"
         keys.write_text(KEY)
         os.chmod(keys, 0o600)

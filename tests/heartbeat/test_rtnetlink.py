@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+import select
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import pytest
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST
@@ -13,13 +17,23 @@ from pyroute2.netlink.rtnl import RTM_NEWADDR
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 from pyroute2.netns import setns
 
-from lbha.heartbeat.rtnetlink import Address, Rtnetlink, _address_msg
+from lbha.heartbeat.rtnetlink import (
+    Address,
+    AddressChange,
+    Change,
+    LinkChange,
+    Monitor,
+    Overflow,
+    Rtnetlink,
+    _address_msg,
+)
 
 from .netns import Lab, unavailable
 
 pytestmark = [pytest.mark.netns]
 
 SKIP = unavailable()
+T = TypeVar("T")
 
 
 class Host:
@@ -29,14 +43,14 @@ class Host:
         self.lab = Lab()
         self.ns = self.lab.add_host("lb", ["198.18.0.1/24", "2001:db8::1/64"])
         self.index = int(self.lab.ip("-n", self.ns, "-o", "link", "show", "eth0").split(":")[0])
-        self.rtnl = self._open()
+        self.rtnl = self._open(Rtnetlink)
 
-    def _open(self) -> Rtnetlink:
+    def _open(self, factory: Callable[[], T]) -> T:
         # A socket stays in the namespace it was made in; setns moves only the thread that
         # calls it, here a throwaway one.
-        def open_inside() -> Rtnetlink:
+        def open_inside() -> T:
             setns(f"/run/netns/{self.ns}", flags=0)
-            return Rtnetlink()
+            return factory()
 
         with ThreadPoolExecutor(1) as pool:
             return pool.submit(open_inside).result(timeout=10)
@@ -119,3 +133,71 @@ def _add_request(index: int, address: str, sequence: int) -> bytes:
     msg["header"]["sequence_number"] = sequence
     msg.encode()
     return bytes(msg.data)
+
+
+def test_links_tell_carrier_from_the_flags(host: Host) -> None:
+    links = {link.name: link for link in host.rtnl.links()}
+    assert links["eth0"].index == host.index
+    assert links["eth0"].usable
+    # The switch end going down takes the carrier from eth0: up, but not running.
+    host.lab.ip("-n", host.lab.switch, "link", "set", "p-lb", "down")
+    eth0 = next(link for link in host.rtnl.links() if link.name == "eth0")
+    assert not eth0.usable
+
+
+def read_until(monitor: Monitor, done: Callable[[list[Change]], bool]) -> list[Change]:
+    """Notifications until `done` says enough (bounded: 5 s)."""
+    seen: list[Change] = []
+    for _ in range(100):
+        if done(seen):
+            break
+        select.select([monitor], [], [], 0.05)
+        seen += monitor.read(64)
+    return seen
+
+
+def test_monitor_reports_address_and_carrier_changes_without_blocking(host: Host) -> None:
+    monitor = host._open(Monitor)
+    try:
+        assert monitor.read(64) == []  # nothing waiting: returns at once
+        host.show("addr", "add", "198.18.0.10/24", "dev", "eth0")
+        host.show("addr", "del", "198.18.0.10/24", "dev", "eth0")
+        vip = Address(host.index, "198.18.0.10", 24)
+        seen = read_until(monitor, lambda s: AddressChange(False, vip) in s)
+        assert [c for c in seen if isinstance(c, AddressChange)] == [
+            AddressChange(True, vip), AddressChange(False, vip)]
+
+        host.lab.ip("-n", host.lab.switch, "link", "set", "p-lb", "down")
+        seen = read_until(monitor, lambda s: any(
+            isinstance(c, LinkChange) and c.link.name == "eth0" and not c.link.usable
+            for c in s))
+        eth0 = [c for c in seen if isinstance(c, LinkChange) and c.link.name == "eth0"]
+        assert eth0[-1].link.index == host.index
+        assert not eth0[-1].link.usable
+        assert not eth0[-1].removed
+
+        host.lab.ip("-n", host.lab.switch, "link", "set", "p-lb", "up")
+        seen = read_until(monitor, lambda s: any(
+            isinstance(c, LinkChange) and c.link.name == "eth0" and c.link.usable for c in s))
+        assert any(isinstance(c, LinkChange) and c.link.usable for c in seen)
+    finally:
+        monitor.close()
+
+
+def test_monitor_reports_notifications_the_kernel_dropped(host: Host) -> None:
+    monitor = host._open(Monitor)
+    try:
+        # A tiny buffer and a burst it cannot hold: the kernel drops notifications and says
+        # so once (ENOBUFS); the watch then reads the state afresh.
+        monitor._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        batch = "".join(f"addr add 198.18.1.{i}/32 dev eth0\n" for i in range(1, 201))
+        subprocess.run(["ip", "-n", host.ns, "-batch", "-"], input=batch, text=True,
+                       check=True, timeout=30)
+        seen = read_until(monitor, lambda s: Overflow() in s)
+        assert Overflow() in seen
+        assert len([c for c in seen if isinstance(c, AddressChange)]) < 200
+        host.show("addr", "add", "198.18.0.10/24", "dev", "eth0")
+        vip = AddressChange(True, Address(host.index, "198.18.0.10", 24))
+        assert vip in read_until(monitor, lambda s: vip in s)  # and it keeps reporting
+    finally:
+        monitor.close()
