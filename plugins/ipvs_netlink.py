@@ -8,6 +8,8 @@ are parsed for the attributes the diff compares and nothing else (no statistics)
 
 Attribute numbers and types: include/uapi/linux/ip_vs.h and net/netfilter/ipvs/ip_vs_ctl.c
 (the kernel's netlink policy), checked against pyroute2's pyroute2/netlink/generic/ipvs.py.
+Ours rather than pyroute2's IPVS message classes: those cost 17-35x more per destination, about
+2.8 s to decode a full reconcile's 11,000 (bench/ipvs/README.md, "The codec").
 
 The socket is not bound to a thread: any one thread at a time may use it. Every read is
 bounded (SO_RCVTIMEO per recv, a deadline per exchange), so a kernel that never answers
