@@ -2,7 +2,7 @@
 
 Requests are checked by decoding them with pyroute2's IPVS message class (an independent
 reading of the attribute numbers and types); replies are built the way the 6.1 kernel builds
-them (ip_vs_genl_fill_service / _dest: 16-byte addresses, HASHED flag, statistics) and decoded.
+them (`ipvs_replies`: 16-byte addresses, HASHED flag, statistics) and decoded.
 The socket logic (batches, acknowledgements, dumps, stale replies, errors) runs against a fake
 kernel on a socket pair.
 """
