@@ -3,7 +3,8 @@
 One Job per distinct check (a real server shared by several virtual services with the same
 check is checked once per interval); one Member per (virtual, real) pair with its own state
 machine. Jobs sit in a heap ordered by due time; a single scheduler task starts each due
-check under a capacity limiter, so a hung server only ever holds its own slot.
+check under a capacity limiter, so a hung server only ever holds its own slot. The status
+reply built from this state lives in `lbha.engine_status`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import heapq
 import itertools
 import logging
 import math
-import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -23,6 +23,7 @@ import trio
 from lbha.admin_state import Actions, AdminStore, DamagedStateFile, StateFileError
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, Target, Transcript
 from lbha.desired import DesiredService, DesiredTable
+from lbha.engine_status import status_reply
 from lbha.events import Event, RealServerEvent, Severity
 from lbha.feedback import apply_reading, read_agent, read_http
 from lbha.health import Health, Transition, force, initial_health, step
@@ -597,59 +598,7 @@ class Engine:
 
     def status(self) -> dict[str, Any]:
         """Everything `lbha status` shows, JSON-ready."""
-        now, wall = trio.current_time(), time.time()
-        # Until its first change a server's state dates from the start (its `since` predates
-        # the clock the engine runs on, which is no date at all).
-        started = now if self._started is None else self._started
-        weights = {(s.virtual, d.name): d.weight for s in self.table.services
-                   for d in s.destinations}
-        virtuals = []
-        for virtual in self.config.virtuals:
-            reals = []
-            for real in virtual.reals:
-                member = self._members[(virtual.name, real.name)]
-                health = member.health
-                reals.append({
-                    "name": real.name,
-                    "address": str(real.address),
-                    "port": real.port,
-                    "state": health.state if health.checked else f"{health.state} (unchecked)",
-                    "admin": str(member.admin),
-                    "weight": weights.get((virtual.name, real.name)),
-                    "configured_weight": real.weight,
-                    "feedback": member.feedback_percent,
-                    "agent_down": member.agent_down,
-                    "feedback_reason": member.feedback_reason,
-                    "reason": health.reason,
-                    "since": wall - (now - max(health.since, started)),
-                    "changed": health.since > started,
-                    "last_check_age": None if member.last_check is None
-                    else now - member.last_check,
-                    "check": real.check.check_name,
-                })
-            fallback = self._fallback_used.get(virtual.name, False)
-            virtuals.append({
-                "name": virtual.name,
-                "address": str(virtual.address) if virtual.address else None,
-                "ports": "*" if virtual.all_ports else ",".join(map(str, virtual.ports)),
-                "protocol": str(virtual.protocol),
-                "layer": virtual.layer,
-                "fallback_in_use": fallback,
-                "reals": reals,
-            })
-        lateness = sorted(self.stats.lateness)
-        return {
-            "generation": self.table.generation,
-            "started": wall - (now - started),
-            "state_problem": self.state_problem,
-            "virtuals": virtuals,
-            "stats": {
-                "checks": self.stats.checks,
-                "failures": self.stats.failures,
-                "skipped_busy": self.stats.skipped_busy,
-                "jobs": len(self._jobs),
-                "lateness_p50": lateness[len(lateness) // 2] if lateness else None,
-                "lateness_p99": lateness[int(len(lateness) * 0.99)] if lateness else None,
-            },
-        }
-
+        return status_reply(
+            self.config, self.table, self._members, self._fallback_used, self.stats,
+            jobs=len(self._jobs), started=self._started, state_problem=self.state_problem,
+        )

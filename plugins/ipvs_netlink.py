@@ -8,6 +8,8 @@ are parsed for the attributes the diff compares and nothing else (no statistics)
 
 Attribute numbers and types: include/uapi/linux/ip_vs.h and net/netfilter/ipvs/ip_vs_ctl.c
 (the kernel's netlink policy), checked against pyroute2's pyroute2/netlink/generic/ipvs.py.
+Ours rather than pyroute2's IPVS message classes: those cost 17-35x more per destination, about
+2.8 s to decode a full reconcile's 11,000 (bench/ipvs/README.md, "The codec").
 
 The socket is not bound to a thread: any one thread at a time may use it. Every read is
 bounded (SO_RCVTIMEO per recv, a deadline per exchange), so a kernel that never answers
@@ -64,6 +66,7 @@ NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 NLM_F_DUMP = 0x300
+NLA_F_NESTED = 0x8000
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 
 GENL_ID_CTRL = 0x10
@@ -95,6 +98,7 @@ SVC_SCHED_NAME = 6
 SVC_FLAGS = 7
 SVC_TIMEOUT = 8
 SVC_NETMASK = 9
+SVC_STATS = 10
 
 DEST_ADDR = 1
 DEST_PORT = 2
@@ -102,7 +106,12 @@ DEST_FWD_METHOD = 3
 DEST_WEIGHT = 4
 DEST_U_THRESH = 5
 DEST_L_THRESH = 6
+DEST_ACTIVE_CONNS = 7
+DEST_INACT_CONNS = 8
+DEST_PERSIST_CONNS = 9
+DEST_STATS = 10
 DEST_ADDR_FAMILY = 11
+DEST_STATS64 = 12
 DEST_TUN_TYPE = 13
 DEST_TUN_PORT = 14
 DEST_TUN_FLAGS = 15
@@ -111,9 +120,10 @@ DEST_TUN_FLAGS = 15
 FWD_MASK = 0x7
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
-_VERSION = {socket.AF_INET: 4, socket.AF_INET6: 6}
+#: Address family number -> IP version, and protocol number -> the name lbha uses.
+FAMILY_VERSION = {socket.AF_INET: 4, socket.AF_INET6: 6}
 _PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
-_PROTOCOL_NAMES = {number: name for name, number in _PROTOCOLS.items()}
+PROTOCOL_NAMES = {number: name for name, number in _PROTOCOLS.items()}
 
 #: Send at most this many bytes of requests per sendmsg (well under the socket's buffers, so
 #: the error replies of a whole batch always fit in the receive buffer).
@@ -316,7 +326,7 @@ def _ip(buf: Buffer, start: int, family: int) -> str:
 
 
 def _family(af: int, what: str) -> int:
-    family = _VERSION.get(af)
+    family = FAMILY_VERSION.get(af)
     if family is None:
         raise NetlinkDecodeError(f"{what}: address family {af} is neither IPv4 nor IPv6")
     return family
@@ -345,7 +355,7 @@ def decode_service(buf: Buffer, start: int, end: int) -> tuple[ServiceKey, Servi
     else:
         protocol = _int(buf, attrs, SVC_PROTOCOL, _U16, what)
         address = _ip(buf, _span(attrs, SVC_ADDR, 4 if family == 4 else 16, what), family)
-        key = ServiceKey(family, _PROTOCOL_NAMES.get(protocol, str(protocol)), address,
+        key = ServiceKey(family, PROTOCOL_NAMES.get(protocol, str(protocol)), address,
                          _int(buf, attrs, SVC_PORT, _BE16, what))
     flags = _FLAGS.unpack_from(buf, _span(attrs, SVC_FLAGS, _FLAGS.size, what))[0]
     name_start, name_end = attrs.get(SVC_SCHED_NAME, (0, 0))
@@ -407,8 +417,8 @@ class DestDecoder:
             if (v[4] == IPVS_CMD_ATTR_DEST and v[3] <= end - start - _GENL.size
                     and v[3] >= _KERNEL_DEST.size - _GENL.size
                     and _kernel_dest_headers(v) == _KERNEL_DEST_EXPECTED
-                    and v[43] in _VERSION):
-                family = _VERSION[v[43]]
+                    and v[43] in FAMILY_VERSION):
+                family = FAMILY_VERSION[v[43]]
                 ident = (v[7][:4] if family == 4 else v[7], socket.ntohs(v[10]))
                 key = self._keys.get(ident)
                 if key is None:

@@ -14,8 +14,9 @@ from typing import Any, NamedTuple
 from lbha.desired import DesiredService, DesiredTable
 from lbha.model import Forwarding
 
-#: IPVS service flags lbha manages; the kernel adds HASHED (0x2) and we leave the sh-* flags.
+#: IPVS service flags lbha manages; the kernel adds HASHED and we leave the sh-* flags.
 FLAG_PERSISTENT = 0x1
+FLAG_HASHED = 0x2
 FLAG_ONEPACKET = 0x4
 MANAGED_FLAGS = FLAG_PERSISTENT | FLAG_ONEPACKET
 

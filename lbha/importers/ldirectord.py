@@ -1,65 +1,38 @@
 """ldirectord.cf -> lbha tables ([checks], [ipvs], [alerts.email], [[virtual]]).
 
-The lexer follows ldirectord 4.12's `read_config` (see docs/spec ldirectord-cf.md): column-0
-globals, virtual blocks indented by >= 4 spaces or a tab, a blank line ends a block, '#' rules,
-quoting, first-digit-run numbers. It is lenient where ldirectord is needlessly strict (trailing
-blanks after yes/no, CRLF) and says so in a warning note.
+Lenient where ldirectord is needlessly strict (trailing blanks after yes/no, CRLF), and says
+so in a warning note. The file's syntax is read by `ldirectord_syntax`, values and notes by
+`ldirectord_notes`, check directives by `ldirectord_checks`; this module translates the
+global section, the virtual services and their real servers.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-import socket
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from lbha.durations import format_duration
+from lbha.importers.ldirectord_checks import (
+    LD_CHECKINTERVAL,
+    LD_CHECKTIMEOUT,
+    LD_FAILURECOUNT,
+    LD_NEGOTIATETIMEOUT,
+    CheckTranslator,
+)
+from lbha.importers.ldirectord_notes import seconds
+from lbha.importers.ldirectord_syntax import Block, Line, lex
 from lbha.importers.report import Collector, ImportNote, Severity
 from lbha.importers.toml_writer import Table, TomlValue
-from lbha.model import IPVS_SCHEDULERS, PORT_BY_SERVICE, SERVICE_BY_PORT
+from lbha.model import IPVS_SCHEDULERS, PORT_BY_SERVICE
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-#: ldirectord's code defaults where they differ from lbha's (docs/config.md).
-LD_CHECKINTERVAL = 10
-LD_FAILURECOUNT = 1
-LD_CHECKTIMEOUT = 5
-LD_NEGOTIATETIMEOUT = 30
+#: ldirectord's default scheduler (lbha's is wlc).
 LD_SCHEDULER = "wrr"
 
 FORWARDING = {"gate": "dr", "masq": "nat", "ipip": "tun"}
 
-LD_SERVICES = frozenset(
-    {
-        "dns", "ftp", "http", "https", "http_proxy", "imap", "imaps", "ldap", "ldaps", "mysql",
-        "nntp", "none", "oracle", "pgsql", "pop", "pops", "radius", "simpletcp", "sip", "smtp",
-        "submission",
-    }
-)
-#: Services whose check strips the '/' ldirectord prepends to `request` (negotiate-checks 1.3).
-_STRIP_SLASH = frozenset({"dns", "mysql", "pgsql", "oracle", "ldap", "ldaps", "simpletcp"})
-#: ldirectord follows redirects (LWP) and judges the page they lead to; lbha judges the first
-#: answer. Without receive the two agree (lbha's http checks accept 3xx by default); with
-#: receive a redirect's own body is matched, so the operator is told.
-_HTTP_SERVICES = frozenset({"http", "https", "http_proxy"})
-_REDIRECT_NOTE = (
-    "ldirectord follows redirects and looks for receive in the page they lead to; lbha "
-    "judges the answer to request itself (a redirect is up only if its own body contains "
-    "receive): make request the final URL"
-)
-
-#: /etc/services names, for hosts without that file (containers often lack it).
-_PORT_NAMES = {
-    "ftp": 21, "ssh": 22, "telnet": 23, "smtp": 25, "domain": 53, "http": 80, "www": 80,
-    "pop3": 110, "nntp": 119, "ntp": 123, "imap": 143, "imap2": 143, "snmp": 161, "ldap": 389,
-    "https": 443, "submission": 587, "ldaps": 636, "imaps": 993, "pop3s": 995,
-    "ms-sql-s": 1433, "radius": 1812, "mysql": 3306, "sip": 5060, "postgresql": 5432,
-    "http-alt": 8080,
-}
-
-_REGEX_META = re.compile(r"[.^$*+?()\[\]{}|\\]")
-_YES_NO = {"yes": True, "no": False}
 _EMAIL_STATUSES = frozenset({"all", "none", "starting", "running", "stopping", "reloading"})
 _HOST = r"\d+\.\d+\.\d+\.\d+|[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]"
 _REAL = re.compile(rf"^({_HOST})(?:->({_HOST}))?(?::(\d+|[A-Za-z0-9_-]+))?\s+(.*)$")
@@ -108,25 +81,6 @@ _VIRTUALS = frozenset(
 
 
 @dataclass
-class Line:
-    """One `name = value` directive; `raw` is the value before '#' comments were cut."""
-
-    name: str
-    value: str
-    number: int
-    text: str
-    raw: str | None = None
-    #: A global written without '=' (only `supervised` may be).
-    bare: bool = False
-
-
-@dataclass
-class Block:
-    head: Line
-    lines: list[Line] = field(default_factory=list)
-
-
-@dataclass
 class Real:
     address: IPAddress
     port: int
@@ -148,7 +102,7 @@ class Fallback:
 
 
 @dataclass
-class _Globals:
+class Globals:
     """What virtual services inherit from the global section."""
 
     checktimeout: int | None = None
@@ -168,154 +122,8 @@ class LdirectordImport:
     global_comments: list[ImportNote]
 
 
-def _lex(text: str, source: str, out: Collector) -> tuple[list[Line], list[Block]]:
-    """Split the file into global lines and virtual blocks, as ldirectord's read loop does."""
-    globals_: list[Line] = []
-    blocks: list[Block] = []
-    block: Block | None = None
-    ended_by_blank = False
-    crlf_noted = False
-    for number, full in enumerate(text.split("\n"), start=1):
-        if full.endswith("\r"):
-            full = full[:-1]
-            if not crlf_noted:
-                crlf_noted = True
-                out.note(source, number, "(file)", "CRLF line endings: ldirectord rejects every "
-                         "yes/no directive in such a file; imported as if they were LF",
-                         Severity.WARNING)
-        head = re.match(r"^virtual(6)?\s*=\s*(.*)$", full)
-        if head:
-            block = Block(Line("virtual6" if head.group(1) else "virtual", head.group(2),
-                               number, full.strip()))
-            blocks.append(block)
-            continue
-        if block is not None:
-            if re.match(r"^\s*#", full):
-                continue
-            cut = re.sub(r"#.*", "", full).replace("\t", "    ")
-            inner = re.match(r"^ {4,}(\S.*)$", cut)
-            if inner:
-                parsed = re.match(r"^([a-z0-9_]+)\s*=\s*(.*)$", inner.group(1))
-                if parsed is None:
-                    out.fail(source, number, f"unknown directive {inner.group(1).strip()!r} in "
-                             "a virtual block")
-                    continue
-                raw = re.match(r"^\s*[a-z0-9_]+\s*=\s*(.*)$", full)
-                block.lines.append(Line(parsed.group(1), parsed.group(2), number, full.strip(),
-                                        raw.group(1) if raw else None))
-                continue
-            ended_by_blank = not cut.strip()
-            block = None
-        if not full.strip() or re.match(r"^\s*#", full):
-            continue
-        if full[0].isspace():
-            why = ("a blank line ended the virtual block above" if ended_by_blank else
-                   "virtual block lines need >= 4 spaces or a tab" if blocks else
-                   "global directives start in column 0")
-            out.fail(source, number, f"indented line outside a virtual block ({why}): "
-                     f"{full.strip()!r}")
-            continue
-        parsed = re.match(r"^([a-z0-9_]+)\s*(?:=\s*(.*))?$", full)
-        if parsed is None:
-            out.fail(source, number, f"unknown directive {full.strip()!r}")
-            continue
-        value = parsed.group(2)
-        globals_.append(Line(parsed.group(1), value or "", number, full.strip(),
-                             bare=value is None))
-    return globals_, blocks
-
-
-class _Converter:
+class _Converter(CheckTranslator):
     """Turns lexed lines into tables; every decision that loses or changes something is noted."""
-
-    def __init__(self, source: str, out: Collector) -> None:
-        self.source = source
-        self.out = out
-        self.global_comments: list[ImportNote] = []
-        #: The [[virtual]] being converted: notes about its lines are written into it.
-        self.context: Table | None = None
-
-    # ---- notes and value parsers -------------------------------------------------------
-    def note(self, line: Line | None, message: str, severity: Severity,
-             table: Table | None = None, directive: str | None = None) -> None:
-        found = self.out.note(self.source, line.number if line else None,
-                              directive or (line.name if line else "(defaults)"), message,
-                              severity, line.text if line else None)
-        table = table or (self.context if line is not None else None)
-        if table is not None:
-            table.comment(found.as_comment())
-        else:
-            self.global_comments.append(found)
-
-    def fail(self, line: Line, message: str) -> None:
-        self.out.fail(self.source, line.number, f"{line.name}: {message}")
-
-    def yes_no(self, line: Line) -> bool | None:
-        if line.value in _YES_NO:
-            return _YES_NO[line.value]
-        loose = line.value.split("#", 1)[0].strip()
-        if loose in _YES_NO:
-            self.note(line, f"ldirectord accepts only a bare 'yes' or 'no' (nothing after it) "
-                      f"and would refuse this line; imported as {loose!r}", Severity.WARNING)
-            return _YES_NO[loose]
-        self.fail(line, f"must be 'yes' or 'no', got {line.value!r}")
-        return None
-
-    def number(self, line: Line, *, positive: bool = True) -> int | None:
-        found = re.search(r"\d+", line.value)
-        if found is None or (positive and int(found.group()) == 0):
-            self.fail(line, f"needs a {'positive ' if positive else ''}integer, got "
-                      f"{line.value!r}")
-            return None
-        if line.value.split("#", 1)[0].strip() != found.group():
-            self.note(line, f"ldirectord reads only the first digits: {found.group()}",
-                      Severity.CHANGED)
-        return int(found.group())
-
-    def quoted(self, line: Line) -> str | None:
-        for candidate, lenient in ((line.value, False), (line.raw, True)):
-            found = re.match(r'^"(.*)"', candidate) if candidate is not None else None
-            if found and found.group(1):
-                if lenient:
-                    self.note(line, "ldirectord cuts virtual lines at the first '#', even inside "
-                              "quotes, and would refuse this line; imported the whole string",
-                              Severity.WARNING)
-                return found.group(1)
-        self.fail(line, f'needs a non-empty value in double quotes, got {line.value!r}')
-        return None
-
-    def port(self, line: Line, name: str, protocol: str) -> int | None:
-        if name.isdigit():
-            if int(name) > 65535:
-                self.fail(line, f"port {name} is out of range")
-                return None
-            return int(name)
-        try:
-            port = socket.getservbyname(name, protocol) if protocol else socket.getservbyname(name)
-        except OSError:
-            port = _PORT_NAMES.get(name)
-        if port is None:
-            self.fail(line, f"unknown service name {name!r} for a port")
-            return None
-        self.note(line, f"port name {name!r} resolved to {port}", Severity.CHANGED)
-        return port
-
-    def address(self, line: Line, host: str, family: int, what: str) -> IPAddress | None:
-        """A literal address; hostnames cannot be resolved reliably while importing offline."""
-        text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        if text == "localhost":
-            text = "127.0.0.1" if family == 4 else "::1"
-            self.note(line, f"localhost written as {text}", Severity.CHANGED)
-        try:
-            address = ipaddress.ip_address(text)
-        except ValueError:
-            self.note(line, f"{what} {host!r} is a hostname; lbha needs an IP address, so this "
-                      f"{what} was not imported", Severity.ERROR)
-            return None
-        if address.version != family:
-            self.fail(line, f"{what} {host!r} is not an IPv{family} address")
-            return None
-        return address
 
     # ---- global section ----------------------------------------------------------------
     def convert(self, globals_: list[Line], blocks: list[Block]) -> LdirectordImport:
@@ -356,9 +164,9 @@ class _Converter:
         return LdirectordImport(tables, vips, self.global_comments)
 
     def global_values(self, s: dict[str, Line], checks: Table, ipvs: Table,
-                      email: Table) -> _Globals:
+                      email: Table) -> Globals:
         """Fill [checks], [ipvs], [alerts.email]; return what virtuals inherit."""
-        g = _Globals()
+        g = Globals()
         for name, line in s.items():
             if name not in _GLOBAL_DROPPED:
                 continue
@@ -380,7 +188,7 @@ class _Converter:
         if interval is None:
             interval = LD_CHECKINTERVAL
             self.default_note("checkinterval", f"{interval}s", "5s")
-        checks.set("interval", _seconds(interval))
+        checks.set("interval", seconds(interval))
         # Timeouts default to each other before the built-in defaults (negotiate-checks 1.4).
         ct = self.number(s["checktimeout"]) if "checktimeout" in s else None
         nt = self.number(s["negotiatetimeout"]) if "negotiatetimeout" in s else None
@@ -392,8 +200,8 @@ class _Converter:
             given = s["checktimeout" if nt is None else "negotiatetimeout"]
             self.note(given, "ldirectord uses it for both timeouts: wrote timeout and "
                       "negotiate_timeout", Severity.CHANGED)
-        checks.set("timeout", _seconds(ct or nt or LD_CHECKTIMEOUT))
-        checks.set("negotiate_timeout", _seconds(nt or ct or LD_NEGOTIATETIMEOUT))
+        checks.set("timeout", seconds(ct or nt or LD_CHECKTIMEOUT))
+        checks.set("negotiate_timeout", seconds(nt or ct or LD_NEGOTIATETIMEOUT))
         failures = self.number(s["failurecount"]) if "failurecount" in s else None
         if failures is None:
             failures = LD_FAILURECOUNT
@@ -428,7 +236,7 @@ class _Converter:
             if found is None:
                 self.fail(s["emailalertfreq"], "invalid email alert frequency")
             elif int(found.group(1)):
-                email.set("repeat", _seconds(int(found.group(1))))
+                email.set("repeat", seconds(int(found.group(1))))
         if "smtp" in s:
             found = re.match(r"^[0-9A-Za-z._+-]+", s["smtp"].value)
             if found is None:
@@ -438,10 +246,6 @@ class _Converter:
         g.fallback = self.fallback(s["fallback"], 4) if "fallback" in s else None
         g.fallback6 = self.fallback(s["fallback6"], 6) if "fallback6" in s else None
         return g
-
-    def default_note(self, directive: str, value: str, lbha_default: str) -> None:
-        self.note(None, f"not set: wrote ldirectord's default {value} explicitly (lbha's "
-                  f"default is {lbha_default})", Severity.CHANGED, directive=directive)
 
     def recipients(self, line: Line) -> list[str]:
         value = re.sub(r'^"([^"]*)"$', r"\1", line.value.strip())
@@ -481,7 +285,7 @@ class _Converter:
         return Fallback(address, port, FORWARDING[forward], line)
 
     # ---- one virtual service -----------------------------------------------------------
-    def virtual(self, block: Block, g: _Globals, seen: set[tuple[str, str]],
+    def virtual(self, block: Block, g: Globals, seen: set[tuple[str, str]],
                 names: set[str]) -> list[Table] | None:
         head = block.head
         family = 6 if head.name == "virtual6" else 4
@@ -631,7 +435,7 @@ class _Converter:
             names.add(name)
         return name
 
-    def scheduling(self, v: dict[str, Line], vt: Table, g: _Globals) -> None:
+    def scheduling(self, v: dict[str, Line], vt: Table, g: Globals) -> None:
         scheduler = LD_SCHEDULER
         if "scheduler" in v:
             word = re.search(r"[a-z]+", v["scheduler"].value)
@@ -647,7 +451,7 @@ class _Converter:
         vt.set("scheduler", scheduler)
         persistent = self.number(v["persistent"], positive=False) if "persistent" in v else None
         if persistent:
-            vt.set("persistence", _seconds(persistent))
+            vt.set("persistence", seconds(persistent))
         if "netmask" in v:
             mask = v["netmask"].value.strip()
             if not persistent:
@@ -660,155 +464,7 @@ class _Converter:
             else:
                 self.fail(v["netmask"], f"invalid netmask {mask!r}")
 
-    def check(self, v: dict[str, Line], check: Table, vt: Table, g: _Globals,
-              protocol: str, port: int | None) -> str:
-        """Fill [virtual.check]; return the effective negotiate service."""
-        kind, connects = "negotiate", 0
-        if "checktype" in v:
-            raw = v["checktype"].value
-            digits = re.search(r"\d+", raw)
-            word = re.search(r"[\w-]+", raw)
-            if digits:
-                kind, connects = "combined", int(digits.group())
-            elif word and word.group() in ("connect", "negotiate", "ping", "off", "on",
-                                           "external", "external-perl"):
-                kind = word.group()
-            else:
-                self.fail(v["checktype"], "checktype must be connect, negotiate, on, off, "
-                          "ping, external, external-perl or a positive number")
-        service = "none" if port is None else SERVICE_BY_PORT.get(port, "none")
-        if "service" in v:
-            word = re.match(r"^\w+", v["service"].value)
-            if word is None or word.group() not in LD_SERVICES:
-                self.fail(v["service"], f"unknown service {v['service'].value!r}")
-            else:
-                service = word.group()
-        if kind == "connect" and protocol in ("udp", "ops"):
-            self.note(v["checktype"], "ldirectord runs a ping check instead of a connect check "
-                      "for UDP services; imported as type = \"ping\"", Severity.CHANGED, vt)
-            kind = "ping"
-        if kind == "external-perl":
-            self.note(v["checktype"], "lbha runs the script as a program (VIP VPORT RIP RPORT "
-                      "as arguments), not inside a Perl interpreter: it needs a #! line and the "
-                      "executable bit", Severity.CHANGED, vt)
-        check.set("type", {"combined": "negotiate", "external-perl": "external"}.get(kind, kind))
-        negotiates = kind in ("negotiate", "combined")
-        if negotiates and ("service" in v or port is None or port == 0):
-            check.set("service", service)
-        if kind == "combined":
-            check.set("connects_per_negotiate", connects)
-        if "checkport" in v:
-            checkport = self.number(v["checkport"])
-            if checkport is not None and checkport > 65535:
-                self.fail(v["checkport"], "checkport must be in range 1..65535")
-            elif checkport is not None:
-                check.set("port", checkport)
-        if "request" in v:
-            request = self.quoted(v["request"])
-            if request is not None:
-                check.set("request", self.request(v["request"], request, service, vt))
-        if "receive" in v:
-            receive = self.quoted(v["receive"])
-            if receive is not None:
-                check.set("receive", receive)
-                if self.regex(v["receive"], receive):
-                    check.set("regex", True)
-                if negotiates and service in _HTTP_SERVICES:
-                    self.note(v["receive"], _REDIRECT_NOTE, Severity.CHANGED, vt)
-        if "virtualhost" in v:
-            found = re.match(r'^"?([^"]*)"?', v["virtualhost"].value.strip())
-            if found and found.group(1):
-                check.set("virtualhost", found.group(1))
-        if "httpmethod" in v:
-            word = re.match(r"^\w+", v["httpmethod"].value)
-            if word is None or word.group().upper() not in ("GET", "HEAD"):
-                self.fail(v["httpmethod"], "httpmethod must be GET or HEAD")
-            else:
-                check.set("method", word.group().upper())
-        for ld_key, key in (("login", "login"), ("passwd", "password"),
-                            ("database", "database"), ("secret", "secret")):
-            if ld_key in v:
-                value = self.quoted(v[ld_key])
-                if value is not None:
-                    check.set(key, value)
-        self.implicit_credentials(v, check, service)
-        if kind in ("external", "external-perl"):
-            command = v["checkcommand"].value.strip() if "checkcommand" in v else "/bin/true"
-            command = re.sub(r'^"(.*)"$', r"\1", command)
-            # ldirectord execs the path as one word (no shell): spaces belong to the path.
-            check.set("command", [command] if re.search(r"\s", command) else command)
-        elif "checkcommand" in v:
-            self.note(v["checkcommand"], "used only by external checks", Severity.DROPPED, vt)
-        self.timing(v, check, vt, g)
-        if "quiescent" in v:
-            quiescent = self.yes_no(v["quiescent"])
-            if quiescent is not None:
-                check.set("quiescent", quiescent)
-        return service
-
-    def implicit_credentials(self, v: dict[str, Line], check: Table, service: str) -> None:
-        """ldirectord fills in a login (ftp, sip) and password (ftp) when service= is written."""
-        if "service" not in v or service not in ("ftp", "sip"):
-            return
-        defaults = {"login": "anonymous" if service == "ftp" else "ldirectord@localhost"}
-        if service == "ftp":
-            defaults["passwd"] = "ldirectord@localhost"
-        for ld_key, value in defaults.items():
-            if ld_key not in v:
-                check.set("login" if ld_key == "login" else "password", value)
-                self.note(v["service"], f"ldirectord sets {ld_key} = {value!r} (with its host "
-                          f"name) for service={service}; written explicitly", Severity.CHANGED)
-
-    def request(self, line: Line, request: str, service: str, table: Table) -> str:
-        """The request lbha must send to behave like ldirectord (see negotiate-checks 1.3)."""
-        if service in _STRIP_SLASH:
-            return request[1:] if request.startswith("/") else request
-        if not request.startswith("/"):
-            self.note(line, f"ldirectord prepends '/': written as {'/' + request!r}",
-                      Severity.CHANGED, table)
-            return "/" + request
-        return request
-
-    def regex(self, line: Line, receive: str) -> bool:
-        """Whether `receive` must be matched as a regex (ldirectord: always a Perl regex)."""
-        # Without metacharacters a substring match is the same thing, and reads simpler.
-        if not _REGEX_META.search(receive):
-            return False
-        try:
-            re.compile(receive)
-        except re.error as exc:
-            self.note(line, f"a Perl regex Python cannot compile ({exc}): imported as a plain "
-                      "substring; fix it by hand", Severity.ERROR)
-            return False
-        return True
-
-    def timing(self, v: dict[str, Line], check: Table, vt: Table, g: _Globals) -> None:
-        ct = self.number(v["checktimeout"]) if "checktimeout" in v else None
-        nt = self.number(v["negotiatetimeout"]) if "negotiatetimeout" in v else None
-        gct, gnt = g.checktimeout, g.negotiatetimeout
-        effective_ct = ct or nt or gct or gnt or LD_CHECKTIMEOUT
-        effective_nt = nt or ct or gnt or gct or LD_NEGOTIATETIMEOUT
-        if effective_ct != (gct or gnt or LD_CHECKTIMEOUT):
-            check.set("timeout", _seconds(effective_ct))
-        if effective_nt != (gnt or gct or LD_NEGOTIATETIMEOUT):
-            check.set("negotiate_timeout", _seconds(effective_nt))
-        if (ct is None) != (nt is None):
-            given = v["checktimeout" if nt is None else "negotiatetimeout"]
-            self.note(given, "ldirectord uses it for both timeouts of this service",
-                      Severity.CHANGED, vt)
-        if "failurecount" in v:
-            count = self.number(v["failurecount"])
-            if count is not None:
-                check.set("failure_count", count)
-        if "checkinterval" in v:
-            interval = self.number(v["checkinterval"])
-            if interval is not None and g.fork:
-                check.set("interval", _seconds(interval))
-            elif interval is not None:
-                self.note(v["checkinterval"], "ldirectord ignores a per-service checkinterval "
-                          "unless fork = yes; so does this import", Severity.DROPPED, vt)
-
-    def virtual_fallback(self, v: dict[str, Line], g: _Globals, family: int,
+    def virtual_fallback(self, v: dict[str, Line], g: Globals, family: int,
                          mark: int | None, port: int, vt: Table) -> Table | None:
         fallback: Fallback | None = None
         for name in ("fallback", "fallback6"):
@@ -971,31 +627,8 @@ class _Converter:
             tables.append(table)
         return tables
 
-    def real_check(self, real: Real, overrides: dict[str, TomlValue], check: Table,
-                   service: str, vt: Table) -> None:
-        if real.request is None or real.receive is None:
-            return
-        if real.request.startswith("/"):
-            # A Perl capture-variable side effect loses the receive string (negotiate-checks
-            # 1.3): ldirectord silently uses the service's request/receive instead.
-            self.note(real.line, "ldirectord ignores a per-server request that starts with '/' "
-                      "(and its receive); so does this import. Drop the '/' to use it",
-                      Severity.WARNING, vt)
-            return
-        if re.search(r"https?://", real.request):
-            self.note(real.line, "ldirectord fetches this absolute URL instead of asking the "
-                      "real server; lbha sends it to the real server", Severity.CHANGED, vt)
-        overrides["request"] = self.request(real.line, real.request, service, vt)
-        overrides["receive"] = real.receive
-        if self.regex(real.line, real.receive) and not check.get("regex"):
-            overrides["regex"] = True
-
-
-def _seconds(value: int) -> str:
-    return format_duration(float(value))
-
 
 def convert_ldirectord(text: str, source: str, out: Collector) -> LdirectordImport:
     """Lex and convert one ldirectord.cf; syntax errors are collected in `out`, not raised."""
-    globals_, blocks = _lex(text, source, out)
+    globals_, blocks = lex(text, source, out)
     return _Converter(source, out).convert(globals_, blocks)

@@ -2,7 +2,7 @@
 
 Requests are checked by decoding them with pyroute2's IPVS message class (an independent
 reading of the attribute numbers and types); replies are built the way the 6.1 kernel builds
-them (ip_vs_genl_fill_service / _dest: 16-byte addresses, HASHED flag, statistics) and decoded.
+them (`ipvs_replies`: 16-byte addresses, HASHED flag, statistics) and decoded.
 The socket logic (batches, acknowledgements, dumps, stale replies, errors) runs against a fake
 kernel on a socket pair.
 """
@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ipvs_replies import kernel_dest, kernel_service, nla
 
 from lbha.plugins import ipvs_netlink as nl
 from lbha.plugins.ipvs_table import (
@@ -38,10 +39,6 @@ from lbha.plugins.ipvs_table import (
 )
 
 FAMILY = 0x23  # the IPVS family id the fake controller hands out
-
-
-def nla(kind: int, payload: bytes) -> bytes:
-    return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
 
 
 def pyroute2_view(data: bytes) -> dict:
@@ -125,50 +122,6 @@ def test_ipv6_netmask_is_a_host_order_prefix_length():
 
 
 # ------------------------------------------------------------------ replies, as the kernel sends
-
-
-def kernel_service(key: ServiceKey, s: ServiceSettings, hashed: bool = True,
-                   af: int | None = None, port: bool = True) -> bytes:
-    """A GET_SERVICE reply's genl payload, shaped like ip_vs_genl_fill_service's."""
-    real_af = socket.AF_INET6 if key.family == 6 else socket.AF_INET
-    attrs = nla(nl.SVC_AF, struct.pack("=H", af or real_af))
-    if key.protocol == "fwmark":
-        attrs += nla(nl.SVC_FWMARK, struct.pack("=I", key.fwmark))
-    else:
-        attrs += (nla(nl.SVC_PROTOCOL, struct.pack("=H", nl._protocol_number(key.protocol)))
-                  + nla(nl.SVC_ADDR, socket.inet_pton(real_af, key.address or "").ljust(16, b"\0"))
-                  + (nla(nl.SVC_PORT, struct.pack("!H", key.port)) if port else b""))
-    flags = (1 if s.persistent else 0) | (4 if s.one_packet else 0) | (2 if hashed else 0)
-    netmask = s.netmask or ("128" if key.family == 6 else "255.255.255.255")
-    attrs += (nla(nl.SVC_SCHED_NAME, s.scheduler.encode() + b"\0")
-              + nla(nl.SVC_FLAGS, struct.pack("=II", flags, 0xFFFFFFFF))
-              + nla(nl.SVC_TIMEOUT, struct.pack("=I", s.timeout))
-              + nla(nl.SVC_NETMASK, nl.encode_netmask(key.family, netmask))
-              + nla(10 | 0x8000, nla(1, b"\0" * 4) * 10))  # statistics, nested
-    return struct.pack("=BBH", nl.IPVS_CMD_NEW_SERVICE, 1, 0) + nla(nl.IPVS_CMD_ATTR_SERVICE,
-                                                                     attrs)
-
-
-def kernel_dest(dest: DestKey, s: DestSettings, conn_flags: int = 0,
-                order: list[int] | None = None) -> bytes:
-    """A GET_DEST reply's genl payload in ip_vs_genl_fill_dest's order (or in `order`)."""
-    af = socket.AF_INET6 if ":" in dest.address else socket.AF_INET
-    attrs = [nla(nl.DEST_ADDR, socket.inet_pton(af, dest.address).ljust(16, b"\0")),
-             nla(nl.DEST_PORT, struct.pack("!H", dest.port)),
-             nla(nl.DEST_FWD_METHOD, struct.pack("=I", s.forwarding | conn_flags)),
-             nla(nl.DEST_WEIGHT, struct.pack("=I", s.weight)),
-             nla(nl.DEST_TUN_TYPE, b"\0"), nla(nl.DEST_TUN_PORT, b"\0\0"),
-             nla(nl.DEST_TUN_FLAGS, b"\0\0"),
-             nla(nl.DEST_U_THRESH, struct.pack("=I", s.upper)),
-             nla(nl.DEST_L_THRESH, struct.pack("=I", s.lower)),
-             nla(7, struct.pack("=I", 5)), nla(8, struct.pack("=I", 6)),  # connections:
-             nla(9, struct.pack("=I", 7)),  # not compared
-             nla(nl.DEST_ADDR_FAMILY, struct.pack("=H", af)),
-             nla(10, nla(1, b"\0" * 4) * 10), nla(12, nla(1, b"\0" * 8) * 10)]
-    if order is not None:
-        attrs = [attrs[i] for i in order]
-    return struct.pack("=BBH", nl.IPVS_CMD_NEW_DEST, 1, 0) + nla(nl.IPVS_CMD_ATTR_DEST,
-                                                                  b"".join(attrs))
 
 
 addresses4 = st.ip_addresses(v=4).map(str)

@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import os
 import re
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from lbha.model import IPVS_SCHEDULERS, Forwarding, IpvsConfig
 from lbha.plugins import ipvs as plugin
 from lbha.plugins import ipvs_netlink as netlink
 from lbha.plugins.ipvs import IpvsBackend
+from lbha.plugins.ipvs_table import FLAG_ONEPACKET, FLAG_PERSISTENT, FWD_MASQ, FWD_ROUTE, FWD_TUNNEL
 
 pytestmark = pytest.mark.skipif(os.environ.get("IPVS_VM_GUEST") != "1",
                                 reason="runs inside the IPVS qemu guest (tests/vm/test_ipvs_vm.py)")
@@ -123,9 +125,8 @@ def dest_view(da: dict[str, Any]) -> tuple[int, int, int, int]:
             da["IPVS_DEST_ATTR_U_THRESH"], da["IPVS_DEST_ATTR_L_THRESH"])
 
 
-TCP, UDP = 6, 17
-V4, V6 = 2, 10
-MASQ, TUN, ROUTE = 0, 2, 3
+TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
+V4, V6 = socket.AF_INET, socket.AF_INET6
 
 
 # ------------------------------------------------------------------ fixtures
@@ -185,9 +186,9 @@ async def test_tcp_udp_fwmark_ops_ipv4_ipv6(backend: IpvsBackend):
                       (V4, None, None, None, 7), (V6, None, None, None, 8),
                       (V4, UDP, "198.18.0.2", 5060, None), (V6, TCP, "2001:db8::1", 443, None)}
     attrs, dests = p[(V4, UDP, "198.18.0.2", 5060, None)]
-    assert attrs["IPVS_SVC_ATTR_FLAGS"]["flags"] & 0x4  # one-packet scheduling
-    assert dest_view(dests[("198.18.1.3", 5060)]) == (MASQ, 1, 0, 0)
-    assert dest_view(p[(V6, None, None, None, 8)][1][("2001:db8:1::2", 0)]) == (ROUTE, 1, 0, 0)
+    assert attrs["IPVS_SVC_ATTR_FLAGS"]["flags"] & FLAG_ONEPACKET
+    assert dest_view(dests[("198.18.1.3", 5060)]) == (FWD_MASQ, 1, 0, 0)
+    assert dest_view(p[(V6, None, None, None, 8)][1][("2001:db8:1::2", 0)]) == (FWD_ROUTE, 1, 0, 0)
     # Nothing left to do: a second full pass reads the same table and changes nothing.
     assert (await backend.reconcile(full=True)).operations == []
 
@@ -229,7 +230,7 @@ async def test_persistence_timeout_and_netmask(backend: IpvsBackend):
     p = pyroute2_table()
     a4 = p[(V4, TCP, "198.18.0.3", 443, None)][0]
     assert (a4["IPVS_SVC_ATTR_TIMEOUT"], a4["IPVS_SVC_ATTR_NETMASK"]) == (300, "255.255.255.0")
-    assert a4["IPVS_SVC_ATTR_FLAGS"]["flags"] & 0x1
+    assert a4["IPVS_SVC_ATTR_FLAGS"]["flags"] & FLAG_PERSISTENT
     assert p[(V6, TCP, "2001:db8::3", 443, None)][0]["IPVS_SVC_ATTR_TIMEOUT"] == 121
     # Persistence off again: edited in place, the destination stays.
     await reconcile(backend, desired(
@@ -255,8 +256,8 @@ async def test_forwarding_weights_and_thresholds(backend: IpvsBackend):
         "198.18.1.3:80": ["2", "1", "0", "0"]}}
     dests = pyroute2_table()[(V4, TCP, "198.18.0.5", 80, None)][1]
     assert {k: dest_view(v) for k, v in dests.items()} == {
-        ("198.18.1.1", 80): (ROUTE, 5, 100, 10), ("198.18.1.2", 8080): (MASQ, 3, 50, 0),
-        ("198.18.1.3", 80): (TUN, 1, 2, 1)}
+        ("198.18.1.1", 80): (FWD_ROUTE, 5, 100, 10), ("198.18.1.2", 8080): (FWD_MASQ, 3, 50, 0),
+        ("198.18.1.3", 80): (FWD_TUNNEL, 1, 2, 1)}
 
 
 async def test_quiescent_drain_halt_and_the_pyroute2_pitfalls(backend: IpvsBackend):
@@ -282,7 +283,7 @@ async def test_quiescent_drain_halt_and_the_pyroute2_pitfalls(backend: IpvsBacke
     assert ipvsadm_table() == {"TCP 198.18.0.6:80 wlc": {
         "198.18.1.1:8080": ["Masq", "0", "0", "0"], "198.18.1.2:8080": ["Masq", "0", "0", "0"]}}
     dests = pyroute2_table()[(V4, TCP, "198.18.0.6", 80, None)][1]
-    assert {dest_view(d)[:2] for d in dests.values()} == {(MASQ, 0)}
+    assert {dest_view(d)[:2] for d in dests.values()} == {(FWD_MASQ, 0)}
     # Back up, and .2 switches to tunnel forwarding: only that destination is edited.
     await reconcile(backend, desired(svc(
         "198.18.0.6", 80, "tcp", dest("198.18.1.1", 8080, 3),
@@ -327,7 +328,7 @@ async def test_manual_change_is_repaired_and_logged(backend: IpvsBackend, caplog
     assert any("198.18.1.9:80" in m for m in repaired)
     dests = pyroute2_table()[(V4, TCP, "198.18.0.8", 80, None)][1]
     assert {k: dest_view(v) for k, v in dests.items()} == {
-        ("198.18.1.1", 80): (ROUTE, 3, 0, 0), ("198.18.1.2", 80): (ROUTE, 2, 0, 0)}
+        ("198.18.1.1", 80): (FWD_ROUTE, 3, 0, 0), ("198.18.1.2", 80): (FWD_ROUTE, 2, 0, 0)}
 
 
 async def test_deleted_service_is_removed_after_a_restart(state_dir: Path):

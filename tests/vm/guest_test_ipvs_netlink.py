@@ -18,6 +18,8 @@ import pytest
 
 from lbha.plugins import ipvs_netlink as nl
 from lbha.plugins.ipvs_table import (
+    FLAG_ONEPACKET,
+    FLAG_PERSISTENT,
     FWD_MASQ,
     FWD_ROUTE,
     FWD_TUNNEL,
@@ -35,10 +37,6 @@ from lbha.plugins.ipvs_table import (
 
 pytestmark = pytest.mark.skipif(os.environ.get("IPVS_VM_GUEST") != "1",
                                 reason="runs inside the IPVS qemu guest (tests/vm/test_ipvs_vm.py)")
-
-_FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
-_PROTO = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
-
 
 def ipvsadm(*args: str, stdin: str | None = None) -> str:
     return subprocess.run(["ipvsadm", *args], capture_output=True, text=True, timeout=60,
@@ -78,32 +76,32 @@ def pyroute2_table() -> dict[ServiceKey, tuple[ServiceSettings, dict]]:
         out = {}
         for m in ipvs.service("dump"):
             a: dict[str, Any] = dict(m.get_attr("IPVS_CMD_ATTR_SERVICE")["attrs"])
-            family = _FAMILY[a["IPVS_SVC_ATTR_AF"]]
+            family = nl.FAMILY_VERSION[a["IPVS_SVC_ATTR_AF"]]
             if a.get("IPVS_SVC_ATTR_FWMARK"):
                 key = ServiceKey(family, "fwmark", fwmark=a["IPVS_SVC_ATTR_FWMARK"])
                 lookup = IPVSService(af=a["IPVS_SVC_ATTR_AF"], fwmark=key.fwmark)
             else:
-                key = ServiceKey(family, _PROTO[a["IPVS_SVC_ATTR_PROTOCOL"]],
+                key = ServiceKey(family, nl.PROTOCOL_NAMES[a["IPVS_SVC_ATTR_PROTOCOL"]],
                                  ipaddress.ip_address(a["IPVS_SVC_ATTR_ADDR"]).compressed,
                                  a["IPVS_SVC_ATTR_PORT"])
                 lookup = IPVSService(af=a["IPVS_SVC_ATTR_AF"],
                                      protocol=a["IPVS_SVC_ATTR_PROTOCOL"],
                                      addr=a["IPVS_SVC_ATTR_ADDR"], port=key.port)
             flags = a["IPVS_SVC_ATTR_FLAGS"]["flags"]
-            persistent = bool(flags & 1)
+            persistent = bool(flags & FLAG_PERSISTENT)
             netmask = ""
             if persistent:
                 raw = socket.inet_aton(a["IPVS_SVC_ATTR_NETMASK"])
                 netmask = nl.decode_netmask(family, raw)
             settings = ServiceSettings(a["IPVS_SVC_ATTR_SCHED_NAME"], persistent,
-                                       bool(flags & 4),
+                                       bool(flags & FLAG_ONEPACKET),
                                        a["IPVS_SVC_ATTR_TIMEOUT"] if persistent else 0, netmask)
             dests = {}
             for d in ipvs.dest("dump", service=lookup):
                 da = dict(d.get_attr("IPVS_CMD_ATTR_DEST")["attrs"])
                 dests[DestKey(ipaddress.ip_address(da["IPVS_DEST_ATTR_ADDR"]).compressed,
                               da["IPVS_DEST_ATTR_PORT"])] = DestSettings(
-                    da["IPVS_DEST_ATTR_FWD_METHOD"] & 7, da["IPVS_DEST_ATTR_WEIGHT"],
+                    da["IPVS_DEST_ATTR_FWD_METHOD"] & nl.FWD_MASK, da["IPVS_DEST_ATTR_WEIGHT"],
                     da["IPVS_DEST_ATTR_U_THRESH"], da["IPVS_DEST_ATTR_L_THRESH"])
             out[key] = (settings, dests)
         return out
