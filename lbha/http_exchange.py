@@ -149,8 +149,8 @@ class _Reader:
             scan = max(start, len(self.buf) - len(delimiter) + 1)
             await self.more(what)
 
-    async def head(self) -> tuple[int, int]:
-        """End of the status line and end of the headers of the final (non-1xx) response."""
+    async def head(self) -> tuple[re.Match[bytes], int]:
+        """The status line and the end of the headers of the final (non-1xx) response."""
         start = 0
         endpoint = self.endpoint
         while True:
@@ -172,7 +172,7 @@ class _Reader:
                                 f"{show(self.buf[start:line_end])}")
             status = int(match.group(2))
             if status >= 200 or status == 101:
-                return start, end + 4
+                return match, end + 4
             # An interim response (100 Continue, 103 Early Hints): the real one follows.
             start = end + 4
 
@@ -242,10 +242,8 @@ async def read_response(stream: trio.abc.ReceiveStream, endpoint: str, method: s
     errors (a reset) pass through.
     """
     reader = _Reader(stream, endpoint, progress, head_limit, body_limit)
-    start, body_start = await reader.head()
+    match, body_start = await reader.head()
     buf = reader.buf
-    match = _STATUS_LINE.match(buf, start)
-    assert match is not None
     version, code, phrase = match.groups()
     status = int(code)
     headers = _parse_headers(bytes(buf[match.end():body_start - 4]))
