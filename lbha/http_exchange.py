@@ -7,8 +7,8 @@ a server that streams forever cannot hold a reader; it records the step a timeou
 raises reasons an operator can act on. The caller owns the stream, the request bytes it sends
 and the deadline: a server that trickles is stopped by the caller's deadline, not here.
 
-Hand-written rather than h11: h11 costs about 30 us more per response, a fifth of the checks
-per CPU-second (bench/http/README.md, "Why not h11"). It belongs in the public check kit
+Hand-written rather than h11: h11 costs about 35 us more per response, 19-30 % of the
+checks per CPU-second (bench/http/README.md, issue 14). It belongs in the public check kit
 (lbha/checkkit/) once that exists.
 """
 
