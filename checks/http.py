@@ -20,10 +20,9 @@ from types import MappingProxyType
 
 import trio
 
-from lbha import __version__, hookimpl
+from lbha import __version__, hookimpl, http_exchange
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec, Transcript
 from lbha.checks.tcpclient import (
-    RECEIVE_SIZE,
     CheckFailed,
     Progress,
     matches,
@@ -34,19 +33,16 @@ from lbha.checks.tcpclient import (
     start_tls,
     tls_context,
 )
+from lbha.http_exchange import Response
 from lbha.model import CheckSpec, HttpMethod
 
 #: Status line plus headers (all interim 1xx responses included).
 HEADER_LIMIT = 64 * 1024
 #: Decoded body.
 BODY_LIMIT = 1024 * 1024
-#: One chunk-size line of a chunked body, extensions included.
-_CHUNK_LINE_LIMIT = 4096
 USER_AGENT = f"lbha/{__version__} health check"
 #: Request-target characters sent as they are; everything else is percent-encoded.
 _SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
-_STATUS_LINE = re.compile(rb"HTTP/(\d)\.(\d) (\d{3})(?: [^\r\n]*)?\r\n")
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _HOST = re.compile(r"[A-Za-z0-9.\-_~%!$&'()*+,;=:\[\]]+")
 #: Response header lines shown by `lbha check -v`.
 _TRANSCRIPT_HEADERS = 40
@@ -104,21 +100,6 @@ class Prepared:
     lines: tuple[str, ...]
     sni: str | None
     verify_name: str
-
-
-@dataclass(slots=True)
-class Response:
-    status: int
-    status_line: str
-    headers: list[tuple[str, str]]
-    body: bytes
-    framing: str
-
-    def header(self, name: str) -> str | None:
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
 
 
 def _request_head(method: str, target_form: str, host: str) -> tuple[bytes, tuple[str, ...]]:
@@ -192,160 +173,15 @@ def _prepare(kind: str, method: str, request: str | None, virtualhost: str | Non
     return Prepared(head, lines, sni, name)
 
 
-class _Reader:
-    """Reads one HTTP response into a bytearray, never past the caps."""
-
-    __slots__ = ("buf", "endpoint", "eof", "progress", "stream")
-
-    def __init__(self, stream: trio.abc.ReceiveStream, endpoint: str,
-                 progress: Progress) -> None:
-        self.stream = stream
-        self.endpoint = endpoint
-        self.progress = progress
-        self.buf = bytearray()
-        self.eof = False
-
-    async def more(self, what: str) -> None:
-        """Receive more bytes; CheckFailed at end of stream."""
-        data = await self.stream.receive_some(RECEIVE_SIZE)
-        if not data:
-            self.eof = True
-            raise CheckFailed(f"{self.endpoint} closed the connection {what} "
-                              f"({self.progress.received} bytes received)")
-        self.progress.received += len(data)
-        self.buf += data
-
-    async def until(self, delimiter: bytes, start: int, limit: int, what: str,
-                    too_long: str) -> int:
-        """Index of `delimiter` at or after `start`, reading until it is there or `limit`."""
-        scan = start
-        while True:
-            found = self.buf.find(delimiter, scan)
-            if found >= 0:
-                return found
-            if len(self.buf) - start > limit:
-                raise CheckFailed(too_long)
-            scan = max(start, len(self.buf) - len(delimiter) + 1)
-            await self.more(what)
-
-    async def head(self) -> tuple[int, int]:
-        """End of the status line and end of the headers of the final (non-1xx) response."""
-        start = 0
-        while True:
-            self.progress.step = f"waiting for the HTTP status line from {self.endpoint}"
-            while len(self.buf) - start < 5:
-                await self.more("before sending a status line")
-            if not self.buf.startswith(b"HTTP/", start):
-                raise CheckFailed(f"{self.endpoint} did not answer HTTP: "
-                                  f"{quote(printable(self.buf[start:start + 40], 40))}")
-            self.progress.step = f"reading the HTTP headers from {self.endpoint}"
-            end = await self.until(b"\r\n\r\n", start, HEADER_LIMIT - start,
-                                   "in the middle of the HTTP headers",
-                                   f"HTTP headers from {self.endpoint} exceed "
-                                   f"{HEADER_LIMIT // 1024} KiB")
-            match = _STATUS_LINE.match(self.buf, start)
-            if match is None:
-                line_end = self.buf.find(b"\r\n", start)
-                raise CheckFailed(f"{self.endpoint} sent a malformed HTTP status line: "
-                                  f"{quote(printable(self.buf[start:line_end], 60))}")
-            status = int(match.group(3))
-            if status >= 200 or status == 101:
-                return start, end + 4
-            # An interim response (100 Continue, 103 Early Hints): the real one follows.
-            start = end + 4
-
-    async def exactly(self, start: int, length: int, what: str) -> None:
-        while len(self.buf) < start + length:
-            await self.more(what)
-
-    async def chunked(self, start: int) -> bytes:
-        body = bytearray()
-        pos = start
-        while True:
-            line_end = await self.until(b"\r\n", pos, _CHUNK_LINE_LIMIT,
-                                        "in the middle of a chunked body",
-                                        f"{self.endpoint} sent a chunk-size line over "
-                                        f"{_CHUNK_LINE_LIMIT} bytes")
-            size_field = bytes(self.buf[pos:line_end]).split(b";", 1)[0].strip()
-            if not _CHUNK_SIZE.fullmatch(size_field):
-                raise CheckFailed(f"{self.endpoint} sent a malformed chunked body "
-                                  f"(chunk size {quote(printable(size_field, 20))})")
-            size = int(size_field, 16)
-            pos = line_end + 2
-            if size == 0:
-                # Trailers are not needed to judge the answer.
-                return bytes(body)
-            if len(body) + size > BODY_LIMIT:
-                raise CheckFailed(_body_too_long(self.endpoint))
-            await self.exactly(pos, size + 2, "in the middle of a chunked body")
-            body += self.buf[pos:pos + size]
-            if self.buf[pos + size:pos + size + 2] != b"\r\n":
-                raise CheckFailed(f"{self.endpoint} sent a malformed chunked body "
-                                  "(chunk longer than its size)")
-            # Keep the buffer as small as the body: drop what was decoded.
-            del self.buf[:pos + size + 2]
-            pos = 0
-
-    async def until_close(self, start: int) -> bytes:
-        while True:
-            if len(self.buf) - start > BODY_LIMIT:
-                raise CheckFailed(_body_too_long(self.endpoint))
-            data = await self.stream.receive_some(RECEIVE_SIZE)
-            if not data:
-                return bytes(self.buf[start:])
-            self.progress.received += len(data)
-            self.buf += data
-
-
-def _body_too_long(endpoint: str) -> str:
-    return f"HTTP body from {endpoint} exceeds {BODY_LIMIT // (1024 * 1024)} MiB"
-
-
-def _parse_headers(block: bytes) -> list[tuple[str, str]]:
-    headers = []
-    for line in block.split(b"\r\n"):
-        name, sep, value = line.partition(b":")
-        if sep:
-            headers.append((name.strip().decode("latin-1"),
-                            value.strip().decode("latin-1")))
-    return headers
-
-
 async def read_response(stream: trio.abc.ReceiveStream, endpoint: str, method: str,
                         progress: Progress) -> Response:
-    """One HTTP/1.x response: content-length, chunked or read-until-close body, capped."""
-    reader = _Reader(stream, endpoint, progress)
-    start, body_start = await reader.head()
-    buf = reader.buf
-    line_end = buf.find(b"\r\n", start)
-    status_line = printable(buf[start:line_end], 200)
-    status = int(buf[start + 9:start + 12])
-    headers = _parse_headers(bytes(buf[line_end + 2:body_start - 4]))
-    response = Response(status, status_line, headers, b"", "none")
-    progress.step = f"reading the HTTP body from {endpoint}"
-    if method == "HEAD" or status < 200 or status in (204, 304):
-        return response
-    encoding = response.header("transfer-encoding")
-    length = response.header("content-length")
-    if encoding is not None:
-        if encoding.lower().rsplit(",", 1)[-1].strip() == "chunked":
-            response.body, response.framing = await reader.chunked(body_start), "chunked"
-            return response
-    elif length is not None:
-        values = {v.strip() for v in length.split(",")}
-        if len(values) != 1 or not next(iter(values)).isdigit():
-            raise CheckFailed(f"{endpoint} sent an invalid Content-Length {quote(length)}")
-        size = int(values.pop())
-        if size > BODY_LIMIT:
-            raise CheckFailed(f"HTTP body from {endpoint} is {size} bytes, over the "
-                              f"{BODY_LIMIT // (1024 * 1024)} MiB cap")
-        await reader.exactly(body_start, size, f"after {len(buf) - body_start} of {size} "
-                                               "body bytes")
-        response.body = bytes(buf[body_start:body_start + size])
-        response.framing = "content-length"
-        return response
-    response.body, response.framing = await reader.until_close(body_start), "until close"
-    return response
+    """One HTTP/1.x response, head and body capped; CheckFailed when it is none."""
+    try:
+        return await http_exchange.read_response(stream, endpoint, method, progress,
+                                                 head_limit=HEADER_LIMIT,
+                                                 body_limit=BODY_LIMIT)
+    except http_exchange.HttpError as exc:
+        raise CheckFailed(exc.reason) from exc
 
 
 def judge(response: Response, spec: CheckSpec, method: str,
@@ -355,7 +191,7 @@ def judge(response: Response, spec: CheckSpec, method: str,
     accepted = accepted if accepted is not None else parse_status(DEFAULT_STATUS)
     receive = spec.receive or ""
     status = response.status
-    shown = response.status_line.split(" ", 1)[1] if " " in response.status_line else ""
+    shown = response.status_text
     note = ""
     if 300 <= status < 400:
         location = response.header("location")

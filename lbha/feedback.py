@@ -30,6 +30,7 @@ from typing import Literal
 
 import trio
 
+from lbha.http_exchange import HttpError, HttpTooLong, Tally, read_response
 from lbha.model import IPAddress
 
 #: Bytes read from an agent at most; a real reply is a few bytes.
@@ -256,35 +257,6 @@ async def read_agent(
     return _no_answer(where, seconds, stream is not None, data)
 
 
-_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: [^\r\n]*)?")
-_CONTENT_LENGTH = re.compile(rb"(?im)^content-length:[ \t]*([0-9]+)[ \t]*\r?$")
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
-
-
-def _response_complete(data: bytes) -> bool:
-    """Whether `data` holds the whole response, so a keep-alive server need not close first."""
-    end = _HEADER_END.search(data)
-    if end is None:
-        return False
-    length = _CONTENT_LENGTH.search(data[: end.start()])
-    return length is not None and len(data) - end.end() >= int(length.group(1))
-
-
-def _parse_response(data: bytes) -> FeedbackReading:
-    end = _HEADER_END.search(data)
-    if end is None:
-        return FeedbackReading(error="incomplete HTTP response header")
-    status = _STATUS_LINE.match(data)
-    if status is None:
-        first = data.split(b"\n", 1)[0].rstrip(b"\r")
-        return FeedbackReading(error=f"bad HTTP status line {_show(first)}")
-    body = data[end.end() :]
-    length = _CONTENT_LENGTH.search(data[: end.start()])
-    if length is not None:
-        body = body[: int(length.group(1))]
-    return parse_http_reply(int(status.group(1)), body)
-
-
 async def read_http(
     address: IPAddress | str,
     port: int,
@@ -296,10 +268,11 @@ async def read_http(
 ) -> FeedbackReading:
     """GET `path` over HTTP/1.0 and parse the body as an idle percentage.
 
-    HTTP/1.0 so that the server neither chunks the body nor keeps the connection open. No
-    redirects are followed (a 3xx is an error). A response longer than `limit` bytes is an
-    error. Network errors and a server silent for `seconds` come back as the
-    reading's `error`, prefixed with "http feedback at URL".
+    HTTP/1.0 so that the server neither chunks the body nor keeps the connection open (the
+    shared reader, lbha.http_exchange, copes with both). No redirects are followed (a 3xx is
+    an error). A status line and headers, or a body, over `limit` bytes is an error. Network
+    errors and a server silent for `seconds` come back as the reading's `error`, prefixed
+    with "http feedback at URL".
     """
     address = ipaddress.ip_address(address)
     host = virtualhost or (_host(address) if port == 80 else f"{_host(address)}:{port}")
@@ -311,9 +284,9 @@ async def read_http(
         f"GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: lbha-feedback\r\n"
         "Accept: */*\r\nConnection: close\r\n\r\n"
     ).encode("ascii", "backslashreplace")
-    data = b""
+    progress = Tally()
     stream: trio.SocketStream | None = None
-    with trio.move_on_after(seconds) as scope:
+    with trio.move_on_after(seconds):
         try:
             stream = await _connect(address, port)
         except OSError as exc:
@@ -321,21 +294,19 @@ async def read_http(
         async with stream:
             try:
                 await stream.send_all(request)
-                # One byte beyond the limit tells "exactly at the limit" from "too long".
-                while len(data) <= limit and not _response_complete(data):
-                    chunk = await stream.receive_some(limit + 1 - len(data))
-                    if not chunk:
-                        break
-                    data += chunk
+                response = await read_response(stream, where, "GET", progress,
+                                                head_limit=limit, body_limit=limit)
+            except HttpTooLong:
+                return FeedbackReading(error=f"{where}: response longer than {limit} bytes")
+            except HttpError as exc:
+                return FeedbackReading(error=f"{where}: {exc.detail}")
             except trio.BrokenResourceError as exc:
-                if not _response_complete(data):
-                    return FeedbackReading(
-                        error=f"{where}: connection broken: {exc.__cause__ or exc}")
-    if scope.cancelled_caught:
-        return _no_answer(where, seconds, stream is not None, data)
-    if len(data) > limit:
-        return FeedbackReading(error=f"{where}: response longer than {limit} bytes")
-    if not data:
-        return FeedbackReading(error=f"{where}: connection closed without a response")
-    reading = _parse_response(data)
-    return reading if reading.error is None else replace(reading, error=f"{where}: {reading.error}")
+                return FeedbackReading(
+                    error=f"{where}: connection broken: {exc.__cause__ or exc}")
+        reading = parse_http_reply(response.status, response.body)
+        return reading if reading.error is None \
+            else replace(reading, error=f"{where}: {reading.error}")
+    if progress.received:
+        return FeedbackReading(error=f"{where}: no complete reply within {seconds:g} s "
+                                     f"({progress.received} bytes received)")
+    return _no_answer(where, seconds, stream is not None, b"")

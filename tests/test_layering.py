@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: What a built-in check or sink plugin may import from the core: the public plugin API.
 PLUGIN_API = {
     "lbha", "lbha.checkapi", "lbha.hookspecs", "lbha.model", "lbha.errors", "lbha.desired",
-    "lbha.events", "lbha.durations", "lbha.atomic_file",
+    "lbha.events", "lbha.durations", "lbha.atomic_file", "lbha.http_exchange",
 }
 #: What the heartbeat daemon may import from the core.
 HEARTBEAT_API = PLUGIN_API | {

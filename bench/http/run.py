@@ -1,6 +1,6 @@
 """HTTP and HTTPS checks per second per core, lbha against curl, in the same run.
 
-    .venv/bin/python bench/http/run.py [--count 3000] [--concurrency 50]
+    .venv/bin/python bench/http/run.py [--count 3000] [--concurrency 50] [--reader h11]
 
 Starts nginx on 127.0.0.1 (HTTPS with a throwaway trustme certificate) and measures, for
 `GET /health` with a body match:
@@ -14,7 +14,8 @@ Starts nginx on 127.0.0.1 (HTTPS with a throwaway trustme certificate) and measu
 "Per core" = requests per CPU-second of the client (user + system, from getrusage), so load
 on the machine does not skew the comparison; wall-clock rates are printed too. The ratio is
 lbha's sequential checks per CPU-second over each curl figure. Needs nginx-light and curl
-(scripts/install-system-packages).
+(scripts/install-system-packages). `--reader h11` runs the checks on the h11 response reader
+of h11_reader.py instead of lbha's own (needs h11: pip install -e '.[test]').
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 import trio
 import trustme
 
+from lbha import http_exchange
 from lbha.engine import run_check
 from lbha.testing import check_spec, installed_checks, target
 
@@ -141,7 +143,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--reader", choices=["lbha", "h11"], default="lbha",
+                        help="the HTTP response parser the checks use")
     args = parser.parse_args()
+    if args.reader == "h11":
+        import h11_reader
+
+        http_exchange.read_response = h11_reader.read_response
     if shutil.which("curl") is None:
         sys.exit("curl not installed")
     with tempfile.TemporaryDirectory(prefix="lbha-bench-http-") as tmp:
@@ -149,8 +157,9 @@ def main() -> None:
         os.chmod(d, 0o755)
         proc, http, https = start_nginx(d)
         try:
-            print(f"{os.cpu_count()} cores, {args.count} requests each; rates are "
-                  "requests per CPU-second of the client (per wall-second)")
+            print(f"{os.cpu_count()} cores, {args.count} requests each, {args.reader} "
+                  "response parser; rates are requests per CPU-second of the client "
+                  "(per wall-second)")
             for check, port, scheme in (("http", http, "http"), ("https", https, "https")):
                 url = f"{scheme}://127.0.0.1:{port}/health"
                 seq = lbha_rate(check, port, args.count, 1)

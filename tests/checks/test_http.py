@@ -584,6 +584,25 @@ HOSTILE = [
     ("endless-body", endless(b"HTTP/1.1 200 OK\r\n\r\n"), "HTTP body from {ep} exceeds 1 MiB"),
     ("endless-headers", endless(b"HTTP/1.1 200 OK\r\n", b"X-Pad: " + b"p" * 1000 + b"\r\n"),
      "HTTP headers from {ep} exceed 64 KiB"),
+    ("header-flood", endless(b"HTTP/1.1 200 OK\r\n", b"X: y\r\n" * 10000),
+     "HTTP headers from {ep} exceed 64 KiB"),
+    # Whole in one send, the head over the cap: the cap holds however the bytes arrive.
+    ("oversized-head", script(None, b"HTTP/1.1 200 OK\r\nX-Pad: " + b"p" * 70000
+                              + b"\r\nContent-Length: 2\r\n\r\nOK"),
+     "HTTP headers from {ep} exceed 64 KiB"),
+    ("interim-flood", endless(b"", b"HTTP/1.1 100 Continue\r\n\r\n" * 1000),
+     "HTTP headers from {ep} exceed 64 KiB"),
+    ("garbage-status-line", script(None, b"HTTP/1.1 OK fine\r\nContent-Length: 2\r\n\r\nOK"),
+     "{ep} sent a malformed HTTP status line: 'HTTP/1.1 OK fine'"),
+    ("bad-chunk-size", script(None, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                    b"-2\r\nOK\r\n0\r\n\r\n"),
+     "{ep} sent a malformed chunked body (chunk size '-2')"),
+    ("endless-chunk-size", endless(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                                   b"0" * 1000),
+     "{ep} sent a chunk-size line over 4096 bytes"),
+    ("close-mid-chunk", script(None, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                     b"64\r\nOK", close=True),
+     "{ep} closed the connection in the middle of a chunked body"),
 ]
 
 

@@ -474,11 +474,64 @@ async def test_read_http_endless_body_is_bounded(nursery):
 
 
 async def test_read_http_not_http(nursery):
+    # The HTTP checks' wording: one reader (lbha.http_exchange) serves both.
     port = await _serve(nursery, "127.0.0.1", _http_server(b"60%\n\n", []))
     reading = await read_http("127.0.0.1", port, "/")
     assert reading.error == (
-        f"http feedback at http://127.0.0.1:{port}/: bad HTTP status line '60%'"
+        f"http feedback at http://127.0.0.1:{port}/: did not answer HTTP: '60%\\n\\n'"
     )
+
+
+async def test_read_http_interim_and_chunked_on_keepalive(nursery):
+    response = (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n1\r\n4\r\n2;x=1\r\n2%\r\n0\r\n\r\n")
+    port = await _serve(nursery, "127.0.0.1", _http_server(response, [], then_hang=True))
+    with trio.fail_after(2):  # the last chunk ends the body: no need to wait for the close
+        assert await read_http("127.0.0.1", port, "/") == FeedbackReading(percent=42)
+
+
+async def test_read_http_body_cut_short_is_no_weight(nursery):
+    # "5" of "55%": applying it would drop the server to a tenth of its weight.
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n5"
+    port = await _serve(nursery, "127.0.0.1", _http_server(response, []))
+    reading = await read_http("127.0.0.1", port, "/")
+    assert reading == FeedbackReading(
+        error=f"http feedback at http://127.0.0.1:{port}/: closed the connection after 1 of "
+              f"3 body bytes ({len(response)} bytes received)")
+
+
+@pytest.mark.parametrize(("response", "error"), [
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+     "sent a malformed chunked body (chunk size 'zz')"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n42\r\n",
+     "sent a malformed chunked body (chunk longer than its size)"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\n42",
+     "sent an invalid Content-Length '2, 3'"),
+    (b"HTTP/1.1 2000 OK\r\n\r\n42", "sent a malformed HTTP status line: 'HTTP/1.1 2000 OK'"),
+    (b"HTTP/1.1 200 OK\r\n" + b"X-Flood: y\r\n" * 1000 + b"\r\n42",
+     "response longer than 4096 bytes"),
+], ids=["chunk-size", "chunk-too-long", "content-length", "status-line", "header-flood"])
+async def test_read_http_malformed_responses(nursery, response, error):
+    port = await _serve(nursery, "127.0.0.1", _http_server(response, [], then_hang=True))
+    with trio.fail_after(2):
+        reading = await read_http("127.0.0.1", port, "/")
+    assert reading == FeedbackReading(error=f"http feedback at http://127.0.0.1:{port}/: {error}")
+
+
+async def test_a_trickling_http_feedback_server_fails_at_the_deadline(nursery, autojump_clock):
+    async def trickle(stream: trio.SocketStream) -> None:
+        await stream.receive_some(1024)
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n42":
+            await stream.send_all(bytes([byte]))
+            await trio.sleep(1)
+
+    port = await _serve(nursery, "127.0.0.1", trickle)
+    start = trio.current_time()
+    reading = await read_http("127.0.0.1", port, "/", seconds=5)
+    assert trio.current_time() - start == pytest.approx(5)
+    assert reading == FeedbackReading(
+        error=f"http feedback at http://127.0.0.1:{port}/: no complete reply within 5 s "
+              "(5 bytes received)")
 
 
 async def test_read_http_closed_without_response(nursery):
