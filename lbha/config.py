@@ -93,10 +93,12 @@ def format_path(path: KeyPath) -> str:
 
 
 class _Context:
-    def __init__(self, source: str, text: str, checks: CheckRegistry | None) -> None:
+    def __init__(self, source: str, text: str, checks: CheckRegistry | None,
+                 judge_checks: bool = True) -> None:
         self.source = source
         self.locator = Locator(text)
         self.checks = checks
+        self.judge_checks = judge_checks
         self.errors: list[Problem] = []
         self.warnings: list[Problem] = []
 
@@ -534,13 +536,13 @@ def _check_spec(
     registry = ctx.checks
     known_types, known_services = ctx.check_names
     check_type = t.str("type", "negotiate")
-    if check_type not in known_types:
+    if ctx.judge_checks and check_type not in known_types:
         t.error("type", f"unknown check type {check_type!r}"
                 f"{_did_you_mean(check_type, known_types)} "
                 f"(known: {', '.join(sorted(known_types))})")
         check_type = "negotiate"
     service = t.str("service")
-    if service is not None and service not in known_services:
+    if ctx.judge_checks and service is not None and service not in known_services:
         t.error("service", f"unknown negotiate service {service!r}"
                 f"{_did_you_mean(service, known_services)}")
         service = None
@@ -1013,10 +1015,13 @@ def load_config_text(
     checks: CheckRegistry | None = None,
     warnings: list[Problem] | None = None,
     files: bool = False,
+    judge_checks: bool = True,
 ) -> Config:
     """Validate TOML text; raise ConfigError listing every problem found.
 
     With `checks`, check types and plugin options are validated against installed plugins.
+    Without `judge_checks`, check type and service names are not judged at all: for the
+    heartbeat, which loads no check plugin (healthd and `lbha config check` judge them).
     Warnings (valid but doubtful settings) are appended to `warnings` when it is given.
     With `files`, files the config names are read too (the auth key file), as
     `lbha config check` does; the daemons read them themselves when they need them.
@@ -1027,7 +1032,7 @@ def load_config_text(
         match = re.search(r"\(at line (\d+), column \d+\)", str(exc))
         raise ConfigError([Problem(source, "", f"not valid TOML: {exc}",
                                    int(match.group(1)) if match else None)]) from None
-    ctx = _Context(source, text, checks)
+    ctx = _Context(source, text, checks, judge_checks)
     root = _Table(ctx, data, ())
     cluster = _cluster(root.table("cluster"))
     check_defaults = _check_defaults(root.table("checks"))
@@ -1077,10 +1082,11 @@ def load_config(
     checks: CheckRegistry | None = None,
     warnings: list[Problem] | None = None,
     files: bool = False,
+    judge_checks: bool = True,
 ) -> Config:
     """Read and validate a config file; see load_config_text."""
     return load_config_text(read_config_file(path), str(path), checks=checks,
-                            warnings=warnings, files=files)
+                            warnings=warnings, files=files, judge_checks=judge_checks)
 
 
 def read_config_file(path: str | Path) -> str:

@@ -1,4 +1,5 @@
-"""Heartbeat CLI commands: parsing, status text, errors when the daemon is away."""
+"""Heartbeat commands of the `lbha` CLI and the heartbeat program: parsing, status text,
+errors when the daemon is away."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from lbha.cli import build_parser, cluster_status_json
+from lbha.cli import format_cluster_status as format_status
 from lbha.config import load_config_text
 from lbha.errors import ControlError
-from lbha.heartbeat.cli import add_commands, cluster_status_json, format_status
 from lbha.logs import log_level
 
 STATUS = {
@@ -20,10 +22,7 @@ STATUS = {
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser()
-    p.add_argument("--log-level")
-    add_commands(p.add_subparsers(dest="command", required=True))
-    return p
+    return build_parser()
 
 
 def test_commands_parse() -> None:
@@ -121,14 +120,13 @@ addresses = ["198.18.0.2"]
 def test_daemons_log_their_lifecycle_unless_told_otherwise(argv: list[str], level: str) -> None:
     # `lbha --log-level` defaulted to warning for every command, so `lbha heartbeat` under
     # the unit never logged that it started, took over or stood by.
-    from lbha.cli import build_parser
-
     assert log_level(build_parser().parse_args(argv)) == level
 
 
 def test_python_m_lbha_heartbeat_has_the_same_defaults() -> None:
-    from lbha.heartbeat.__main__ import build_parser
+    from lbha.heartbeat.cli import build_parser as heartbeat_parser
 
-    assert log_level(build_parser().parse_args(["heartbeat"])) == "info"
-    assert log_level(build_parser().parse_args(["takeover"])) == "warning"
-    assert log_level(build_parser().parse_args(["--log-level", "error", "heartbeat"])) == "error"
+    assert log_level(heartbeat_parser().parse_args(["heartbeat"])) == "info"
+    assert log_level(heartbeat_parser().parse_args(["check-host"])) == "warning"
+    assert log_level(heartbeat_parser().parse_args(["--log-level", "error", "heartbeat"])) \
+        == "error"

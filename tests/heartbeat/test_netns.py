@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_process import HEARTBEAT, PYTHON
 
-from .netns import PYTHON, unavailable, wait_for
+from .netns import unavailable, wait_for
 from .pair import NODES, VIP4, VIP6, Pair
 from .sniff import Sniffer
 
@@ -229,7 +230,7 @@ def test_silent_partition_heals_without_outage(pair: Pair) -> None:
 def test_bad_key_file_refused(pair: Pair) -> None:
     (pair.tmp / "authkeys").chmod(0o644)
     result = subprocess.run(
-        ["ip", "netns", "exec", pair.lab.ns("lb1"), PYTHON, "-m", "lbha.heartbeat",
+        ["ip", "netns", "exec", pair.lab.ns("lb1"), *HEARTBEAT,
          "heartbeat", "--config", str(pair.configs["lb1"])],
         capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
@@ -242,7 +243,7 @@ def test_port_in_use_is_reported(pair: Pair) -> None:
             f"s.bind(('{NODES['lb1'][0]}', 6694)); print('bound', flush=True); time.sleep(20)")
     blocker = pair.lab.start("lb1", [PYTHON, "-c", code], pair.tmp / "blocker.log")
     assert wait_for(lambda: "bound" in (pair.tmp / "blocker.log").read_text(), 10, 0.05)
-    result = pair.lab.run("lb1", [PYTHON, "-m", "lbha.heartbeat", "heartbeat", "--config",
+    result = pair.lab.run("lb1", [*HEARTBEAT, "heartbeat", "--config",
                                   str(pair.configs["lb1"])])
     pair.lab.stop(blocker)
     assert result.returncode == 1
@@ -364,7 +365,7 @@ def test_floating_ip_on_a_missing_device_refuses_to_start(pair: Pair) -> None:
         f'floating_ips = ["{VIP4}", "{VIP6}"]',
         f'floating_ips = [{{ address = "{VIP4}/24", device = "eth9" }}, "{VIP6}"]'))
     before = pair.lab.ip("-n", pair.lab.ns("lb1"), "addr")
-    result = pair.lab.run("lb1", [PYTHON, "-m", "lbha.heartbeat", "heartbeat", "--config",
+    result = pair.lab.run("lb1", [*HEARTBEAT, "heartbeat", "--config",
                                   str(config)])
     assert result.returncode == 1
     assert f"floating IP {VIP4}: device 'eth9' does not exist on this host" in result.stderr
