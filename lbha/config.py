@@ -53,7 +53,6 @@ from lbha.model import (
     Protocol,
     RealServer,
     Role,
-    SerialLink,
     SnmpAlerts,
     SnmpTarget,
     VirtualService,
@@ -286,6 +285,11 @@ def _parse_address(table: _Table, key: str | tuple[str, int], value: str) -> IPA
 # --------------------------------------------------------------------------- sections
 
 
+SERIAL_NOT_IMPLEMENTED = (
+    "serial heartbeat links are not implemented yet (issue 16): lbha would ignore this link; "
+    "remove [cluster.serial] and give the peer a UDP path ([[cluster.peers]] addresses)")
+
+
 def _cluster(t: _Table) -> ClusterConfig | None:
     if not t.data:
         t.finish()
@@ -308,22 +312,23 @@ def _cluster(t: _Table) -> ClusterConfig | None:
         addresses = peer.address_list("addresses")
         peers.append(Peer(name, addresses))
         peer.finish()
-    serial = None
     if t.has("serial"):
         st = t.table("serial")
-        device = st.str("device", "", required=True)
+        st.str("device", "", required=True)
         baud = st.int("baud", 19200, 1, 10_000_000)
         if baud not in SERIAL_BAUDS:
             rates = ", ".join(map(str, sorted(SERIAL_BAUDS)))
             st.error("baud", f"{baud} is not a standard rate ({rates})")
-        serial = SerialLink(device, baud)
         st.finish()
+        # Accepted, it would do nothing: a pair cabled only by serial would start with both
+        # nodes active.
+        st.error(None, SERIAL_NOT_IMPLEMENTED)
     if not peers:
         t.error(None, "a cluster needs its peer: add a [[cluster.peers]] table")
     for i, peer in enumerate(peers):
-        if not peer.addresses and serial is None:
+        if not peer.addresses:
             t.ctx.error(("cluster", "peers", i, "addresses"),
-                        "a peer needs at least one address unless a serial link is configured")
+                        "a peer needs at least one address (the UDP path to it)")
     keepalive = t.duration("keepalive", 1.0, minimum=MIN_KEEPALIVE)
     deadtime = t.duration("deadtime", 10.0)
     warntime = t.duration("warntime", deadtime / 2)
@@ -362,7 +367,7 @@ def _cluster(t: _Table) -> ClusterConfig | None:
         cluster_id=cluster_id,
         udp_port=t.int("udp_port", 6694, 1, 65535),
         bind=t.address_list("bind"),
-        serial=serial,
+        serial=None,
         keepalive=keepalive,
         warntime=warntime,
         deadtime=deadtime,

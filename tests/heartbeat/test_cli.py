@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 import pytest
+from cli_process import lbha
 
 from lbha.cli import build_parser, cluster_status_json
 from lbha.cli import format_cluster_status as format_status
@@ -130,3 +131,31 @@ def test_python_m_lbha_heartbeat_has_the_same_defaults() -> None:
     assert log_level(heartbeat_parser().parse_args(["check-host"])) == "warning"
     assert log_level(heartbeat_parser().parse_args(["--log-level", "error", "heartbeat"])) \
         == "error"
+
+
+def test_a_serial_link_is_refused_at_config_check_and_at_start(tmp_path: Path) -> None:
+    # It used to be accepted and ignored: a pair cabled only by serial started with both
+    # nodes active, and nothing said so.
+    config = tmp_path / "lbha.toml"
+    config.write_text(f"""
+[paths]
+run_dir = "{tmp_path}/run"
+state_dir = "{tmp_path}/state"
+[cluster]
+node = "lb1"
+role = "master"
+auth = "none"
+realtime = false
+[[cluster.peers]]
+name = "lb2"
+addresses = ["127.0.0.2"]
+[cluster.serial]
+device = "/dev/ttyS0"
+""")
+    for argv in (["config", "check", str(config)], ["heartbeat", "--config", str(config)]):
+        out = lbha(*argv)
+        assert out.returncode == 1, (argv, out.stderr)
+        assert "cluster.serial: serial heartbeat links are not implemented yet (issue 16)" \
+            in out.stderr, argv
+        assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run" / "heartbeat.sock").exists()

@@ -55,8 +55,10 @@ service = "redis"
 address = "198.18.1.2"
 """
 
-#: Modules of check libraries, of checks and of the backends.
-FORBIDDEN = ("ldap3", "pymysql", "dns", "pyrad", "pysnmp", "aiosmtplib", "cryptography",
+#: Modules of check libraries, of checks and of the backends; pyroute2's families the
+#: heartbeat does not use (its package __init__ imports them all).
+FORBIDDEN = ("pyroute2.ndb", "pyroute2.ipdb", "pyroute2.conntrack", "pyroute2.nftables",
+             "ldap3", "pymysql", "dns", "pyrad", "pysnmp", "aiosmtplib", "cryptography",
              "lbha.checks", "lbha.plugins.ipvs", "lbha.plugins.haproxy", "lbha.engine",
              "lbha.healthd", "lbha.cli")
 
