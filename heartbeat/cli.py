@@ -10,6 +10,7 @@ Each command returns an exit code: 0 done, 1 failed (the message says why, on st
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,19 @@ def _fail(message: object) -> int:
     return EXIT_FAILED
 
 
+def _pyroute2_codec_only() -> None:
+    """Let pyroute2's netlink codec be imported without the package's __init__, which imports
+    every family pyroute2 supports (NDB, IPDB, conntrack, nftables, wireless, ...): 8 MB of
+    the daemon's RSS. The heartbeat uses its rtnetlink codec and nothing else."""
+    if "pyroute2" in sys.modules:
+        return
+    spec = importlib.util.find_spec("pyroute2")
+    if spec is not None and spec.submodule_search_locations is not None:
+        sys.modules["pyroute2"] = importlib.util.module_from_spec(spec)
+
+
 def cmd_heartbeat(args: argparse.Namespace) -> int:
+    _pyroute2_codec_only()
     from lbha.heartbeat.daemon import run_daemon
 
     try:
