@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cli_process import LBHA
 
 from lbha.events import Event
 from lbha.plugin_manager import load_event_plugins, load_plugins
@@ -103,7 +104,7 @@ def test_a_raising_event_hook_does_not_stop_the_others(third_party: Path) -> Non
 
 def test_lbha_plugins_lists_checks_and_failures(third_party: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(third_party)}
-    out = subprocess.run([sys.executable, "-m", "lbha", "plugins"], env=env,
+    out = subprocess.run([*LBHA, "plugins"], env=env,
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert "connect" in out.stdout

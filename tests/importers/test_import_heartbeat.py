@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cli_process import LBHA
 
 from lbha.importers import (
     ImportFormatError,
@@ -226,18 +227,17 @@ def test_nothing_to_import_is_refused():
 
 def test_cli_imports_ha_cf_alone(tmp_path):
     import subprocess
-    import sys
 
     out = tmp_path / "lbha.toml"
     key = tmp_path / "authkey"
     run = subprocess.run(
-        [sys.executable, "-m", "lbha", "import", "--ha-cf", str(DATA / "ha.cf"),
+        [*LBHA, "import", "--ha-cf", str(DATA / "ha.cf"),
          "--authkeys", str(DATA / "authkeys"), "-o", str(out), "--authkey-out", str(key)],
         capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode in (0, 1), run.stderr  # 1: some ha.cf directives are not imported
     assert "[cluster]" in out.read_text()
     assert "[[virtual]]" not in out.read_text()
-    usage = subprocess.run([sys.executable, "-m", "lbha", "import"], capture_output=True,
+    usage = subprocess.run([*LBHA, "import"], capture_output=True,
                            text=True, timeout=60, check=False)
     assert usage.returncode == 2
     assert "give an ldirectord.cf, --ha-cf FILE, or both" in usage.stderr
