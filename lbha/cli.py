@@ -23,7 +23,7 @@ from lbha.config_show import render_config
 from lbha.errors import ConfigError, ControlError, LbhaError, Problem
 from lbha.logs import COMMAND_LEVEL, DAEMON_LEVEL, LEVELS, log_level, setup_logging
 from lbha.model import Config, Paths
-from lbha.plugin_manager import PluginManager, load_plugins
+from lbha.plugin_manager import ENTRY_POINT_GROUP, PluginManager, load_plugins
 
 log = logging.getLogger("lbha")
 
@@ -91,7 +91,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     plugins = load_plugins()
     print("plugins:")
     for info in sorted(plugins.plugins.values(), key=lambda p: p.name):
-        print(f"  {info.name:<20} {info.distribution} {info.version}  ({info.module})")
+        group = "" if info.group == ENTRY_POINT_GROUP else f", group {info.group}"
+        print(f"  {info.name:<20} {info.distribution} {info.version}  ({info.module}{group})")
     print("check types:")
     for name in plugins.checks:
         check = plugins.checks.get(name)

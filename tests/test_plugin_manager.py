@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from cli_process import LBHA
+from cli_process import LBHA, lbha
 
 from lbha.events import Event
 from lbha.plugin_manager import load_event_plugins, load_plugins
@@ -154,3 +154,13 @@ def test_an_event_plugin_that_provides_checks_is_refused(event_plugins: Path) ->
 def test_healthd_loads_both_groups(event_plugins: Path) -> None:
     manager = load_plugins()
     assert {"pager_events", "log", "connect", "ipvs", "quiet_events"} <= set(manager.plugins)
+
+
+def test_lbha_plugins_names_the_group_of_event_plugins(event_plugins: Path) -> None:
+    out = lbha("plugins", env={**os.environ, "PYTHONPATH": str(event_plugins)})
+    assert out.returncode == 0, out.stderr
+    plugins = out.stdout.split("check types:")[0].splitlines()
+    (line,) = [x for x in plugins if x.strip().startswith("pager_events")]
+    assert line.endswith("(pager_events, group lbha.events)")
+    (line,) = [x for x in plugins if x.strip().startswith("connect ")]
+    assert line.endswith("(lbha.checks.connect)")
