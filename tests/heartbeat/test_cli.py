@@ -3,7 +3,6 @@ errors when the daemon is away."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -22,16 +21,12 @@ STATUS = {
 }
 
 
-def parser() -> argparse.ArgumentParser:
-    return build_parser()
-
-
 def test_commands_parse() -> None:
-    args = parser().parse_args(["cluster-status", "--json", "--config", "x.toml"])
+    args = build_parser().parse_args(["cluster-status", "--json", "--config", "x.toml"])
     assert args.json
     assert args.config == Path("x.toml")
     for command in ("heartbeat", "takeover", "standby"):
-        assert callable(parser().parse_args([command]).func)
+        assert callable(build_parser().parse_args([command]).func)
 
 
 def test_status_text() -> None:
@@ -63,7 +58,7 @@ run_dir = "{tmp_path}"
         cluster_status_json(load_config_text(text))
     config = tmp_path / "lbha.toml"
     config.write_text(text)
-    args = parser().parse_args(["cluster-status", "--config", str(config)])
+    args = build_parser().parse_args(["cluster-status", "--config", str(config)])
     assert args.func(args) == 1
     assert "is the daemon running" in capsys.readouterr().err
 
