@@ -1,7 +1,8 @@
-"""`lbha heartbeat | takeover | standby | cluster-status`: the lead's CLI calls add_commands().
+"""The heartbeat program, `python -m lbha.heartbeat COMMAND --config FILE`.
 
-Logging is set up by the entry point (`lbha`, `python -m lbha.heartbeat`) from `--log-level`
-or the command's default (`lbha.logs.log_level`).
+`lbha heartbeat` runs it (exec, same PID) and `lbha config check` asks it `check-host`: the
+`lbha` CLI never imports the heartbeat. Operator commands (takeover, standby,
+cluster-status) are the CLI's, over the control socket.
 
 Each command returns an exit code: 0 done, 1 failed (the message says why, on stderr).
 """
@@ -9,7 +10,7 @@ Each command returns an exit code: 0 done, 1 failed (the message says why, on st
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,34 +18,36 @@ from typing import Any
 import trio
 
 from lbha.config import DEFAULT_PATH, load_config
-from lbha.control import request
-from lbha.errors import ControlError, LbhaError
-from lbha.logs import DAEMON_LEVEL
-from lbha.model import Config
+from lbha.errors import LbhaError
+from lbha.logs import COMMAND_LEVEL, DAEMON_LEVEL, LEVELS, log_level, setup_logging
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add the heartbeat subcommands to the `lbha` parser."""
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lbha.heartbeat")
+    parser.add_argument("--log-level", choices=LEVELS,
+                        help=f"default: {DAEMON_LEVEL} for heartbeat, {COMMAND_LEVEL} otherwise")
+    sub = parser.add_subparsers(dest="command", required=True)
     commands = [
         ("heartbeat", "run the heartbeat daemon (lbha-heartbeat.service)", cmd_heartbeat),
-        ("takeover", "make this node active (the peer releases the floating IPs first)",
-         cmd_takeover),
-        ("standby", "release the floating IPs to the peer and stay passive", cmd_standby),
-        ("cluster-status", "Master|Slave  Active|Passive  Link up|down, peer, floating IPs",
-         cmd_cluster_status),
+        ("check-host", "print, one a line, what stops the daemon on this host although the "
+         "config is valid (floating IPs it cannot place)", cmd_check_host),
     ]
     for name, text, func in commands:
-        parser = sub.add_parser(name, help=text, description=text)
-        parser.add_argument("--config", type=Path, default=DEFAULT_PATH,
-                            help=f"config file (default {DEFAULT_PATH})")
-        if name == "cluster-status":
-            parser.add_argument("--json", action="store_true", help="print JSON")
-        parser.set_defaults(func=func)
-        if name == "heartbeat":
-            parser.set_defaults(log_level_default=DAEMON_LEVEL)
+        command = sub.add_parser(name, help=text, description=text)
+        command.add_argument("--config", type=Path, default=DEFAULT_PATH,
+                             help=f"config file (default {DEFAULT_PATH})")
+        command.set_defaults(func=func)
+    sub.choices["heartbeat"].set_defaults(log_level_default=DAEMON_LEVEL)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(log_level(args))
+    return int(args.func(args))
 
 
 def _fail(message: object) -> int:
@@ -52,7 +55,19 @@ def _fail(message: object) -> int:
     return EXIT_FAILED
 
 
+def _pyroute2_codec_only() -> None:
+    """Let pyroute2's netlink codec be imported without the package's __init__, which imports
+    every family pyroute2 supports (NDB, IPDB, conntrack, nftables, wireless, ...): 8 MB of
+    the daemon's RSS. The heartbeat uses its rtnetlink codec and nothing else."""
+    if "pyroute2" in sys.modules:
+        return
+    spec = importlib.util.find_spec("pyroute2")
+    if spec is not None and spec.submodule_search_locations is not None:
+        sys.modules["pyroute2"] = importlib.util.module_from_spec(spec)
+
+
 def cmd_heartbeat(args: argparse.Namespace) -> int:
+    _pyroute2_codec_only()
     from lbha.heartbeat.daemon import run_daemon
 
     try:
@@ -75,73 +90,15 @@ def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
     return out
 
 
-def _command(args: argparse.Namespace, cmd: str) -> int:
-    try:
-        config = load_config(args.config)
-        cluster = config.cluster
-        if cluster is None:
-            return _fail(f"{args.config}: no [cluster] section")
-        result = request(config.paths.heartbeat_socket, cmd, timeout=2 * cluster.deadtime + 5)
-    except LbhaError as exc:
-        return _fail(exc)
-    print(result.get("message", "done"))
-    print(format_status(result))
-    return EXIT_OK
-
-
-def cmd_takeover(args: argparse.Namespace) -> int:
-    return _command(args, "takeover")
-
-
-def cmd_standby(args: argparse.Namespace) -> int:
-    return _command(args, "standby")
-
-
-def host_problems(config: Config) -> list[str]:
-    """What stops `lbha heartbeat` on this host although the config is valid: a floating IP
-    whose device does not exist here or whose subnet no interface holds."""
+def cmd_check_host(args: argparse.Namespace) -> int:
+    """Floating IPs whose device does not exist here or whose subnet no interface holds."""
     from lbha.heartbeat.floating_ips import floating_ips, placement_problems
 
-    if config.cluster is None:
-        return []
-    return placement_problems(floating_ips(config))
-
-
-def cluster_status_json(config: Config) -> dict[str, Any]:
-    """The heartbeat daemon's status; raises ControlError when it is not running."""
-    result = request(config.paths.heartbeat_socket, "status")
-    if not isinstance(result, dict):
-        raise ControlError("garbled status from the heartbeat daemon")
-    return result
-
-
-def format_status(status: dict[str, Any]) -> str:
-    age = status.get("last_keepalive_age")
-    heard = "never" if age is None else f"{age:.3f}s ago"
-    held = ", ".join(status.get("floating_ips") or []) or "none"
-    lines = [
-        f"{status['role'].capitalize()}  {status['state'].capitalize()}  Link {status['link']}",
-        f"  node {status['node']}, peer {status['peer']} ({status['peer_state']}), "
-        f"last keepalive {heard}",
-        f"  floating IPs held: {held}",
-    ]
-    if status.get("floating_ip_error"):
-        lines.append(f"  floating IPs NOT held: {status['floating_ip_error']}")
-    if status.get("no_carrier"):
-        lines.append(f"  no carrier on {', '.join(status['no_carrier'])}: cannot serve")
-    if status.get("floating_ips_restored"):
-        lines.append(f"  floating IPs restored after removal: {status['floating_ips_restored']}")
-    dropped = status.get("frames_dropped") or {}
-    if dropped:
-        lines.append("  frames dropped: " + ", ".join(f"{k} {v}" for k, v in dropped.items()))
-    return "\n".join(lines)
-
-
-def cmd_cluster_status(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config)
-        status = cluster_status_json(config)
+        config = load_config(args.config, judge_checks=False)
     except LbhaError as exc:
         return _fail(exc)
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    if config.cluster is not None:
+        for problem in placement_problems(floating_ips(config)):
+            print(problem)
     return EXIT_OK

@@ -48,7 +48,7 @@ from lbha.heartbeat.protocol import (
 from lbha.heartbeat.transport import ThreadedUdpTransport, Transport
 from lbha.hookspecs import DaemonContext
 from lbha.model import ClusterConfig, Config, Role
-from lbha.plugin_manager import PluginManager, load_plugins
+from lbha.plugin_manager import PluginManager, load_event_plugins
 from lbha.run_lock import RunLock
 
 log = logging.getLogger(__name__)
@@ -480,8 +480,9 @@ class _Plugins:
         self.manager.call("lbha_event", event=event)
 
 
-def _load(path: Path, manager: PluginManager) -> tuple[Config, KeyRing | None]:
-    config = load_config(path, checks=manager.checks)
+def _load(path: Path) -> tuple[Config, KeyRing | None]:
+    # No check plugin is loaded here: checks are healthd's to judge (and `config check`'s).
+    config = load_config(path, judge_checks=False)
     if config.cluster is None:
         raise HeartbeatError(f"{path}: no [cluster] section; lbha heartbeat needs one")
     return config, load_keys(config.cluster)
@@ -546,8 +547,8 @@ async def run_daemon(
     """`lbha heartbeat`: run until SIGTERM/SIGINT, reload on SIGHUP. Raises LbhaError subclasses
     (bad config, unsafe key file, port in use, another heartbeat on the run dir) before
     anything is changed on the host."""
-    manager = manager if manager is not None else load_plugins()
-    config, keys = _load(path, manager)
+    manager = manager if manager is not None else load_event_plugins()
+    config, keys = _load(path)
     cluster = config.cluster
     assert cluster is not None
     # One heartbeat per run dir, before the generation file or any address is touched.
@@ -576,7 +577,7 @@ async def run_daemon(
                     nursery.cancel_scope.cancel()
                     break
                 try:
-                    new_config, new_keys = _load(path, manager)
+                    new_config, new_keys = _load(path)
                 except (ConfigError, HeartbeatError) as exc:
                     log.error("reload refused, the running configuration stays: %s", exc)
                     continue

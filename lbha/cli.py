@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 import tomllib
@@ -20,11 +21,9 @@ from lbha.checkapi import CheckResult, Transcript
 from lbha.config import DEFAULT_PATH, load_config, load_config_text
 from lbha.config_show import render_config
 from lbha.errors import ConfigError, ControlError, LbhaError, Problem
-from lbha.heartbeat.cli import add_commands as add_heartbeat_commands
-from lbha.heartbeat.cli import host_problems
 from lbha.logs import COMMAND_LEVEL, DAEMON_LEVEL, LEVELS, log_level, setup_logging
 from lbha.model import Config, Paths
-from lbha.plugin_manager import PluginManager, load_plugins
+from lbha.plugin_manager import ENTRY_POINT_GROUP, PluginManager, load_plugins
 
 log = logging.getLogger("lbha")
 
@@ -48,12 +47,31 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return EXIT_INVALID
     _print_warnings(warnings)
-    for problem in host_problems(config):  # a warning: the file may be checked elsewhere
-        print(f"warning: {args.file}: {problem} (lbha heartbeat refuses to start on this "
-              "host)", file=sys.stderr)
+    if config.cluster is not None:
+        for problem in host_problems(args.file):  # a warning: the file may be checked elsewhere
+            print(f"warning: {args.file}: {problem} (lbha heartbeat refuses to start on this "
+                  "host)", file=sys.stderr)
     reals = sum(len(v.reals) for v in config.virtuals)
     print(f"{args.file}: OK ({len(config.virtuals)} virtual services, {reals} real servers)")
     return EXIT_OK
+
+
+#: The heartbeat program, run as a process: the CLI never imports it (DESIGN.md). `-P`: a
+#: checkout's partial `lbha/` folder in the working directory must not shadow the install.
+HEARTBEAT = (sys.executable, "-P", "-m", "lbha.heartbeat")
+
+
+def host_problems(config_path: Path) -> list[str]:
+    """What stops `lbha heartbeat` on this host although the config is valid, as the
+    heartbeat itself judges it (floating IPs it cannot place here)."""
+    try:
+        out = subprocess.run([*HEARTBEAT, "check-host", "--config", str(config_path)],
+                             capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [f"cannot check this host: {exc}"]
+    if out.returncode != 0:
+        return [f"cannot check this host: {out.stderr.strip() or out.returncode}"]
+    return out.stdout.splitlines()
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -73,7 +91,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     plugins = load_plugins()
     print("plugins:")
     for info in sorted(plugins.plugins.values(), key=lambda p: p.name):
-        print(f"  {info.name:<20} {info.distribution} {info.version}  ({info.module})")
+        group = "" if info.group == ENTRY_POINT_GROUP else f", group {info.group}"
+        print(f"  {info.name:<20} {info.distribution} {info.version}  ({info.module}{group})")
     print("check types:")
     for name in plugins.checks:
         check = plugins.checks.get(name)
@@ -232,22 +251,104 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_heartbeat(args: argparse.Namespace) -> int:
+    """Become the heartbeat program (same PID, so systemd's MAINPID stays right)."""
+    argv = [*HEARTBEAT]
+    if args.log_level is not None:
+        argv += ["--log-level", args.log_level]
+    argv += ["heartbeat", "--config", str(args.config)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(argv[0], argv)
+    except OSError as exc:
+        print(f"lbha heartbeat: cannot run {argv[0]}: {exc}", file=sys.stderr)
+    return EXIT_INVALID
+
+
+def _cluster_config(args: argparse.Namespace) -> Config | int:
+    try:
+        config = load_config(args.config, judge_checks=False)
+    except LbhaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if config.cluster is None:
+        print(f"error: {args.config}: no [cluster] section", file=sys.stderr)
+        return EXIT_INVALID
+    return config
+
+
+def cluster_status_json(config: Config) -> dict[str, Any]:
+    """The heartbeat daemon's status; raises ControlError when it is not running."""
+    result = control.request(config.paths.heartbeat_socket, "status")
+    if not isinstance(result, dict):
+        raise ControlError("garbled status from the heartbeat daemon")
+    return result
+
+
+def format_cluster_status(status: dict[str, Any]) -> str:
+    """The heartbeat's status: Master|Slave  Active|Passive  Link up|down, then details."""
+    age = status.get("last_keepalive_age")
+    heard = "never" if age is None else f"{age:.3f}s ago"
+    held = ", ".join(status.get("floating_ips") or []) or "none"
+    lines = [
+        f"{status['role'].capitalize()}  {status['state'].capitalize()}  Link {status['link']}",
+        f"  node {status['node']}, peer {status['peer']} ({status['peer_state']}), "
+        f"last keepalive {heard}",
+        f"  floating IPs held: {held}",
+    ]
+    if status.get("floating_ip_error"):
+        lines.append(f"  floating IPs NOT held: {status['floating_ip_error']}")
+    if status.get("no_carrier"):
+        lines.append(f"  no carrier on {', '.join(status['no_carrier'])}: cannot serve")
+    if status.get("floating_ips_restored"):
+        lines.append(f"  floating IPs restored after removal: {status['floating_ips_restored']}")
+    dropped = status.get("frames_dropped") or {}
+    if dropped:
+        lines.append("  frames dropped: " + ", ".join(f"{k} {v}" for k, v in dropped.items()))
+    return "\n".join(lines)
+
+
+def cmd_cluster_command(args: argparse.Namespace) -> int:
+    """`lbha takeover | standby`: ask the heartbeat, wait for it, print the pair's state."""
+    config = _cluster_config(args)
+    if isinstance(config, int):
+        return config
+    assert config.cluster is not None
+    try:
+        result = control.request(config.paths.heartbeat_socket, args.command,
+                                 timeout=2 * config.cluster.deadtime + 5)
+    except LbhaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    print(result.get("message", "done"))
+    print(format_cluster_status(result))
+    return EXIT_OK
+
+
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    try:
+        status = cluster_status_json(load_config(args.config, judge_checks=False))
+    except LbhaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    print(json.dumps(status, indent=2) if args.json else format_cluster_status(status))
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Both daemons: the pair's state (when [cluster] is configured), then the real servers."""
-    from lbha.heartbeat.cli import cluster_status_json
-    from lbha.heartbeat.cli import format_status as format_cluster
-
     result: dict[str, Any] = {}
     failed = False
     try:
-        config: Config | None = load_config(args.config)
+        config: Config | None = load_config(args.config, judge_checks=False)
     except ConfigError:
         config = None
     if config is not None and config.cluster is not None:
         try:
             result["cluster"] = cluster_status_json(config)
             if not args.json:
-                print(format_cluster(result["cluster"]))
+                print(format_cluster_status(result["cluster"]))
         except ControlError as exc:
             result["cluster"], failed = {"error": str(exc)}, True
             print(f"lbha status: heartbeat: {exc}", file=sys.stderr)
@@ -381,7 +482,22 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--authkey-out", type=Path, help="where to write the converted key (0600)")
     imp.set_defaults(func=cmd_import)
 
-    add_heartbeat_commands(sub)
+    commands = [
+        ("heartbeat", "run the heartbeat daemon (lbha-heartbeat.service)", cmd_heartbeat),
+        ("takeover", "make this node active (the peer releases the floating IPs first)",
+         cmd_cluster_command),
+        ("standby", "release the floating IPs to the peer and stay passive",
+         cmd_cluster_command),
+        ("cluster-status", "Master|Slave  Active|Passive  Link up|down, peer, floating IPs",
+         cmd_cluster_status),
+    ]
+    for name, text, func in commands:
+        command = sub.add_parser(name, help=text, description=text)
+        command.add_argument("--config", type=Path, default=DEFAULT_PATH,
+                             help=f"config file (default {DEFAULT_PATH})")
+        command.set_defaults(func=func)
+    sub.choices["heartbeat"].set_defaults(log_level_default=DAEMON_LEVEL)
+    sub.choices["cluster-status"].add_argument("--json", action="store_true", help="print JSON")
 
     demo = sub.add_parser("demo", help="watch the engine check servers on loopback (~10 s)")
     demo.set_defaults(func=cmd_demo)

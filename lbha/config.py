@@ -47,7 +47,6 @@ from lbha.model import (
     Paths,
     Peer,
     Role,
-    SerialLink,
     SnmpAlerts,
     SnmpTarget,
 )
@@ -63,6 +62,11 @@ MAX_CONFIG_BYTES = 16 * 2**20
 
 
 # --------------------------------------------------------------------------- sections
+
+
+SERIAL_NOT_IMPLEMENTED = (
+    "serial heartbeat links are not implemented yet (issue 16): lbha would ignore this link; "
+    "remove [cluster.serial] and give the peer a UDP path ([[cluster.peers]] addresses)")
 
 
 def _cluster(t: Table) -> ClusterConfig | None:
@@ -87,22 +91,23 @@ def _cluster(t: Table) -> ClusterConfig | None:
         addresses = peer.address_list("addresses")
         peers.append(Peer(name, addresses))
         peer.finish()
-    serial = None
     if t.has("serial"):
         st = t.table("serial")
-        device = st.str("device", "", required=True)
+        st.str("device", "", required=True)
         baud = st.int("baud", 19200, 1, 10_000_000)
         if baud not in SERIAL_BAUDS:
             rates = ", ".join(map(str, sorted(SERIAL_BAUDS)))
             st.error("baud", f"{baud} is not a standard rate ({rates})")
-        serial = SerialLink(device, baud)
         st.finish()
+        # Accepted, it would do nothing: a pair cabled only by serial would start with both
+        # nodes active.
+        st.error(None, SERIAL_NOT_IMPLEMENTED)
     if not peers:
         t.error(None, "a cluster needs its peer: add a [[cluster.peers]] table")
     for i, peer in enumerate(peers):
-        if not peer.addresses and serial is None:
+        if not peer.addresses:
             t.ctx.error(("cluster", "peers", i, "addresses"),
-                        "a peer needs at least one address unless a serial link is configured")
+                        "a peer needs at least one address (the UDP path to it)")
     keepalive = t.duration("keepalive", 1.0, minimum=MIN_KEEPALIVE)
     deadtime = t.duration("deadtime", 10.0)
     warntime = t.duration("warntime", deadtime / 2)
@@ -141,7 +146,7 @@ def _cluster(t: Table) -> ClusterConfig | None:
         cluster_id=cluster_id,
         udp_port=t.int("udp_port", 6694, 1, 65535),
         bind=t.address_list("bind"),
-        serial=serial,
+        serial=None,
         keepalive=keepalive,
         warntime=warntime,
         deadtime=deadtime,
@@ -290,10 +295,13 @@ def load_config_text(
     checks: CheckRegistry | None = None,
     warnings: list[Problem] | None = None,
     files: bool = False,
+    judge_checks: bool = True,
 ) -> Config:
     """Validate TOML text; raise ConfigError listing every problem found.
 
     With `checks`, check types and plugin options are validated against installed plugins.
+    Without `judge_checks`, check type and service names are not judged at all: for the
+    heartbeat, which loads no check plugin (healthd and `lbha config check` judge them).
     Warnings (valid but doubtful settings) are appended to `warnings` when it is given.
     With `files`, files the config names are read too (the auth key file), as
     `lbha config check` does; the daemons read them themselves when they need them.
@@ -304,7 +312,7 @@ def load_config_text(
         match = re.search(r"\(at line (\d+), column \d+\)", str(exc))
         raise ConfigError([Problem(source, "", f"not valid TOML: {exc}",
                                    int(match.group(1)) if match else None)]) from None
-    ctx = Context(source, text, checks)
+    ctx = Context(source, text, checks, judge_checks)
     root = Table(ctx, data, ())
     cluster = _cluster(root.table("cluster"))
     check_defaults = _check_defaults(root.table("checks"))
@@ -354,10 +362,11 @@ def load_config(
     checks: CheckRegistry | None = None,
     warnings: list[Problem] | None = None,
     files: bool = False,
+    judge_checks: bool = True,
 ) -> Config:
     """Read and validate a config file; see load_config_text."""
     return load_config_text(read_config_file(path), str(path), checks=checks,
-                            warnings=warnings, files=files)
+                            warnings=warnings, files=files, judge_checks=judge_checks)
 
 
 def read_config_file(path: str | Path) -> str:

@@ -55,10 +55,12 @@ def format_path(path: KeyPath) -> str:
 
 
 class Context:
-    def __init__(self, source: str, text: str, checks: CheckRegistry | None) -> None:
+    def __init__(self, source: str, text: str, checks: CheckRegistry | None,
+                 judge_checks: bool = True) -> None:
         self.source = source
         self.locator = Locator(text)
         self.checks = checks
+        self.judge_checks = judge_checks
         self.errors: list[Problem] = []
         self.warnings: list[Problem] = []
 

@@ -1,9 +1,11 @@
-"""The plugin contract (pluggy project name and entry-point group: ``lbha``).
+"""The plugin contract (pluggy project name ``lbha``).
 
 Hooks are synchronous and must return quickly: they register things, hand back an async
 service for the daemon to run, or queue work. Built-in plugins use exactly these hooks.
-A plugin is a module (or object) exposed under the ``lbha`` entry-point group whose
-functions are marked with ``@lbha.hookimpl``. Bump HOOK_API_VERSION on incompatible change.
+A plugin is a module (or object) exposed under the ``lbha`` entry-point group (healthd and
+the CLI load it) or ``lbha.events`` (the heartbeat loads it too: event hooks only, no check
+types; see lbha.plugin_manager) whose functions are marked with ``@lbha.hookimpl``. Bump
+HOOK_API_VERSION on incompatible change.
 """
 
 from __future__ import annotations

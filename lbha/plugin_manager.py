@@ -1,4 +1,12 @@
-"""Loads built-in and third-party plugins alike from the ``lbha`` entry-point group.
+"""Loads built-in and third-party plugins alike from entry points.
+
+Two groups, by which process loads them:
+
+- ``lbha``: any plugin (check types, backends such as IPVS and HAProxy, event sinks); loaded
+  by healthd and the CLI, never by the heartbeat.
+- ``lbha.events``: event plugins (``lbha_event``, ``lbha_configure``, ``lbha_start``, ...);
+  loaded by healthd, the CLI and the heartbeat. The heartbeat is the small high-priority HA
+  process, so these must not provide check types nor import heavy libraries.
 
 A plugin that fails to import, to register or in a hook is reported by name and left out;
 it never takes the daemon down.
@@ -20,6 +28,8 @@ from lbha.checkapi import CheckRegistry
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "lbha"
+EVENTS_GROUP = "lbha.events"
+ALL_GROUPS = (ENTRY_POINT_GROUP, EVENTS_GROUP)
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,7 @@ class PluginInfo:
     distribution: str
     version: str
     module: str
+    group: str = ENTRY_POINT_GROUP
 
 
 @dataclass(frozen=True)
@@ -52,11 +63,13 @@ class PluginManager:
         self.checks = CheckRegistry()
 
     def load_entry_points(
-        self, entry_points: Iterable[importlib.metadata.EntryPoint] | None = None
+        self, entry_points: Iterable[importlib.metadata.EntryPoint] | None = None,
+        groups: Iterable[str] = ALL_GROUPS,
     ) -> None:
-        """Import every plugin of the group; failures are recorded, logged and skipped."""
+        """Import every plugin of `groups`; failures are recorded, logged and skipped."""
         if entry_points is None:
-            entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+            entry_points = [ep for group in groups
+                            for ep in importlib.metadata.entry_points(group=group)]
         for ep in sorted(entry_points, key=lambda e: e.name):
             dist = ep.dist.name if ep.dist is not None else "?"
             version = ep.dist.version if ep.dist is not None else "?"
@@ -69,7 +82,17 @@ class PluginManager:
             except Exception as exc:  # noqa: BLE001 - any plugin bug must be contained
                 self._fail(ep.name, dist, "load", f"{type(exc).__name__}: {exc}")
                 continue
-            self.plugins[ep.name] = PluginInfo(ep.name, dist, version, ep.value)
+            if ep.group == EVENTS_GROUP and self._registers_checks(ep.name):
+                self._pm.unregister(name=ep.name)
+                self._fail(ep.name, dist, "load", f"it is in the {EVENTS_GROUP} group, which the "
+                           f"heartbeat loads too, but provides check types; publish it in the "
+                           f"{ENTRY_POINT_GROUP} group")
+                continue
+            self.plugins[ep.name] = PluginInfo(ep.name, dist, version, ep.value, ep.group)
+
+    def _registers_checks(self, name: str) -> bool:
+        return any(impl.plugin_name == name
+                   for impl in self._pm.hook.lbha_register_checks.get_hookimpls())
 
     def register(self, plugin: object, name: str, distribution: str = "lbha") -> None:
         """Register an in-process plugin object (tests, embedding)."""
@@ -119,4 +142,12 @@ def load_plugins() -> PluginManager:
     manager = PluginManager()
     manager.load_entry_points()
     manager.register_checks()
+    return manager
+
+
+def load_event_plugins() -> PluginManager:
+    """The heartbeat's manager: the event plugins only, so the HA process never imports
+    check libraries or the IPVS / HAProxy backends."""
+    manager = PluginManager()
+    manager.load_entry_points(groups=(EVENTS_GROUP,))
     return manager

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from cli_process import lbha
 
 from lbha.cli import format_status
 
@@ -21,11 +21,6 @@ password = "never-shown"
 [[virtual.real]]
 address = "198.18.0.21"
 """
-
-
-def lbha(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lbha", *args], capture_output=True,
-                          text=True, timeout=60, check=False)
 
 
 def test_config_check_good(tmp_path: Path) -> None:

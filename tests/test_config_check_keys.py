@@ -7,12 +7,12 @@ lbha.checkapi); these tests run with the installed plugins, as `lbha config chec
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import pytest
+from cli_process import LBHA
 
 from lbha.checkapi import SPEC_KEYS, CheckRegistry, CheckRequest, CheckResult, spec_keys_for
 from lbha.config import load_config_text
@@ -190,7 +190,7 @@ def test_a_plugin_declaring_unknown_keys_is_refused(keys: frozenset[str],
 def test_config_check_cli_names_the_ignored_key(tmp_path: Path) -> None:
     path = tmp_path / "lbha.toml"
     path.write_text(service('service = "smtp"\nreceive = "250 OK"', port=25))
-    out = subprocess.run([sys.executable, "-m", "lbha", "config", "check", str(path)],
+    out = subprocess.run([*LBHA, "config", "check", str(path)],
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 1
     assert f"{path}:6: virtual[0].check.receive: the smtp check does not use 'receive'" \

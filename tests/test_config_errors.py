@@ -85,6 +85,10 @@ CASES = [
      "cluster.serial.baud: 12345 is not a standard rate"),
     ("serial-no-device", CLUSTER + "[cluster.serial]\nbaud = 19200\n",
      "cluster.serial: missing required key 'device'"),
+    # Accepted, it would be silently ignored: a pair cabled only by serial would start with
+    # both nodes active. Refused until serial links are implemented.
+    ("serial-not-implemented", CLUSTER + '[cluster.serial]\ndevice = "/dev/ttyS0"\n',
+     "lbha.toml:8: cluster.serial: serial heartbeat links are not implemented yet (issue 16)"),
     ("bad-floating-ip", cluster('floating_ips = ["198.18.0.50/33"]\n'),
      "cluster.floating_ips[0]: '198.18.0.50/33' is not an address with an optional /prefix"),
     ("dup-floating-ip", cluster('floating_ips = ["198.18.0.50/24", "198.18.0.50/24"]\n'),

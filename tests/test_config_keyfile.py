@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_process import LBHA
 
 from lbha.config import load_config_text
 from lbha.errors import ConfigError
@@ -37,7 +37,7 @@ def write(path: Path, text: str = KEY, mode: int = 0o600) -> Path:
 def check(tmp_path: Path, key: Path) -> subprocess.CompletedProcess[str]:
     config = tmp_path / "lbha.toml"
     config.write_text(CONFIG.format(key=key))
-    return subprocess.run([sys.executable, "-m", "lbha", "config", "check", str(config)],
+    return subprocess.run([*LBHA, "config", "check", str(config)],
                           capture_output=True, text=True, timeout=60, check=False)
 
 

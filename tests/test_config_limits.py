@@ -4,12 +4,11 @@ oversized or special files. Each is refused with a message naming the key or the
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from cli_process import lbha
 
 from lbha.config import MAX_CONFIG_BYTES, load_config, load_config_text
 from lbha.errors import ConfigError
@@ -47,11 +46,6 @@ def problems(text: str) -> list[str]:
     with pytest.raises(ConfigError) as info:
         load_config_text(textwrap.dedent(text), "lbha.toml")
     return [str(p) for p in info.value.problems]
-
-
-def lbha(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lbha", *args], capture_output=True,
-                          text=True, timeout=60, check=False)
 
 
 # ----------------------------------------------------------------------------- empty configs

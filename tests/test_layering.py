@@ -47,6 +47,13 @@ def test_core_never_imports_checks_or_plugins(path: Path) -> None:
     assert not bad, f"{path.name} imports {bad}: built-ins reach the core via entry points"
 
 
+@pytest.mark.parametrize("path", sources("lbha"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_core_never_imports_the_heartbeat(path: Path) -> None:
+    # The CLI reaches the heartbeat through its control socket, or runs it as a process.
+    bad = {n for n in lbha_imports(path) if n.startswith("lbha.heartbeat")}
+    assert not bad, f"{path.name} imports {bad}: run `python -m lbha.heartbeat` instead"
+
+
 @pytest.mark.parametrize("path", sources("checks") + sources("plugins"),
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_plugins_use_only_the_plugin_api(path: Path) -> None:

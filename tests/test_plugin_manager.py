@@ -9,9 +9,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cli_process import LBHA, lbha
 
 from lbha.events import Event
-from lbha.plugin_manager import load_plugins
+from lbha.plugin_manager import load_event_plugins, load_plugins
 
 PLUGINS = {
     "broken_import": "raise RuntimeError('plugin author forgot a dependency')\n",
@@ -103,9 +104,63 @@ def test_a_raising_event_hook_does_not_stop_the_others(third_party: Path) -> Non
 
 def test_lbha_plugins_lists_checks_and_failures(third_party: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(third_party)}
-    out = subprocess.run([sys.executable, "-m", "lbha", "plugins"], env=env,
+    out = subprocess.run([*LBHA, "plugins"], env=env,
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert "connect" in out.stdout
     assert "failed plugins:" in out.stdout
     assert "plugin 'broken_import' (lbha-broken-import) failed to load" in out.stdout
+
+
+EVENT_PLUGINS = {
+    "pager_events": "from lbha import hookimpl\n\n@hookimpl\ndef lbha_event(event):\n"
+                    "    pass\n",
+    "checks_in_events": PLUGINS["duplicate_connect"].replace('"connect"', '"impostor"'),
+}
+
+
+@pytest.fixture
+def event_plugins(third_party: Path) -> Path:
+    """Adds distributions whose plugins are in the `lbha.events` group."""
+    for name, source in EVENT_PLUGINS.items():
+        (third_party / f"{name}.py").write_text(source)
+        info = third_party / f"lbha_{name}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text(f"[lbha.events]\n{name} = {name}\n")
+        sys.modules.pop(name, None)
+    return third_party
+
+
+def test_the_heartbeat_loads_only_event_plugins(event_plugins: Path) -> None:
+    manager = load_event_plugins()
+    assert "pager_events" in manager.plugins
+    assert manager.plugins["pager_events"].group == "lbha.events"
+    assert "log" in manager.plugins  # the built-in event plugin
+    # Nothing of the `lbha` group: no check type, no backend, no third-party check plugin.
+    assert not {"connect", "ipvs", "haproxy", "quiet_events"} & set(manager.plugins)
+    assert not list(manager.checks)
+
+
+def test_an_event_plugin_that_provides_checks_is_refused(event_plugins: Path) -> None:
+    for manager in (load_event_plugins(), load_plugins()):
+        failure = next(f for f in manager.failures if f.name == "checks_in_events")
+        assert "lbha.events group, which the heartbeat loads too, but provides check types" \
+            in failure.error
+        assert "checks_in_events" not in manager.plugins
+        assert "impostor" not in manager.checks
+
+
+def test_healthd_loads_both_groups(event_plugins: Path) -> None:
+    manager = load_plugins()
+    assert {"pager_events", "log", "connect", "ipvs", "quiet_events"} <= set(manager.plugins)
+
+
+def test_lbha_plugins_names_the_group_of_event_plugins(event_plugins: Path) -> None:
+    out = lbha("plugins", env={**os.environ, "PYTHONPATH": str(event_plugins)})
+    assert out.returncode == 0, out.stderr
+    plugins = out.stdout.split("check types:")[0].splitlines()
+    (line,) = [x for x in plugins if x.strip().startswith("pager_events")]
+    assert line.endswith("(pager_events, group lbha.events)")
+    (line,) = [x for x in plugins if x.strip().startswith("connect ")]
+    assert line.endswith("(lbha.checks.connect)")

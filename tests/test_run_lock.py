@@ -6,11 +6,11 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cli_process import LBHA
 
 from lbha.control import request
 from lbha.run_lock import RunLock, RunLockError
@@ -73,7 +73,7 @@ def test_a_second_heartbeat_on_the_same_run_dir_is_refused_and_the_first_stays_r
     config = tmp_path / "lbha.toml"
     config.write_text(HEARTBEAT.format(tmp=tmp_path, port=free_udp_port()))
     sock = tmp_path / "run" / "heartbeat.sock"
-    command = [sys.executable, "-m", "lbha", "heartbeat", "--config", str(config)]
+    command = [*LBHA, "heartbeat", "--config", str(config)]
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen(command, stdout=log, stderr=log)
     try:
@@ -113,7 +113,7 @@ def test_heartbeat_start_up_errors_are_one_clear_line(tmp_path: Path, where: str
         (tmp_path / "run").mkdir()
         (tmp_path / "run" / "heartbeat.sock").write_text("keep me")
         expected = f"error: {tmp_path}/run/heartbeat.sock exists and is not a socket"
-    out = subprocess.run([sys.executable, "-m", "lbha", "heartbeat", "--config", str(config)],
+    out = subprocess.run([*LBHA, "heartbeat", "--config", str(config)],
                          capture_output=True, text=True, timeout=30, check=False)
     assert out.returncode == 1
     assert expected in out.stderr

@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from tests.heartbeat.netns import PYTHON, unavailable, wait_for  # noqa: E402
+from cli_process import PYTHON  # noqa: E402
+
+from tests.heartbeat.netns import unavailable, wait_for  # noqa: E402
 from tests.heartbeat.pair import VIP4, Pair  # noqa: E402
 from tests.heartbeat.sniff import Sniffer  # noqa: E402
 

@@ -59,6 +59,9 @@ _DROPPED = {
 }
 #: Directives whose line may hold secrets: never echoed into notes or comments.
 _SECRET_LINES = frozenset({"stonith", "stonith_host"})
+#: lbha refuses [cluster.serial] until serial links work: they stay comments.
+_SERIAL = "serial links are not implemented yet (issue 16); the pair uses its UDP paths only"
+
 _KNOWN = frozenset({"node", "udpport", "ucast", "ucast6", "serial", "baud", "auto_failback",
                     "nice_failback", "ping", "ping6", "ping_group", "respawn", "crm",
                     "pacemaker", "cluster", *_TIMES, *_DROPPED})
@@ -159,6 +162,7 @@ class _Converter:
                     port_used = port or HEARTBEAT_UDP_PORT
             elif line.name == "serial":
                 serial += tokens
+                self.note(file, line.number, line.name, _SERIAL, Severity.DROPPED, line.text)
             elif line.name == "baud":
                 if not line.args.isdigit() or int(line.args) not in SERIAL_BAUDS:
                     self.out.fail(file, line.number, f"baud: unsupported rate {line.args!r} "
@@ -218,18 +222,10 @@ class _Converter:
         auth_key = self.authkeys(cluster, authkeys)
         if floating:
             cluster.set("floating_ips", floating)
-        tables = [cluster, *self.peers(file, nodes, local, peer_addresses, serial)]
-        if serial:
-            serial_t = Table("cluster.serial")
-            serial_t.set("device", serial[0])
-            if baud is not None:
-                serial_t.set("baud", baud)
-            tables.append(serial_t)
-            if len(serial) > 1:
-                self.note(file, None, "serial", f"lbha uses one serial link; {serial[1:]} not "
-                          "imported", Severity.DROPPED)
-        elif baud is not None:
-            self.note(file, None, "baud", "no serial link to use it", Severity.DROPPED)
+        tables = [cluster, *self.peers(file, nodes, local, peer_addresses)]
+        if baud is not None:
+            self.note(file, None, "baud", _SERIAL if serial else "no serial link to use it",
+                      Severity.DROPPED)
         return HeartbeatImport(tables, auth_key, self.comments)
 
     def ip(self, file: str, line: _Line, token: str) -> IPAddress | None:
@@ -311,8 +307,8 @@ class _Converter:
         elif "deadping" in times:
             self.note(file, None, "deadping", "no ping nodes", Severity.DROPPED)
 
-    def peers(self, file: str, nodes: list[str], local: str, addresses: list[IPAddress],
-              serial: list[str]) -> list[Table]:
+    def peers(self, file: str, nodes: list[str], local: str,
+              addresses: list[IPAddress]) -> list[Table]:
         others = [n for n in nodes if n != local]
         if not others:
             self.note(file, None, "node", "only one node: no peer to import", Severity.ERROR)
@@ -324,7 +320,7 @@ class _Converter:
             self.note(file, None, "ucast", "ucast lines do not say which node owns an address; "
                       "all of them became the peer's addresses (drop this node's own "
                       "address if the file lists it)", Severity.WARNING)
-        elif not serial:
+        else:
             self.note(file, None, "ucast", "no ucast line: add the peer's addresses by hand",
                       Severity.ERROR)
         tables = []

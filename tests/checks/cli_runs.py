@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from cli_process import LBHA, lbha
 
 VIRTUAL = """\
 [[virtual]]
@@ -49,18 +50,12 @@ def write_config(tmp: Path, *virtuals: str, checks: str = "") -> Path:
     return config
 
 
-def lbha(*args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m lbha ARGS`; stdout and stderr captured, any exit status."""
-    return subprocess.run([sys.executable, "-m", "lbha", *args], capture_output=True,
-                          text=True, timeout=60, check=False)
-
-
 @contextmanager
 def healthd(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """`lbha --log-level debug healthd` on `config`, logging to `log`; stopped by PID."""
     with log.open("w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "lbha", "--log-level", "debug", "healthd", "--config",
+            [*LBHA, "--log-level", "debug", "healthd", "--config",
              str(config)], stdout=out, stderr=out)
     try:
         yield process

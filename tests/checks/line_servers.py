@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from cli_process import LBHA
 from resources import fd_table, free_port, open_fds
 
 from lbha.checkapi import CheckResult, Transcript
@@ -405,7 +406,7 @@ def cli_check(tmp: Path, name: str, service: str, port: int, *, vport: int = 1,
     config.write_text(f'[paths]\nrun_dir = "{tmp}/run"\nstate_dir = "{tmp}/state"\n\n'
                       + CLI_VIRTUAL.format(name=name, host=10 + len(name), vport=vport,
                                            service=service, port=port, check=check))
-    out = subprocess.run([sys.executable, "-m", "lbha", "check", str(config), name, "--once",
+    out = subprocess.run([*LBHA, "check", str(config), name, "--once",
                           "-v"], capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout

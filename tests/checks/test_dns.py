@@ -8,7 +8,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import dns.rcode
 import dns.rrset
 import pytest
 import trio
+from cli_process import LBHA
 from hostile import Answer, serve_udp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -581,7 +581,7 @@ def test_lbha_check_once_verbose_shows_the_exchange(dnsmasq: Dnsmasq, tmp_path: 
     dead = free_port()
     config = tmp_path / "lbha.toml"
     config.write_text(CLI_CONFIG.format(tmp=tmp_path, port=dnsmasq.port, dead=dead))
-    out = subprocess.run([sys.executable, "-m", "lbha", "check", str(config), "resolver",
+    out = subprocess.run([*LBHA, "check", str(config), "resolver",
                           "--once", "-v"], capture_output=True, text=True, timeout=30,
                          check=False)
     assert out.returncode == 1, out.stderr  # "gone" is down

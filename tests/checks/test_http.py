@@ -9,7 +9,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from types import MappingProxyType
 
 import pytest
 import trio
+from cli_process import LBHA
 from cli_runs import lbha, virtual, write_config
 from hostile import endless, garbage, hostile_server, script, silent, tls_stall, trickle
 from resources import closed_port, free_port, open_fds
@@ -745,7 +745,7 @@ receive = "OK"
 [[virtual.real]]
 address = "127.0.0.1"
 """)
-    out = subprocess.run([sys.executable, "-m", "lbha", "check", str(config), "198.18.0.100",
+    out = subprocess.run([*LBHA, "check", str(config), "198.18.0.100",
                           "--once", "-v"], capture_output=True, text=True, timeout=60,
                          check=False)
     assert out.returncode == 0, out.stdout + out.stderr

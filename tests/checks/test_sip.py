@@ -7,13 +7,13 @@ import random
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 import trio
+from cli_process import LBHA
 from hostile import Answer, serve_udp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -630,7 +630,7 @@ def test_lbha_check_once_verbose_shows_the_exchange(sipp_udp: Sipp, tmp_path: Pa
     dead = free_port(socket.SOCK_DGRAM)
     config = tmp_path / "lbha.toml"
     config.write_text(CLI_CONFIG.format(tmp=tmp_path, user=USER, port=sipp_udp.port, dead=dead))
-    out = subprocess.run([sys.executable, "-m", "lbha", "check", str(config), "voice",
+    out = subprocess.run([*LBHA, "check", str(config), "voice",
                           "--once", "-v"], capture_output=True, text=True, timeout=30,
                          check=False)
     assert out.returncode == 1, out.stderr  # "gone" is down

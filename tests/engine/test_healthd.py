@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from cli_process import LBHA
 
 CONFIG = """\
 [paths]
@@ -48,7 +49,7 @@ def listener() -> socket.socket:
 
 
 def lbha(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run([sys.executable, "-m", "lbha", *args], capture_output=True, text=True,
+    out = subprocess.run([*LBHA, *args], capture_output=True, text=True,
                          timeout=30, check=False)
     if check:
         assert out.returncode == 0, out.stderr
@@ -72,7 +73,7 @@ class Daemon:
         self.write(reals)
         self.log = (tmp / "healthd.log").open("w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lbha", "--log-level", "info", "healthd", "--config",
+            [*LBHA, "--log-level", "info", "healthd", "--config",
              str(self.config)], stderr=self.log, stdout=self.log)
         wait_for(lambda: (tmp / "run" / "healthd.sock").exists())
 
@@ -282,7 +283,7 @@ def test_an_action_on_a_read_only_state_dir_is_neither_applied_nor_reported_appl
     config = tmp_path / "lbha.toml"
     config.write_text(CONFIG.format(tmp=tmp_path, reals=real("a", 1) + real("b", 2)))
     script = (f"mount --bind {state} {state} && mount -o remount,bind,ro {state} && "
-              f"exec {sys.executable} -m lbha healthd --config {config}")
+              f"exec {shlex.join(LBHA)} healthd --config {config}")
     log = (tmp_path / "healthd.log").open("w")
     proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
                              script], stdout=log, stderr=log)

@@ -20,9 +20,6 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-PYTHON = os.environ.get("LBHA_PYTHON", str(Path(__file__).resolve().parents[2] / ".venv" /
-                                           "bin" / "python"))
-
 
 def unavailable() -> str | None:
     """Why namespace tests cannot run here, or None."""

@@ -9,7 +9,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from .netns import PYTHON, Lab, wait_for
+from cli_process import HEARTBEAT, LBHA, PYTHON
+
+from .netns import Lab, wait_for
 
 NODES = {"lb1": ("198.18.0.1", "2001:db8::1"), "lb2": ("198.18.0.2", "2001:db8::2")}
 CLIENT = ("198.18.0.100", "2001:db8::100")
@@ -79,7 +81,7 @@ class Pair:
         self.lab.close()
 
     def start(self, node: str) -> subprocess.Popen[bytes]:
-        proc = self.lab.start(node, [PYTHON, "-m", "lbha.heartbeat", "--log-level",
+        proc = self.lab.start(node, [*HEARTBEAT, "--log-level",
                                      self.log_level, "heartbeat", "--config",
                                      str(self.configs[node])], self.tmp / f"{node}.log")
         self.daemons[node] = proc
@@ -130,7 +132,7 @@ class Pair:
         return b and a_again and self.holds(second, address)
 
     def cli(self, node: str, command: str, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.lab.run(node, [PYTHON, "-m", "lbha.heartbeat", command, "--config",
+        return self.lab.run(node, [*LBHA, command, "--config",
                                    str(self.configs[node]), *args])
 
     def status(self, node: str) -> dict[str, object]:

@@ -12,7 +12,9 @@ import signal
 import subprocess
 from pathlib import Path
 
-from .netns import PYTHON, Lab, wait_for
+from cli_process import PYTHON
+
+from .netns import Lab, wait_for
 
 SCRIPT = r"""
 import ipaddress, json, signal, socket, struct, sys, time

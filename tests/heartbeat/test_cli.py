@@ -1,15 +1,17 @@
-"""Heartbeat CLI commands: parsing, status text, errors when the daemon is away."""
+"""Heartbeat commands of the `lbha` CLI and the heartbeat program: parsing, status text,
+errors when the daemon is away."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
+from cli_process import lbha
 
+from lbha.cli import build_parser, cluster_status_json
+from lbha.cli import format_cluster_status as format_status
 from lbha.config import load_config_text
 from lbha.errors import ControlError
-from lbha.heartbeat.cli import add_commands, cluster_status_json, format_status
 from lbha.logs import log_level
 
 STATUS = {
@@ -19,19 +21,12 @@ STATUS = {
 }
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser()
-    p.add_argument("--log-level")
-    add_commands(p.add_subparsers(dest="command", required=True))
-    return p
-
-
 def test_commands_parse() -> None:
-    args = parser().parse_args(["cluster-status", "--json", "--config", "x.toml"])
+    args = build_parser().parse_args(["cluster-status", "--json", "--config", "x.toml"])
     assert args.json
     assert args.config == Path("x.toml")
     for command in ("heartbeat", "takeover", "standby"):
-        assert callable(parser().parse_args([command]).func)
+        assert callable(build_parser().parse_args([command]).func)
 
 
 def test_status_text() -> None:
@@ -63,7 +58,7 @@ run_dir = "{tmp_path}"
         cluster_status_json(load_config_text(text))
     config = tmp_path / "lbha.toml"
     config.write_text(text)
-    args = parser().parse_args(["cluster-status", "--config", str(config)])
+    args = build_parser().parse_args(["cluster-status", "--config", str(config)])
     assert args.func(args) == 1
     assert "is the daemon running" in capsys.readouterr().err
 
@@ -121,14 +116,41 @@ addresses = ["198.18.0.2"]
 def test_daemons_log_their_lifecycle_unless_told_otherwise(argv: list[str], level: str) -> None:
     # `lbha --log-level` defaulted to warning for every command, so `lbha heartbeat` under
     # the unit never logged that it started, took over or stood by.
-    from lbha.cli import build_parser
-
     assert log_level(build_parser().parse_args(argv)) == level
 
 
 def test_python_m_lbha_heartbeat_has_the_same_defaults() -> None:
-    from lbha.heartbeat.__main__ import build_parser
+    from lbha.heartbeat.cli import build_parser as heartbeat_parser
 
-    assert log_level(build_parser().parse_args(["heartbeat"])) == "info"
-    assert log_level(build_parser().parse_args(["takeover"])) == "warning"
-    assert log_level(build_parser().parse_args(["--log-level", "error", "heartbeat"])) == "error"
+    assert log_level(heartbeat_parser().parse_args(["heartbeat"])) == "info"
+    assert log_level(heartbeat_parser().parse_args(["check-host"])) == "warning"
+    assert log_level(heartbeat_parser().parse_args(["--log-level", "error", "heartbeat"])) \
+        == "error"
+
+
+def test_a_serial_link_is_refused_at_config_check_and_at_start(tmp_path: Path) -> None:
+    # It used to be accepted and ignored: a pair cabled only by serial started with both
+    # nodes active, and nothing said so.
+    config = tmp_path / "lbha.toml"
+    config.write_text(f"""
+[paths]
+run_dir = "{tmp_path}/run"
+state_dir = "{tmp_path}/state"
+[cluster]
+node = "lb1"
+role = "master"
+auth = "none"
+realtime = false
+[[cluster.peers]]
+name = "lb2"
+addresses = ["127.0.0.2"]
+[cluster.serial]
+device = "/dev/ttyS0"
+""")
+    for argv in (["config", "check", str(config)], ["heartbeat", "--config", str(config)]):
+        out = lbha(*argv)
+        assert out.returncode == 1, (argv, out.stderr)
+        assert "cluster.serial: serial heartbeat links are not implemented yet (issue 16)" \
+            in out.stderr, argv
+        assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run" / "heartbeat.sock").exists()

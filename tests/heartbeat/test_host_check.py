@@ -4,10 +4,11 @@ are not held here."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
-from lbha.heartbeat.cli import format_status
+from cli_process import lbha
+
+from lbha.cli import format_cluster_status as format_status
 
 CONFIG = """
 [cluster]
@@ -24,8 +25,7 @@ addresses = ["198.18.0.2"]
 def config_check(tmp_path: Path, device: str) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "lbha.toml"
     path.write_text(CONFIG.format(device=device))
-    return subprocess.run([sys.executable, "-m", "lbha", "config", "check", str(path)],
-                          capture_output=True, text=True, timeout=60, check=False)
+    return lbha("config", "check", str(path))
 
 
 def test_missing_device_is_a_warning_naming_it(tmp_path: Path) -> None:

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_process import HEARTBEAT, PYTHON
 
-from .netns import PYTHON, unavailable, wait_for
+from .netns import unavailable, wait_for
 from .pair import NODES, VIP4, VIP6, Pair
 from .sniff import Sniffer
 
@@ -184,7 +185,14 @@ def test_silent_partition_heals_without_outage(pair: Pair) -> None:
     assert wait_for(lambda: pair.holders() == {"lb1", "lb2"}, 2)
     lb1, lb2 = pair.lab.mac("lb1"), pair.lab.mac("lb2")
     assert wait_for(lambda: pair.client_sees(VIP4) == lb2, 2)
-    time.sleep(15)
+
+    def lb2_lost_lb1() -> bool:
+        entry = pair.lab.run("lb2", ["ip", "neigh", "show", NODES["lb1"][0], "dev", "eth0"])
+        return "FAILED" in entry.stdout or "INCOMPLETE" in entry.stdout
+
+    # The partition lasts until lb2's entry for lb1 has failed (the bench's 15 s partition
+    # was meant to get there), however long that takes on this kernel.
+    assert wait_for(lb2_lost_lb1, 60, 0.2)
     assert pair.holders() == {"lb1", "lb2"}
     lost_by_lb1: list[float] = []
     #: Moments lb2 no longer held the VIP while the client still sent to lb2.
@@ -229,7 +237,7 @@ def test_silent_partition_heals_without_outage(pair: Pair) -> None:
 def test_bad_key_file_refused(pair: Pair) -> None:
     (pair.tmp / "authkeys").chmod(0o644)
     result = subprocess.run(
-        ["ip", "netns", "exec", pair.lab.ns("lb1"), PYTHON, "-m", "lbha.heartbeat",
+        ["ip", "netns", "exec", pair.lab.ns("lb1"), *HEARTBEAT,
          "heartbeat", "--config", str(pair.configs["lb1"])],
         capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
@@ -242,7 +250,7 @@ def test_port_in_use_is_reported(pair: Pair) -> None:
             f"s.bind(('{NODES['lb1'][0]}', 6694)); print('bound', flush=True); time.sleep(20)")
     blocker = pair.lab.start("lb1", [PYTHON, "-c", code], pair.tmp / "blocker.log")
     assert wait_for(lambda: "bound" in (pair.tmp / "blocker.log").read_text(), 10, 0.05)
-    result = pair.lab.run("lb1", [PYTHON, "-m", "lbha.heartbeat", "heartbeat", "--config",
+    result = pair.lab.run("lb1", [*HEARTBEAT, "heartbeat", "--config",
                                   str(pair.configs["lb1"])])
     pair.lab.stop(blocker)
     assert result.returncode == 1
@@ -372,7 +380,7 @@ def test_floating_ip_on_a_missing_device_refuses_to_start(pair: Pair) -> None:
         f'floating_ips = ["{VIP4}", "{VIP6}"]',
         f'floating_ips = [{{ address = "{VIP4}/24", device = "eth9" }}, "{VIP6}"]'))
     before = addresses_of(pair, "lb1")
-    result = pair.lab.run("lb1", [PYTHON, "-m", "lbha.heartbeat", "heartbeat", "--config",
+    result = pair.lab.run("lb1", [*HEARTBEAT, "heartbeat", "--config",
                                   str(config)])
     assert result.returncode == 1
     assert f"floating IP {VIP4}: device 'eth9' does not exist on this host" in result.stderr

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_process import HEARTBEAT, LBHA
 
-from .netns import PYTHON, Lab, unavailable, wait_for
+from .netns import Lab, unavailable, wait_for
 from .pair import KEY, NODES, config_text
 
 pytestmark = pytest.mark.netns
@@ -82,8 +83,8 @@ def run_daemon(lab: Lab, tmp_path: Path, sched: list[str]) -> tuple[dict[int, in
     once the keepalive thread runs, and its log."""
     log = tmp_path / "lb1.log"
     # chrt first (it needs the capability), then setpriv drops it for the daemon.
-    proc = lab.start("lb1", [*sched, "setpriv", "--bounding-set", "-sys_nice", PYTHON, "-m",
-                             "lbha.heartbeat", "--log-level", "info", "heartbeat", "--config",
+    proc = lab.start("lb1", [*sched, "setpriv", "--bounding-set", "-sys_nice",
+                             *HEARTBEAT, "--log-level", "info", "heartbeat", "--config",
                              str(tmp_path / "lb1.toml")], log)
     assert wait_for(lambda: "started" in log.read_text() or proc.poll() is not None, 15, 0.05)
     assert proc.poll() is None, log.read_text()
@@ -122,7 +123,7 @@ def test_without_a_service_manager_the_daemon_takes_it_itself(
 ) -> None:
     # Root with CAP_SYS_NICE, started at normal priority (`realtime = true`, the default).
     log = tmp_path / "lb1.log"
-    proc = lab.start("lb1", [PYTHON, "-m", "lbha.heartbeat", "--log-level", "info",
+    proc = lab.start("lb1", [*HEARTBEAT, "--log-level", "info",
                              "heartbeat", "--config", str(tmp_path / "lb1.toml")], log)
     assert wait_for(lambda: "started" in log.read_text() or proc.poll() is not None, 15, 0.05)
     assert wait_for(lambda: len(thread_policies(proc.pid)) >= 2, 5, 0.05)
@@ -134,7 +135,7 @@ def test_without_a_service_manager_the_daemon_takes_it_itself(
 def test_lbha_heartbeat_logs_its_lifecycle_by_default(lab: Lab, tmp_path: Path) -> None:
     # As the unit runs it: `lbha heartbeat`, no --log-level. Lifecycle lines are info.
     log = tmp_path / "lb1.log"
-    proc = lab.start("lb1", [PYTHON, "-m", "lbha", "heartbeat", "--config",
+    proc = lab.start("lb1", [*LBHA, "heartbeat", "--config",
                              str(tmp_path / "lb1.toml")], log)
     assert wait_for(lambda: "announced floating IPs" in log.read_text()
                     or proc.poll() is not None, 15, 0.05), log.read_text()
@@ -145,7 +146,7 @@ def test_lbha_heartbeat_logs_its_lifecycle_by_default(lab: Lab, tmp_path: Path) 
     assert "stopping on SIGTERM" in text
     # --log-level still wins when given.
     quiet = tmp_path / "quiet.log"
-    proc = lab.start("lb1", [PYTHON, "-m", "lbha", "--log-level", "warning", "heartbeat",
+    proc = lab.start("lb1", [*LBHA, "--log-level", "warning", "heartbeat",
                              "--config", str(tmp_path / "lb1.toml")], quiet)
     assert wait_for(lambda: "takeover" in quiet.read_text() or proc.poll() is not None, 15,
                     0.05), quiet.read_text()
