@@ -342,7 +342,7 @@ class Heartbeat:
 
     def _expect(self) -> None:
         self.pump.expect(fsm.routine(self.settings, self.state),
-                         fsm.next_deadline(self.settings, self.state), self._handled)
+                         fsm.deadline(self.settings, self.state), self._handled)
 
     def _publish(self) -> None:
         self._tell_state()

@@ -1,7 +1,7 @@
 """The heartbeat state machine: pure decisions, `step(settings, state, event) -> (state, actions)`.
 
 No I/O and no clock: every event carries `now` (seconds, any monotonic origin) and the driver
-asks `next_deadline()` when to call again with a `Tick`. The driver executes the actions in
+asks `deadline(...).at()` when to call again with a `Tick`. The driver executes the actions in
 order, so "Release, then Send" means the peer hears PASSIVE only once the addresses are gone.
 
 Roles and states: each node is master or slave (its preference) and active (holds the floating
@@ -39,10 +39,14 @@ Becoming active, or the peer coming back while active, always announces the addr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 
-from lbha.heartbeat.protocol import Flags, PeerState
+from lbha.heartbeat.said import Flags, PeerState
+
+_NOTHING_HEARD: Mapping[str, float] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -230,17 +234,46 @@ def frame_flags(settings: Settings, state: State) -> Flags:
     return flags
 
 
-def next_deadline(settings: Settings, state: State) -> float | None:
-    """When the next Tick can change something (None: only a frame or command can)."""
+@dataclass(frozen=True)
+class Deadline:
+    """What the next deadline depends on. `at` decides it, for the daemon (`deadline`) and
+    for a keepalive thread timing routine frames the state machine has not seen yet."""
+
+    #: Up link -> time of its last frame: each goes down `deadtime` after it.
+    links: Mapping[str, float] = field(default_factory=dict)
+    deadtime: float = math.inf
+    #: The last frame; a late-keepalive warning is due `warntime` after it (None: no
+    #: warning to come).
+    last_heard: float = -math.inf
+    warntime: float | None = None
+    #: The earliest deadline frames do not move (initdead, the end of settling; inf: none).
+    fixed: float = math.inf
+
+    def at(self, heard: Mapping[str, float] = _NOTHING_HEARD) -> float:
+        """When a Tick can change something (inf: only a frame or command can), once the
+        routine frames last `heard` (link -> time, each at or after `last_heard`, on links
+        already up) are shown to the state machine."""
+        # map() over C methods, not a generator: a keepalive thread runs this on every frame.
+        at = self.fixed
+        if self.links:
+            at = min(at, min(map(heard.get, self.links, self.links.values())) + self.deadtime)
+        if self.warntime is not None:
+            at = min(at, max((self.last_heard, *heard.values())) + self.warntime)
+        return at
+
+
+def deadline(settings: Settings, state: State) -> Deadline:
+    """What decides when the next Tick is due in `state` (`Deadline.at`)."""
     t = settings.timers
-    times = [last + t.deadtime for last in state.links.values()]
+    fixed = math.inf
     if state.starting:
-        times.append(state.started + t.initdead)
-    if state.last_heard is not None and not state.warned and state.peer_alive:
-        times.append(state.last_heard + t.warntime)
+        fixed = state.started + t.initdead
     if state.rejoin_until is not None:
-        times.append(state.rejoin_until)
-    return min(times) if times else None
+        fixed = min(fixed, state.rejoin_until)
+    warns = state.last_heard is not None and not state.warned and state.peer_alive
+    return Deadline(state.links, t.deadtime,
+                    state.last_heard if state.last_heard is not None else -math.inf,
+                    t.warntime if warns else None, fixed)
 
 
 def _claim(serves: bool, wants: bool, yielded: bool, master: bool,
@@ -267,25 +300,13 @@ def _role(settings: Settings) -> str:
 class Routine:
     """Frames that would change nothing but the time of their link: a peer still in
     `peer_state` with `peer_flags`, on a link already up. A keepalive thread may time these
-    without waking the driver, as long as it wakes it at `deadline(...)`."""
+    without waking the driver, as long as it wakes it at the state's `Deadline`, moved on by
+    them (`Deadline.at`)."""
 
     peer_state: PeerState
     peer_flags: Flags
     #: Up link -> time of its last frame, as the state machine knows it.
     links: Mapping[str, float]
-    last_heard: float
-    deadtime: float
-    #: warntime while a late-keepalive warning is still to come, else None.
-    warntime: float | None
-
-    def deadline(self, heard: Mapping[str, float]) -> float:
-        """`next_deadline` once the routine frames last `heard` (link -> time, each at or
-        after `last_heard`) are shown to the state machine; cheap enough to run per frame."""
-        # map() over C methods, not a generator: this runs on every keepalive.
-        deadline = min(map(heard.get, self.links, self.links.values())) + self.deadtime
-        if self.warntime is not None:
-            deadline = min(deadline, max((self.last_heard, *heard.values())) + self.warntime)
-        return deadline
 
 
 def heard(state: State, link: str, at: float) -> State:
@@ -302,7 +323,7 @@ def heard(state: State, link: str, at: float) -> State:
 def routine(settings: Settings, state: State) -> Routine | None:
     """The frames that are routine in `state`, or None when every frame may matter."""
     if state.peer_state is None or state.last_heard is None or not state.links \
-            or state.rejoin_until is not None:  # a deadline `Routine.deadline` does not know
+            or state.rejoin_until is not None:  # settling (one deadtime): the daemon sees all
         return None
     t = state.last_heard
     for link in state.links:
@@ -311,9 +332,7 @@ def routine(settings: Settings, state: State) -> Routine | None:
                                                         state.peer_flags))
         if actions or after != replace(state, links={**state.links, link: t}, last_heard=t):
             return None
-    warns = state.peer_alive and not state.warned
-    return Routine(state.peer_state, state.peer_flags, dict(state.links), t,
-                   settings.timers.deadtime, settings.timers.warntime if warns else None)
+    return Routine(state.peer_state, state.peer_flags, dict(state.links))
 
 
 # ----------------------------------------------------------------------------- transitions

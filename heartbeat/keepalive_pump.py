@@ -1,4 +1,4 @@
-"""The steady-state keepalive exchange, shared by the daemon and a transport's own thread.
+"""The steady-state keepalive exchange, sans-IO: shared by the daemon and a transport's loop.
 
 At sub-second timers almost every frame says what the last one said. Waking the trio loop
 for each costs more CPU than the work itself (bench/README.md, failover), so the transport
@@ -6,22 +6,32 @@ runs the exchange: it sends a keepalive every `interval`, and of the frames it r
 hands the daemon only those that can change something. The rest ("routine", decided by
 `fsm.routine`) are only timed, the last one per link; the daemon collects those times before
 its next step (`fsm.heard`), which is exactly what stepping through every frame would do.
-The transport also wakes the daemon at the state machine's next deadline, moved on by the
-routine frames it timed; so in a steady state the daemon sleeps until something changes.
+The transport also wakes the daemon at the state machine's next deadline (`fsm.Deadline`),
+moved on by the routine frames it timed; so in a steady state the daemon sleeps until
+something changes.
 
-Thread-safe: one lock guards the receiver, the sequence number and the routine filter.
+The pump makes every decision of that loop and does no I/O: `timers(now)` says whether a
+keepalive is due and whether the deadline has come, `wake_at()` when to look again, and
+`datagram(...)` what the daemon must see of a received datagram. A transport only moves
+bytes and keeps the clock: `lbha heartbeat` on a plain thread over epoll (transport.py), the
+tests on a trio loop over their fake network (tests/heartbeat/fakenet.py); both run this.
+
+Thread-safe: one lock guards the receiver, the sequence number and the routine filter; the
+send schedule and the warning limit belong to the transport's loop alone.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lbha.heartbeat.fsm import Routine
+from lbha.heartbeat.fsm import Deadline, Routine
 from lbha.heartbeat.protocol import (
+    AUTH_FAILURES,
     Flags,
     Frame,
     KeyRing,
@@ -31,6 +41,14 @@ from lbha.heartbeat.protocol import (
     Verdict,
     encoder,
 )
+
+log = logging.getLogger(__name__)
+
+#: A received frame for the daemon, or a verdict to warn about: (verdict, frame, link name).
+Handoff = tuple[Verdict, Frame | None, str]
+#: At most one frame-less verdict of each kind a second reaches the daemon (it only warns).
+WARN_EVERY = 1.0
+_NO_DEADLINE = Deadline()
 
 
 @dataclass(frozen=True)
@@ -63,6 +81,9 @@ class KeepalivePump:
         self._routine: Routine | None = None
         #: What a routine frame says (see _set_routine).
         self._quiet: Said | None = None
+        #: The daemon's last published deadline, and when it falls with the routine frames
+        #: timed since (`_heard`).
+        self._timing = _NO_DEADLINE
         self._deadline = math.inf
         self._heard: dict[str, float] = {}
         #: Link -> time of the last routine frame not yet collected.
@@ -73,6 +94,10 @@ class KeepalivePump:
         #: The generation of the last frame handed over.
         self._generation_handed = 0
         self.sent = 0
+        #: The transport loop's own: when the next keepalive is due, and verdict -> when one
+        #: was last handed over without a frame.
+        self._next_send = -math.inf
+        self._warned: dict[Verdict, float] = {}
 
     def reconfigure(self, keys: KeyRing | None, interval: float, deadtime: float) -> None:
         with self._lock:
@@ -100,19 +125,18 @@ class KeepalivePump:
             self.sent += 1
             return self._encode(self._seq)
 
-    def expect(self, routine: Routine | None, deadline: float | None, handled: int) -> None:
+    def expect(self, routine: Routine | None, deadline: Deadline, handled: int) -> None:
         """Publish the daemon's routine filter and next deadline, made after it handled
         `handled` of the frames and deadlines handed to it."""
         with self._lock:
             old = self._deadline
             self._set_routine(routine if handled == self._handed else None)
+            self._timing = deadline
             # Routine frames timed since the daemon last collected them are not in its state
             # yet; they still move the deadline on.
             self._heard = dict(self._arrivals)
-            if self._routine is not None and self._heard:
-                self._deadline = self._routine.deadline(self._heard)
-            else:
-                self._deadline = deadline if deadline is not None else math.inf
+            self._deadline = deadline.at(self._heard) if self._routine is not None \
+                else deadline.at()
             earlier = self._deadline < old
         if earlier:
             self.rearm()
@@ -133,6 +157,43 @@ class KeepalivePump:
             self._handed += 1
             return True
 
+    def timers(self, now: float) -> tuple[bytes | None, bool]:
+        """The transport loop's timer work at `now`: the keepalive to send now (None: not
+        due yet), and whether to hand the daemon its deadline (`due`)."""
+        frame = None
+        if now >= self._next_send:
+            frame = self.frame()
+            self._next_send = now + self.interval
+        return frame, self.due(now)
+
+    def wake_at(self) -> float:
+        """When the transport loop must call `timers` again, unless a datagram comes first or
+        `rearm` is called."""
+        return min(self._next_send, self._deadline)
+
+    def datagram(self, data: bytes, link: str, now: float) -> Handoff | None:
+        """What the daemon must see of one datagram received on `link`, if anything: a frame
+        that may change something, or at most once every WARN_EVERY per kind a verdict to
+        warn about (STALE_GENERATION, or failing authentication on a link the peer's frames
+        arrive on: most likely a key mismatch). Other drops are only counted (`verdicts`)."""
+        if self._next_send - now < self.interval / 2:
+            # Answer now rather than wake again in a moment: nodes fall into step, one
+            # wake-up a keepalive instead of two. Gaps stay within `interval`.
+            self._next_send = now
+        verdict, frame = self.received(data, link, now)
+        if frame is not None:
+            return verdict, frame, link
+        if verdict is Verdict.OK:
+            return None
+        if verdict is Verdict.STALE_GENERATION or (
+                verdict in AUTH_FAILURES and self.receiver.expects(link)):
+            if now - self._warned.get(verdict, -math.inf) >= WARN_EVERY:
+                self._warned[verdict] = now
+                return verdict, None, link
+            return None
+        log.debug("dropped a frame on %s: %s", link, verdict)
+        return None
+
     def received(self, data: bytes, link: str, now: float) -> tuple[Verdict, Frame | None]:
         """Authenticate one datagram. A routine frame is timed and returned as (OK, None);
         any other valid frame is returned for the daemon, which must then handle it."""
@@ -149,7 +210,7 @@ class KeepalivePump:
             if r is not None and said == self._quiet and now < self._deadline and link in r.links:
                 self._arrivals[link] = now
                 self._heard[link] = now
-                self._deadline = r.deadline(self._heard)
+                self._deadline = self._timing.at(self._heard)
                 return Verdict.OK, None
             self._set_routine(None)
             self._handed += 1

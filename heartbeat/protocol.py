@@ -50,6 +50,7 @@ from typing import NamedTuple
 
 from lbha import keyfile
 from lbha.heartbeat.errors import KeyFileError
+from lbha.heartbeat.said import Flags, PeerState
 
 MAGIC = b"LH"
 VERSION = 1
@@ -67,31 +68,6 @@ MAX_FRAME = _HEADER.size + 2 * 256 + MAC_SIZE
 _ALL_FLAGS = 0x0F
 #: Byte 7 bits this build knows; the rest are reserved for later and ignored on receive.
 _KNOWN_MORE_FLAGS = 0x03
-
-
-class PeerState(enum.IntEnum):
-    """What a node says about itself in each frame."""
-
-    STARTING = 0
-    PASSIVE = 1
-    ACTIVE = 2
-    #: Graceful stop: the sender released everything and goes away now.
-    LEAVING = 3
-
-
-class Flags(enum.IntFlag):
-    """Byte 6 of a frame in the low 8 bits, byte 7 in the next 8."""
-
-    NONE = 0
-    MASTER = 1
-    WANTS_ACTIVE = 2
-    YIELDED = 4
-    #: An interface carrying floating IPs has no carrier: this node cannot serve them.
-    NO_CARRIER = 8
-    #: The sender sets HEARS_PEER (not set by earlier builds, which cannot say).
-    REPORTS_HEARING = 0x100
-    #: The sender hears its peer: it has taken its frames since it last found it dead.
-    HEARS_PEER = 0x200
 
 
 #: Wire value (byte 7 << 8 | byte 6) -> member, without the enum machinery on every frame.

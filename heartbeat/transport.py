@@ -1,16 +1,17 @@
 """Heartbeat links. `Transport` is the seam: UDP unicast today, a serial line later.
 
 A transport carries frames both ways and drives the steady-state keepalive exchange of a
-`KeepalivePump`: it sends the pump's frame every `interval`, passes what it receives through
-the pump (authentication and replay checks happen in `protocol.Receiver`, so a forged frame
-costs one HMAC and nothing else), hands the daemon only what can change something and wakes
-it at the pump's deadline. Each received frame is tagged with a link name
-("udp:198.18.0.2"); the state machine keeps a link up while valid frames arrive on it.
+`KeepalivePump`, which makes every decision of it (keepalive_pump.py): the transport sends
+what `pump.timers` says is due, passes every datagram it receives through `pump.datagram`
+(authentication and replay checks happen in `protocol.Receiver`, so a forged frame costs one
+HMAC and nothing else), hands the daemon what that returns, in order (`deliver`), and sleeps
+until `pump.wake_at()`. Each received frame is tagged with a link name ("udp:198.18.0.2",
+`udp_link`); the state machine keeps a link up while valid frames arrive on it.
 
-`UdpTransport` does all this on the trio loop (the daemon's tests run it on a fake network).
-`ThreadedUdpTransport`, the one `lbha heartbeat` uses, does it on a plain thread, so the trio
-loop sleeps through routine keepalives: a wake-up of the loop costs several times the CPU of
-the keepalive itself (bench/README.md).
+`ThreadedUdpTransport` runs that loop on a plain thread, so the trio loop sleeps through routine
+keepalives: a wake-up of the loop costs several times the CPU of the keepalive itself
+(bench/README.md). The daemon's tests replace only the loop, with a trio one over their fake
+network (tests/heartbeat/fakenet.py); the sockets, the pump and the hand-off are this module's.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import suppress
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
 from lbha.heartbeat.errors import TransportError
-from lbha.heartbeat.keepalive_pump import KeepalivePump
-from lbha.heartbeat.protocol import AUTH_FAILURES, MAX_FRAME, Frame, Verdict
+from lbha.heartbeat.keepalive_pump import Handoff, KeepalivePump
+from lbha.heartbeat.protocol import MAX_FRAME, Frame, Verdict
 from lbha.model import IPAddress
 
 log = logging.getLogger(__name__)
@@ -50,27 +51,23 @@ class Sink(Protocol):
         """The pump's deadline has come."""
 
 
-#: A received frame for the daemon: (verdict, frame or None, link name).
-_ForDaemon = tuple[Verdict, Frame | None, str]
-#: What the keepalive thread hands the trio side: a frame (or stale verdict), or None for
-#: the deadline.
-_Handoff = _ForDaemon | None
+#: What a transport's loop hands the daemon: a frame or a verdict, or None for the deadline.
+Handed = Handoff | None
 
 
-def _take(pump: KeepalivePump, data: bytes, address: tuple[str, ...], now: float,
-          ) -> _ForDaemon | None:
-    """Pass one datagram through the pump; what the daemon must see, if anything (a frame
-    that may change something, or a verdict to warn about: stale, or failing authentication
-    from the peer's address, most likely a key mismatch). Other drops are counted by the
-    pump's receiver and logged here."""
-    link = f"udp:{address[0]}"
-    verdict, frame = pump.received(data, link, now)
-    if frame is not None or verdict is Verdict.STALE_GENERATION or (
-            verdict in AUTH_FAILURES and pump.receiver.expects(link)):
-        return verdict, frame, link
-    if verdict is not Verdict.OK:
-        log.debug("dropped a frame on %s: %s", link, verdict)
-    return None
+def udp_link(address: tuple[Any, ...]) -> str:
+    """The link name of a peer's UDP address (as recvfrom returns it)."""
+    return f"udp:{address[0]}"
+
+
+async def deliver(handed: trio.MemoryReceiveChannel[Handed], sink: Sink) -> None:
+    """Hand `sink` what the transport's loop passed on, in order, each awaited."""
+    async for item in handed:
+        if item is None:
+            await sink.on_deadline()
+        else:
+            await sink.on_frame(*item)
+
 
 #: DSCP CS6 (network control), so a busy LAN queues keepalives ahead of bulk traffic.
 _TOS_CS6 = 0xC0
@@ -92,10 +89,10 @@ class Transport(ABC):
         self, pump: KeepalivePump, sink: Sink, *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Until cancelled (after `open`): send `pump.frame()` every `pump.interval`, pass
-        received frames through `pump.received` and hand `sink` what it does not keep, and
-        call `sink.on_deadline()` when `pump.due()`; set `pump.rearm` to be woken when the
-        pump's deadline moves earlier."""
+        """Until cancelled (after `open`): send what `pump.timers` says is due, pass every
+        received datagram through `pump.datagram`, hand `sink` what those return (`deliver`)
+        and sleep until `pump.wake_at()`; set `pump.rearm` to be woken when the pump's
+        deadline moves earlier."""
 
     @abstractmethod
     async def send(self, frame: bytes) -> None:
@@ -110,12 +107,25 @@ class Transport(ABC):
         """The link names frames may legitimately arrive on (None: any)."""
 
 
-class UdpTransport(Transport):
+def _hand(channel: trio.MemorySendChannel[Handed], item: Handed) -> None:
+    # Runs as a trio callback, where an exception would crash the loop: never raise.
+    try:
+        channel.send_nowait(item)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        log.debug("heartbeat hand-off while stopping; dropped")
+
+
+class ThreadedUdpTransport(Transport):
     """UDP unicast to each peer address, from the matching local (bind) address.
 
     With `bind` empty, one wildcard socket per address family the peers use. With `bind` set,
     one socket per bind address; a peer address is reached from the first bind address of its
     family, so the source address the peer sees is predictable.
+
+    The keepalive loop runs on a plain thread (see the module doc); the daemon's own frames (a
+    state change) still go out from trio through `send`. What the loop hands over reaches the
+    daemon in order through a channel. The thread's clock is `time.perf_counter`: trio's
+    default clock minus a constant offset, measured at `run`.
     """
 
     def __init__(self, peers: Sequence[IPAddress], port: int,
@@ -138,15 +148,20 @@ class UdpTransport(Transport):
         self.locals: tuple[IPAddress, ...] = tuple(locals_) or tuple(
             wildcard[v] for v in sorted(families))
         self._sockets: dict[IPAddress, trio.socket.SocketType] = {}
+        #: The same sockets as plain ones, by file descriptor, for the thread.
+        self._plain: dict[int, socket.socket] = {}
 
     def describe(self) -> list[str]:
         return [f"udp:{p} port {self.port}" for p in self.peers]
 
     def links(self) -> set[str] | None:
-        return {f"udp:{p}" for p in self.peers}
+        return {udp_link((p,)) for p in self.peers}
 
     def _new_socket(self, family: socket.AddressFamily) -> trio.socket.SocketType:
-        return trio.socket.socket(family, socket.SOCK_DGRAM)
+        plain = socket.socket(family, socket.SOCK_DGRAM)
+        plain.setblocking(False)
+        self._plain[plain.fileno()] = plain
+        return trio.socket.from_stdlib_socket(plain)
 
     async def _open_one(self, local: IPAddress) -> trio.socket.SocketType:
         family = socket.AF_INET if local.version == 4 else socket.AF_INET6
@@ -181,6 +196,7 @@ class UdpTransport(Transport):
         for sock in self._sockets.values():
             sock.close()
         self._sockets.clear()
+        self._plain.clear()
 
     def _require_open(self) -> None:
         if not self._sockets:
@@ -189,46 +205,6 @@ class UdpTransport(Transport):
     def _socket_for(self, peer: IPAddress) -> trio.socket.SocketType | None:
         return next((s for local, s in self._sockets.items() if local.version == peer.version),
                     None)
-
-    async def run(
-        self, pump: KeepalivePump, sink: Sink, *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        self._require_open()
-        rearmed = trio.Event()
-
-        def rearm() -> None:
-            rearmed.set()  # the pump is only used from the trio thread here
-
-        pump.rearm = rearm
-        async with trio.open_nursery() as nursery:
-            for sock in self._sockets.values():
-                nursery.start_soon(self._receive, sock, pump, sink)
-            task_status.started()
-            next_send = trio.current_time()
-            while True:
-                now = trio.current_time()
-                if now >= next_send:
-                    await self.send(pump.frame())
-                    next_send = now + pump.interval
-                if pump.due(now):
-                    await sink.on_deadline()
-                with trio.move_on_at(min(next_send, pump.deadline())):
-                    await rearmed.wait()
-                rearmed = trio.Event()
-
-    @staticmethod
-    async def _receive(sock: trio.socket.SocketType, pump: KeepalivePump, sink: Sink) -> None:
-        while True:
-            try:
-                data, address = await sock.recvfrom(MAX_FRAME + 1)
-            except OSError as exc:
-                # ICMP errors from an earlier send surface here (ECONNREFUSED): not fatal.
-                log.debug("heartbeat receive: %s", exc)
-                continue
-            taken = _take(pump, data, address, trio.current_time())
-            if taken is not None:
-                await sink.on_frame(*taken)
 
     async def send(self, frame: bytes) -> None:
         for peer in self.peers:
@@ -241,49 +217,12 @@ class UdpTransport(Transport):
                 # Link down or no route: the peer's silence will tell the state machine.
                 log.debug("heartbeat send to %s failed: %s", peer, exc)
 
-
-def _hand(channel: trio.MemorySendChannel[_Handoff], item: _Handoff) -> None:
-    # Runs as a trio callback, where an exception would crash the loop: never raise.
-    try:
-        channel.send_nowait(item)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        log.debug("heartbeat hand-off while stopping; dropped")
-
-
-class ThreadedUdpTransport(UdpTransport):
-    """`UdpTransport` with the keepalive exchange on a plain thread (see the module doc).
-
-    The thread owns receiving, the periodic keepalives and the pump's deadline; the daemon's
-    own frames (a state change) still go out from trio through `send`. What the pump hands
-    over reaches the daemon in order through a channel. The thread's clock is
-    `time.perf_counter`: trio's default clock minus a constant offset, measured at `run`.
-    """
-
-    #: At most one frame-less verdict of each kind a second reaches the daemon (it only
-    #: warns).
-    WARN_EVERY = 1.0
-
-    def __init__(self, peers: Sequence[IPAddress], port: int,
-                 bind: Sequence[IPAddress] = ()) -> None:
-        super().__init__(peers, port, bind)
-        self._plain: dict[int, socket.socket] = {}
-
-    def _new_socket(self, family: socket.AddressFamily) -> trio.socket.SocketType:
-        plain = socket.socket(family, socket.SOCK_DGRAM)
-        plain.setblocking(False)
-        self._plain[plain.fileno()] = plain
-        return trio.socket.from_stdlib_socket(plain)
-
-    def close(self) -> None:
-        super().close()
-        self._plain.clear()
-
     async def run(
         self, pump: KeepalivePump, sink: Sink, *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         self._require_open()
-        to_trio, from_thread = trio.open_memory_channel[_Handoff](math.inf)
+        to_trio, from_thread = trio.open_memory_channel[Handed](math.inf)
         offset = trio.current_time() - time.perf_counter()
         # The thread sleeps in epoll on the sockets and on this pair: a byte wakes it to
         # look at the deadline again (rearm) or, once the socket is closed, to stop.
@@ -298,7 +237,7 @@ class ThreadedUdpTransport(UdpTransport):
         pump.rearm = rearm
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._from_thread, from_thread, sink)
+                nursery.start_soon(deliver, from_thread, sink)
                 nursery.start_soon(self._stop_thread_on_cancel, wake_w)
                 nursery.start_soon(partial(
                     trio.to_thread.run_sync, self._pump_thread, pump, to_trio,
@@ -311,48 +250,35 @@ class ThreadedUdpTransport(UdpTransport):
             wake_w.close()
 
     @staticmethod
-    async def _from_thread(from_thread: trio.MemoryReceiveChannel[_Handoff],
-                           sink: Sink) -> None:
-        async for item in from_thread:
-            if item is None:
-                await sink.on_deadline()
-            else:
-                await sink.on_frame(*item)
-
-    @staticmethod
     async def _stop_thread_on_cancel(wake_w: socket.socket) -> None:
         try:
             await trio.sleep_forever()
         finally:
             wake_w.shutdown(socket.SHUT_WR)  # the thread reads EOF and returns
 
-    def _pump_thread(self, pump: KeepalivePump, to_trio: trio.MemorySendChannel[_Handoff],
+    def _pump_thread(self, pump: KeepalivePump, to_trio: trio.MemorySendChannel[Handed],
                      token: trio.lowlevel.TrioToken, offset: float, wake: socket.socket) -> None:
         routes = [(self._plain[sock.fileno()], (str(peer), self.port))
                   for peer in self.peers if (sock := self._socket_for(peer)) is not None]
         wake_fd = wake.fileno()
-        next_send = time.perf_counter()
-        #: Verdict -> when one was last handed over without a frame.
-        warned: dict[Verdict, float] = {}
+        clock = time.perf_counter
         # epoll, not poll: the registration stays put instead of being redone at every wake.
         with select.epoll() as poller:
             for fd in self._plain:
                 poller.register(fd, select.EPOLLIN)
             poller.register(wake, select.EPOLLIN)
             while True:
-                now = time.perf_counter()
-                if now >= next_send:
-                    frame = pump.frame()
+                now = clock() + offset
+                frame, due = pump.timers(now)
+                if frame is not None:
                     for plain, destination in routes:
                         try:
                             plain.sendto(frame, destination)
                         except OSError as exc:
                             log.debug("heartbeat send to %s failed: %s", destination[0], exc)
-                    next_send = now + pump.interval
-                if pump.due(now + offset):
+                if due:
                     token.run_sync_soon(_hand, to_trio, None)
-                wake_at = min(next_send, pump.deadline() - offset)
-                for fd, _ in poller.poll(max(0.0, wake_at - now)):
+                for fd, _ in poller.poll(max(0.0, pump.wake_at() - now)):
                     if fd == wake_fd:
                         if not wake.recv(64):
                             return
@@ -362,16 +288,6 @@ class ThreadedUdpTransport(UdpTransport):
                     except OSError as exc:  # EAGAIN, or an ICMP error from an earlier send
                         log.debug("heartbeat receive: %s", exc)
                         continue
-                    at = time.perf_counter()
-                    if next_send - at < pump.interval / 2:
-                        # Answer now rather than wake again in a moment: nodes fall into step,
-                        # one wake-up a keepalive instead of two. Gaps stay within `interval`.
-                        next_send = at
-                    taken = _take(pump, data, address, at + offset)
-                    if taken is None:
-                        continue
-                    if taken[1] is None:  # a verdict to warn about: the daemon only warns
-                        if at - warned.get(taken[0], -math.inf) < self.WARN_EVERY:
-                            continue
-                        warned[taken[0]] = at
-                    token.run_sync_soon(_hand, to_trio, taken)
+                    handoff = pump.datagram(data, udp_link(address), clock() + offset)
+                    if handoff is not None:
+                        token.run_sync_soon(_hand, to_trio, handoff)

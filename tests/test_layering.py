@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,67 @@ def test_heartbeat_stays_out_of_the_engine(path: Path) -> None:
 def test_decision_modules_do_no_io(name: str) -> None:
     top = {n.split(".")[0] for n in imports(ROOT / name)}
     assert not top & IO_MODULES, f"{name} imports {top & IO_MODULES}"
+
+
+#: Where each installed package's modules live in the checkout (pyproject `package-dir`).
+PACKAGE_DIRS = {"lbha.heartbeat": "heartbeat", "lbha.checks": "checks",
+                "lbha.plugins": "plugins", "lbha": "lbha"}
+#: What the heartbeat state machine may not load, even through the modules it imports:
+#: sockets, threads, event loops, netlink, processes, files.
+FSM_IO = IO_MODULES | {
+    "_socket", "_ssl", "_asyncio", "_posixsubprocess", "threading", "selectors", "io",
+    "pathlib", "shutil", "tempfile", "stat", "fcntl", "mmap", "logging", "lbha.keyfile",
+}
+
+
+def module_file(name: str) -> Path | None:
+    """The checkout file of an lbha module (None: not one)."""
+    for package, folder in PACKAGE_DIRS.items():
+        if name == package or name.startswith(package + "."):
+            base = ROOT / folder / Path(*name[len(package):].split(".")[1:])
+            init = base / "__init__.py"
+            return init if init.exists() else base.with_suffix(".py")
+    return None
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """What `path` imports when run (not under TYPE_CHECKING), `from x import y` as both."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) \
+                and node.test.id == "TYPE_CHECKING":
+            node.body = []
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_the_state_machine_imports_no_io_transitively(tmp_path: Path) -> None:
+    # Every lbha module importing heartbeat/fsm.py runs (package __init__ files included).
+    reached, todo = set(), ["lbha.heartbeat.fsm"]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for module in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
+            path = module_file(module)
+            if module in reached or path is None or not path.exists():
+                continue
+            reached.add(module)
+            imported = runtime_imports(path)
+            bad = {n for n in imported if n in FSM_IO or n.split(".")[0] in FSM_IO}
+            assert not bad, f"fsm.py reaches {module}, which imports {bad}"
+            todo.extend(imported)
+    assert "lbha.heartbeat.said" in reached
+    # And third-party modules on the way: what the import loads beyond the interpreter's own.
+    code = ("import sys; before = set(sys.modules); import lbha.heartbeat.fsm; "
+            "print(*sorted(set(sys.modules) - before))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True,
+                            capture_output=True, text=True).stdout.split()
+    assert "lbha.heartbeat.fsm" in loaded
+    bad = {n for n in loaded if n in FSM_IO or n.split(".")[0] in FSM_IO}
+    assert not bad, f"importing heartbeat/fsm.py loads {bad}"

@@ -1,17 +1,24 @@
 """A fake datagram network for trio tests: no real sockets, seeded drop/duplicate/delay/reorder.
 
-Installed with `trio.socket.set_custom_socket_factory`, so the real `UdpTransport` runs on it
-unchanged. Time is trio's clock: under `autojump_clock` delays cost nothing. Hosts are just
-the addresses sockets bind to; `partition(a, b)` silently drops traffic between two of them.
+Installed with `trio.socket.set_custom_socket_factory`. Time is trio's clock: under
+`autojump_clock` delays cost nothing. Hosts are just the addresses sockets bind to;
+`partition(a, b)` silently drops traffic between two of them. `FakeNetTransport` is the
+daemon's own transport on it, with only its keepalive thread replaced by a trio loop.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import socket
+from functools import partial
 from typing import Any
 
 import trio
+
+from lbha.heartbeat.keepalive_pump import KeepalivePump
+from lbha.heartbeat.protocol import MAX_FRAME
+from lbha.heartbeat.transport import Handed, Sink, ThreadedUdpTransport, deliver, udp_link
 
 
 class FakeNet(trio.abc.SocketFactory):
@@ -27,6 +34,8 @@ class FakeNet(trio.abc.SocketFactory):
         self.blocked_one_way: set[tuple[str, str]] = set()
         self.sent = 0
         self.dropped = 0
+        #: (time, source host) of every datagram sent.
+        self.sent_at: list[tuple[float, str]] = []
 
     def install(self) -> None:
         trio.socket.set_custom_socket_factory(self)
@@ -54,6 +63,7 @@ class FakeNet(trio.abc.SocketFactory):
 
     def _route(self, source: tuple[str, int], destination: tuple[str, int], data: bytes) -> None:
         self.sent += 1
+        self.sent_at.append((trio.current_time(), source[0]))
         if frozenset((source[0], destination[0])) in self.blocked or \
                 (source[0], destination[0]) in self.blocked_one_way or \
                 self.rng.random() < self.drop:
@@ -132,3 +142,55 @@ class FakeSocket(trio.socket.SocketType):
 
     def fileno(self) -> int:
         return -1
+
+
+#: What the thread's epoll reports, as one queue: a datagram, or None for a rearm.
+_Event = tuple[bytes, Any] | None
+
+
+class FakeNetTransport(ThreadedUdpTransport):
+    """`lbha heartbeat`'s transport on the fake network: its sockets code (on the fake
+    sockets), the pump's decisions (`timers`, `datagram`, `wake_at`) and the hand-off to the
+    daemon (`deliver`) are the production code; only the keepalive thread's epoll loop is
+    replaced by this trio loop, step for step, so MockClock drives it."""
+
+    def _new_socket(self, family: socket.AddressFamily) -> trio.socket.SocketType:
+        return trio.socket.socket(family, socket.SOCK_DGRAM)
+
+    async def run(
+        self, pump: KeepalivePump, sink: Sink, *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        self._require_open()
+        to_daemon, handed = trio.open_memory_channel[Handed](math.inf)
+        report, events = trio.open_memory_channel[_Event](math.inf)
+        pump.rearm = partial(report.send_nowait, None)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(deliver, handed, sink)
+                for sock in self._sockets.values():
+                    nursery.start_soon(self._receive, sock, report)
+                task_status.started()
+                while True:
+                    now = trio.current_time()
+                    frame, due = pump.timers(now)
+                    if frame is not None:
+                        await self.send(frame)
+                    if due:
+                        to_daemon.send_nowait(None)
+                    with trio.move_on_at(pump.wake_at()):
+                        event = await events.receive()
+                        if event is not None:
+                            handoff = pump.datagram(event[0], udp_link(event[1]),
+                                                    trio.current_time())
+                            if handoff is not None:
+                                to_daemon.send_nowait(handoff)
+        finally:
+            pump.rearm = lambda: None
+
+    @staticmethod
+    async def _receive(sock: trio.socket.SocketType,
+                       report: trio.MemorySendChannel[_Event]) -> None:
+        while True:
+            data, address = await sock.recvfrom(MAX_FRAME + 1)
+            report.send_nowait((data, address))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Collection, Sequence
@@ -20,10 +21,9 @@ from lbha.heartbeat.daemon import Heartbeat
 from lbha.heartbeat.floating_ips import AddressManager
 from lbha.heartbeat.generation import FILE_NAME, GenerationStore
 from lbha.heartbeat.protocol import Flags, Frame, KeyRing, PeerState, Verdict, encode
-from lbha.heartbeat.transport import UdpTransport
 from lbha.model import FloatingIP
 
-from .fakenet import FakeNet
+from .fakenet import FakeNet, FakeNetTransport
 
 KEYS = KeyRing({1: b"0123456789abcdef0123"}, 1)
 ADDR = {"lb1": "198.18.0.1", "lb2": "198.18.0.2"}
@@ -133,7 +133,8 @@ class Cluster:
         config = load_config_text(config_text(name, self.auto_failback))
         assert config.cluster is not None
         cluster = config.cluster
-        transport = UdpTransport(cluster.peers[0].addresses, cluster.udp_port, cluster.bind)
+        transport = FakeNetTransport(cluster.peers[0].addresses, cluster.udp_port,
+                                     cluster.bind)
         self.addresses[name] = FakeAddresses(name, self.world)
 
         def emit(event: Event) -> None:
@@ -375,6 +376,41 @@ async def test_partition_heal_loser_serves_until_the_keeper_has_announced(
         released = [t for t, node, what in c.world.history if (node, what) == ("lb2", "release")]
         assert released[-1] >= announced
         assert c.kinds("lb2").count("split_brain") == 1
+
+
+async def test_the_nodes_fall_into_step(autojump_clock: trio.testing.MockClock) -> None:
+    # The keepalive loop answers a frame at once when its own keepalive is due within half an
+    # interval: each node then wakes once a keepalive, not twice (bench/README.md, idle CPU).
+    async with settled() as c:
+        c.net.sent_at.clear()
+        await trio.sleep(2.0)
+        sent = {name: [t for t, host in c.net.sent_at if host == ADDR[name]]
+                for name in ("lb1", "lb2")}
+    assert len(sent["lb1"]) >= 2.0 / KEEPALIVE - 1
+    assert len(sent["lb2"]) >= 2.0 / KEEPALIVE - 1
+    # No delay on this network: the answer leaves at the instant the frame arrived.
+    assert set(sent["lb2"]) <= set(sent["lb1"])
+
+
+async def test_frames_failing_authentication_reach_the_daemon_once_a_second(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # 20 failing frames a second from the peer's address; the daemon only warns (once a
+    # minute), so the keepalive loop hands it one a second, not every frame.
+    async with cluster() as c:
+        c.world.ignore.update(("lb1", "lb2"))
+        await c.start("lb1")
+        lb2 = await c.start("lb2")
+        lb2.pump.reconfigure(KEYS, KEEPALIVE, DEADTIME)
+        handed: list[tuple[float, Verdict, str]] = []
+        lb2._warn_auth = lambda verdict, link: handed.append(  # type: ignore[method-assign]
+            (trio.current_time(), verdict, link))
+        await trio.sleep(10)
+    assert lb2.pump.verdicts()[Verdict.AUTH_MISMATCH] >= 10 / KEEPALIVE - 1
+    assert {(verdict, link) for _, verdict, link in handed} == {
+        (Verdict.AUTH_MISMATCH, f"udp:{ADDR['lb1']}")}
+    assert 10 <= len(handed) <= 11
+    assert all(b - a >= 1.0 for (a, *_), (b, *_) in itertools.pairwise(handed))
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lbha.heartbeat import fsm
-from lbha.heartbeat.keepalive_pump import Arrival, KeepalivePump
+from lbha.heartbeat.keepalive_pump import WARN_EVERY, Arrival, KeepalivePump
 from lbha.heartbeat.protocol import Flags, Frame, KeyRing, PeerState, Receiver, Verdict, encode
 
 KEYS = KeyRing({1: b"0123456789abcdef0123"}, 1)
@@ -44,7 +45,7 @@ class Daemon:
 
     def publish(self) -> None:
         self.pump.expect(fsm.routine(SETTINGS, self.state),
-                         fsm.next_deadline(SETTINGS, self.state), self.handled)
+                         fsm.deadline(SETTINGS, self.state), self.handled)
 
     def sync(self) -> None:
         for a in self.pump.arrivals():
@@ -130,9 +131,9 @@ def test_rearm_when_the_deadline_comes_closer() -> None:
     p, daemon, _peer = steady()
     calls: list[None] = []
     p.rearm = lambda: calls.append(None)
-    p.expect(None, p.deadline() + 1, daemon.handled)
+    p.expect(None, fsm.Deadline(fixed=p.deadline() + 1), daemon.handled)
     assert calls == []
-    p.expect(None, 0.03, daemon.handled)
+    p.expect(None, fsm.Deadline(fixed=0.03), daemon.handled)
     assert calls == [None]
 
 
@@ -145,6 +146,65 @@ def test_frames_sent_take_new_sequence_numbers_and_the_announced_state() -> None
     assert first == Frame("lbha", "lb1", 7, 1, PeerState.STARTING, Flags.NONE, 100, 1)
     assert second == Frame("lbha", "lb1", 7, 2, PeerState.ACTIVE, Flags.MASTER, 100, 1)
     assert p.sent == 2
+
+
+def test_keepalives_go_out_every_interval_and_the_loop_wakes_for_the_next() -> None:
+    p = pump()
+    assert p.wake_at() == -math.inf  # the first at once
+    frame, due = p.timers(5.0)
+    assert frame is not None
+    assert not due
+    assert p.wake_at() == pytest.approx(5.02)
+    assert p.timers(5.019) == (None, False)
+    assert p.timers(5.021)[0] is not None
+    assert p.wake_at() == pytest.approx(5.041)
+    assert p.sent == 2
+
+
+def test_the_deadline_wakes_the_loop_once() -> None:
+    p, _daemon, _peer = steady()
+    deadline = p.deadline()
+    p.timers(deadline - 0.01)  # a keepalive; the next one is due after the deadline
+    assert p.wake_at() == deadline
+    assert p.timers(deadline) == (None, True)
+    assert p.timers(deadline) == (None, False)
+    assert p.wake_at() == pytest.approx(deadline + 0.01)  # the daemon has yet to republish
+
+
+def test_a_frame_is_answered_at_once_when_ours_is_due_soon() -> None:
+    # Nodes fall into step: one wake-up a keepalive instead of two (bench/README.md).
+    p, peer = pump(), Peer()
+    p.timers(1.0)  # sent; the next is due at 1.02
+    p.datagram(peer.frame(), LINK, 1.005)  # ours is due in 15 ms: more than half an interval
+    assert p.wake_at() == pytest.approx(1.02)
+    p.datagram(peer.frame(), LINK, 1.011)  # due in 9 ms: answer now
+    assert p.wake_at() == 1.011
+    assert p.timers(1.011)[0] is not None
+    assert p.wake_at() == pytest.approx(1.031)
+
+
+def test_datagrams_hand_over_what_may_change_something_and_rare_warnings() -> None:
+    p, _daemon, peer = steady()
+    assert p.datagram(peer.frame(), LINK, 0.03) is None  # routine
+    handed = p.datagram(peer.frame(flags=Flags.WANTS_ACTIVE), LINK, 0.04)
+    assert handed is not None
+    assert handed[0] is Verdict.OK
+    assert handed[2] == LINK
+    assert handed[1] is not None
+    assert handed[1].flags == Flags.WANTS_ACTIVE
+    forged = encode(Frame("lbha", "lb2", 1000, 999, PeerState.ACTIVE),
+                    KeyRing({1: b"guessed-key-000000000"}, 1))
+    # From the peer's link: a key mismatch, most likely; the daemon warns, so it hears of it
+    # at most once a WARN_EVERY.
+    assert p.datagram(forged, LINK, 0.05) == (Verdict.BAD_MAC, None, LINK)
+    assert p.datagram(forged, LINK, 0.05 + WARN_EVERY / 2) is None
+    assert p.datagram(forged, LINK, 0.05 + WARN_EVERY) == (Verdict.BAD_MAC, None, LINK)
+    # From anywhere else: counted only.
+    assert p.datagram(forged, "udp:198.18.0.66", 5.0) is None
+    assert p.datagram(b"garbage", LINK, 5.0) is None
+    counts = p.verdicts()
+    assert counts[Verdict.BAD_MAC] == 4
+    assert counts[Verdict.MALFORMED] == 1
 
 
 @settings(max_examples=300, deadline=None)

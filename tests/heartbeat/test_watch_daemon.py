@@ -15,10 +15,10 @@ from lbha.config import load_config_text
 from lbha.heartbeat.daemon import Heartbeat
 from lbha.heartbeat.errors import FloatingIPError
 from lbha.heartbeat.link_watch import Sink
-from lbha.heartbeat.transport import UdpTransport
 from lbha.model import FloatingIP
 
 from . import test_daemon
+from .fakenet import FakeNetTransport
 from .test_daemon import Cluster, FakeAddresses, World, config_text, settled
 
 VIP = "198.18.0.10"
@@ -188,7 +188,8 @@ async def test_start_and_reload_refused_when_a_floating_ip_cannot_be_placed(
 
         config = load_config_text(config_text("lb2"))
         assert config.cluster is not None
-        transport = UdpTransport(config.cluster.peers[0].addresses, 6694, config.cluster.bind)
+        transport = FakeNetTransport(config.cluster.peers[0].addresses, 6694,
+                                     config.cluster.bind)
         fresh = Heartbeat(config, None, transport, lb1, lambda _event: None)
         history = len(c.world.history)
         with pytest.raises(FloatingIPError, match="device 'eth9'"):
