@@ -25,8 +25,7 @@ from pyasn1.error import PyAsn1Error
 
 from lbha import hookimpl
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec, Transcript
-from lbha.checks.blocking import (
-    BudgetExceeded,
+from lbha.checkkit.blocking import (
     Interrupted,
     RunLimiter,
     Worker,
@@ -208,12 +207,7 @@ class LdapCheck:
         if request.target.rport is None:
             return CheckResult.failure(f"no port to connect to on {request.target.rip}")
         probe = probe_for(request, self.implicit_tls)
-        budget = request.own_budget
-        try:
-            return await run_blocking(lambda worker: run_probe(worker, probe),
-                                      budget=budget, limiter=LIMITER)
-        except BudgetExceeded as exc:
-            return CheckResult.failure(str(exc))
+        return await run_blocking(request, lambda worker: run_probe(worker, probe), limiter=LIMITER)
 
 
 @hookimpl

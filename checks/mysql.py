@@ -24,14 +24,13 @@ import pymysql
 
 from lbha import hookimpl
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec, Transcript
-from lbha.checks.blocking import (
-    BudgetExceeded,
+from lbha.checkkit.blocking import (
     Interrupted,
     RunLimiter,
     Worker,
     run_blocking,
 )
-from lbha.checks.connect import describe_error
+from lbha.checkkit.errors import describe_error
 
 #: Worker threads the MySQL checks may occupy at once, abandoned ones included.
 LIMITER = RunLimiter("lbha.checks.mysql", 16)
@@ -175,11 +174,7 @@ class MysqlCheck:
         if not request.spec.login:
             return CheckResult.failure("mysql check has no login: set login (and password)")
         probe = probe_for(request)
-        try:
-            return await run_blocking(lambda worker: run_query(worker, probe),
-                                      budget=request.own_budget, limiter=LIMITER)
-        except BudgetExceeded as exc:
-            return CheckResult.failure(str(exc))
+        return await run_blocking(request, lambda worker: run_query(worker, probe), limiter=LIMITER)
 
 
 @hookimpl

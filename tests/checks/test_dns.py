@@ -33,7 +33,6 @@ from lbha.checks.dns import (
     build_question,
     describe_message,
     judge_reply,
-    receive_matcher,
 )
 from lbha.plugin_manager import PluginManager
 from lbha.testing import check_spec, run_check_now, target
@@ -513,8 +512,7 @@ HEADER = GOOD[:12]
 
 
 def _judge(wire: bytes, *, tcp: bool, receive: str | None = "192.0.2") -> object:
-    outcome = judge_reply(QUERY, QUESTION, wire, receive_matcher(receive, False), receive,
-                          "127.0.0.1:53", tcp=tcp)
+    outcome = judge_reply(QUERY, QUESTION, wire, receive, False, "127.0.0.1:53", tcp=tcp)
     assert isinstance(outcome, CheckResult | Ignored | Truncated)
     assert describe_message(wire)
     return outcome

@@ -28,7 +28,7 @@ from line_servers import (
 from resources import closed_port
 
 from lbha.checkapi import CheckRequest, CheckResult
-from lbha.checks.lines import CheckFailed
+from lbha.checkkit import CheckFailed
 from lbha.checks.mail import imap_quoted
 from lbha.testing import check_spec, installed_checks, run_check_now, target
 
