@@ -32,6 +32,9 @@ from lbha.checks.radius import (
 from lbha.plugin_manager import PluginManager
 from lbha.testing import run_check_now
 
+#: A skip for want of the real server is a failure in CI (tests/conftest.py).
+pytestmark = pytest.mark.real_server
+
 SECRET = "testing-secret"
 USER, PASSWORD = "alice", "alice-pw"
 #: Accounts whose password is one letter, and a word every transcript and reason carries.
@@ -411,9 +414,9 @@ async def test_one_attempt_when_told() -> None:
                                      options={"attempts": 1}, transcript=transcript)
     assert "(1 Access-Request sent;" in result.reason
     # One request sent; the kit's deadline runner notes the verdict after it.
-    assert [line for line in transcript.lines if line.startswith(">")] == [
-        f"> Access-Request id={line.split('id=')[1].split()[0]} User-Name={USER} "
-        "(attempt 1 of 1)" for line in transcript.lines[:1]]
+    sent = [line for line in transcript.lines if line.startswith(">")]
+    assert len(sent) == 1
+    assert sent[0].endswith("(attempt 1 of 1)")
     assert transcript.lines[-1] == f"* {result.reason}"
 
 
