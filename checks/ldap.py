@@ -11,7 +11,6 @@ ldap3 is synchronous, so each check runs in a worker thread (checks/blocking.py)
 
 from __future__ import annotations
 
-import re
 import ssl
 from collections.abc import Mapping
 from contextlib import suppress
@@ -25,6 +24,7 @@ from pyasn1.error import PyAsn1Error
 
 from lbha import hookimpl
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec, Transcript
+from lbha.checkkit import matches, quote
 from lbha.checkkit.blocking import (
     Interrupted,
     RunLimiter,
@@ -63,11 +63,7 @@ class LdapProbe:
 
 def dn_matches(dn: str, receive: str | None, regex: bool) -> bool:
     """`receive` empty: any DN; else a substring of the DN, or a regex searched in it."""
-    if not receive:
-        return True
-    if regex:
-        return re.search(receive, dn) is not None
-    return receive in dn
+    return not receive or matches(dn, receive, regex)
 
 
 def _server_says(result: Mapping[str, Any] | None) -> str:
@@ -77,7 +73,7 @@ def _server_says(result: Mapping[str, Any] | None) -> str:
     text = str(result.get("description") or f"result {result.get('result')}")
     message = str(result.get("message") or "").strip()
     if message:
-        message = "".join(c if c.isprintable() else "?" for c in message)[:MESSAGE_LIMIT]
+        message = quote(message, MESSAGE_LIMIT, marks=False)
         text = f"{text} ({message})"
     return text
 

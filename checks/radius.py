@@ -74,7 +74,7 @@ def access_request(login: str, password: str, secret: bytes, nas_identifier: str
 def _reply_message(reply: AuthPacket) -> str:
     # Read the raw octets: pyrad's decoding of a string would fail on invalid UTF-8.
     raw = b"".join(v for v in dict.get(reply, REPLY_MESSAGE, ()) if isinstance(v, bytes))
-    text = quote(raw.strip(), QUOTE_LIMIT)[1:-1]
+    text = quote(raw.strip(), QUOTE_LIMIT, marks=False)
     return f": {text}" if text else ""
 
 

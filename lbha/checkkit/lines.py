@@ -155,7 +155,7 @@ class LineSession:
                 del self._buffer[:end + 1]
                 line = raw.rstrip(b"\r").decode("utf-8", "replace")
                 if self.transcript:
-                    self.transcript.received(quote(line, QUOTE_LIMIT)[1:-1])
+                    self.transcript.received(quote(line, QUOTE_LIMIT, marks=False))
                 return line
             if len(self._buffer) > MAX_LINE:
                 raise NotTheProtocol(

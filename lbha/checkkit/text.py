@@ -10,16 +10,20 @@ from lbha.checkkit.errors import CheckFailed
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def _text(data: bytes | bytearray | memoryview | str, limit: int) -> tuple[str, bool]:
-    if isinstance(data, str):
-        return data[:limit], len(data) > limit
-    return bytes(data[:limit]).decode("utf-8", "replace"), len(data) > limit
+def _text(data: bytes | bytearray | memoryview | str, limit: int | None) -> tuple[str, bool]:
+    cut = limit is not None and len(data) > limit
+    data = data[:limit]
+    return (data if isinstance(data, str) else bytes(data).decode("utf-8", "replace")), cut
 
 
-def quote(data: bytes | str, limit: int = 60) -> str:
-    """Server text as a short quoted one-liner for a reason: 'OK' (control characters as ?)."""
+def quote(data: bytes | str, limit: int | None = 60, *, marks: bool = True) -> str:
+    """Server text as a quoted one-liner for a reason: 'OK' (control characters as ?).
+
+    At most `limit` characters (None: all); without `marks`, no quotes around it.
+    """
     text, cut = _text(data, limit)
-    return f"'{_UNPRINTABLE.sub('?', text)}{'...' if cut else ''}'"
+    text = _UNPRINTABLE.sub("?", text) + ("..." if cut else "")
+    return f"'{text}'" if marks else text
 
 
 def printable(data: bytes | bytearray | memoryview | str, limit: int = 160) -> str:

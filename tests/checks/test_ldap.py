@@ -318,25 +318,6 @@ async def test_hostile_server_is_down_within_the_deadline(name, handler, phase) 
     assert elapsed < 0.7, (name, elapsed)
 
 
-@pytest.mark.wallclock
-async def test_cancelled_checks_leave_no_threads_or_sockets() -> None:
-    """The engine gives up at the deadline; the abandoned threads end promptly anyway."""
-    threads, fds = threading.active_count(), open_fds()
-    async with hostile_server(silent()) as port:
-        async with trio.open_nursery() as nursery:
-            for _ in range(LIMITER.tokens * 3):
-                # A deadline shorter than the check's own timeouts: the engine cancels it.
-                nursery.start_soon(lambda: run_check_now("ldap", rport=port, seconds=0.2,
-                                                         negotiate_timeout=5.0))
-        assert LIMITER.get().borrowed_tokens <= LIMITER.tokens
-    start = trio.current_time()
-    now_threads, now_fds = await settle(threads + LIMITER.tokens, fds, LIMITER.get())
-    assert LIMITER.get().borrowed_tokens == 0
-    assert trio.current_time() - start < 0.5  # interrupted, not waiting for their timeouts
-    assert now_fds <= fds
-    assert now_threads <= threads + LIMITER.tokens
-
-
 BATCH = 2 * LIMITER.tokens
 
 
