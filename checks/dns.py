@@ -27,14 +27,12 @@ import trio
 
 from lbha import hookimpl
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec
-from lbha.checkkit import describe_error, matches, printable, run_within, udp
+from lbha.checkkit import CheckFailed, describe_error, matches, printable, run_within, udp
 
 #: Record types a name may be asked for (option `type`); an address is always asked as PTR.
 RECORD_TYPES: MappingProxyType[str, dns.rdatatype.RdataType] = MappingProxyType(
     {"A": dns.rdatatype.A, "AAAA": dns.rdatatype.AAAA}
 )
-#: Option `transport`: "auto" is UDP (TCP on truncation), or TCP for a TCP virtual service.
-TRANSPORTS: tuple[str, ...] = ("auto", "udp", "tcp")
 #: Replies that are not ours (wrong id, other question) tolerated before giving up.
 MAX_IGNORED = 64
 #: UDP retransmissions: the first after 1 s, then doubling (1, 2, 4 s ...).
@@ -290,7 +288,7 @@ class DnsCheck:
             default="A", help="record type asked for a name: A or AAAA (addresses: PTR)",
         ),
         "transport": OptionSpec(
-            default="auto", choices=TRANSPORTS,
+            default="auto", choices=udp.TRANSPORTS,
             help="auto (UDP, TCP on truncation; TCP for protocol = \"tcp\"), udp or tcp",
         ),
     })
@@ -299,18 +297,16 @@ class DnsCheck:
         target = request.target
         if target.rport is None:
             return CheckResult.failure(f"no port to query on {target.rip}")
-        transport = str(request.options.get("transport", "auto")).lower()
-        if transport not in TRANSPORTS:
-            return CheckResult.failure(
-                f"option transport = {transport!r}: expected auto, udp or tcp"
-            )
+        try:
+            use_tcp = udp.over_tcp(request)
+        except CheckFailed as exc:
+            return CheckResult.failure(exc.reason)
         try:
             question = build_question(request.spec.request,
                                       str(request.options.get("type", "A")))
         except DnsRequestError as exc:
             return CheckResult.failure(str(exc))
         exchange = _Exchange(request, question)
-        use_tcp = transport == "tcp" or (transport == "auto" and target.protocol == "tcp")
 
         async def ask() -> CheckResult:
             if request.spec.receive and request.spec.regex:

@@ -22,10 +22,8 @@ import trio
 
 from lbha import hookimpl
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec
-from lbha.checkkit import describe_error, printable, run_within, udp
+from lbha.checkkit import CheckFailed, describe_error, printable, run_within, udp
 
-#: Option `transport`: "auto" is TCP for a TCP virtual service, else UDP.
-TRANSPORTS: tuple[str, ...] = ("auto", "udp", "tcp")
 #: Largest message accepted (a UDP datagram cannot be larger).
 MAX_MESSAGE = 65535
 #: Largest header section of a message read from a TCP stream.
@@ -383,7 +381,7 @@ class SipCheck:
     )
     options: MappingProxyType[str, OptionSpec] = MappingProxyType({
         "transport": OptionSpec(
-            default="auto", choices=TRANSPORTS,
+            default="auto", choices=udp.TRANSPORTS,
             help="auto (TCP for protocol = \"tcp\", else UDP), udp or tcp",
         ),
     })
@@ -392,17 +390,15 @@ class SipCheck:
         target = request.target
         if target.rport is None:
             return CheckResult.failure(f"no port to send OPTIONS to on {target.rip}")
-        transport = str(request.options.get("transport", "auto")).lower()
-        if transport not in TRANSPORTS:
-            return CheckResult.failure(
-                f"option transport = {transport!r}: expected auto, udp or tcp"
-            )
+        try:
+            use_tcp = udp.over_tcp(request)
+        except CheckFailed as exc:
+            return CheckResult.failure(exc.reason)
         try:
             login = sip_login(request.spec.login)
         except SipLoginError as exc:
             return CheckResult.failure(str(exc))
         exchange = _Exchange(request, login)
-        use_tcp = transport == "tcp" or (transport == "auto" and target.protocol == "tcp")
 
         def timed_out(budget: float) -> str:
             if exchange.provisional:

@@ -18,9 +18,13 @@ from typing import TypeVar
 
 import trio
 
-from lbha.checkapi import Target
+from lbha.checkapi import CheckRequest, Target
+from lbha.checkkit.errors import CheckFailed
 
 R = TypeVar("R")
+#: Option `transport` of a protocol spoken over UDP or TCP (DNS, SIP): "auto" is TCP for a
+#: TCP virtual service, else UDP.
+TRANSPORTS: tuple[str, ...] = ("auto", "udp", "tcp")
 #: Seconds from the n-th send (1-based) to the next; math.inf sends no more.
 Schedule = Callable[[int], float]
 #: Largest datagram read.
@@ -35,6 +39,14 @@ def backoff(first: float, *, factor: float = 2.0, cap: float = math.inf,
             return math.inf
         return min(first * factor ** (sent - 1), cap)
     return schedule
+
+
+def over_tcp(request: CheckRequest) -> bool:
+    """Whether option `transport` (TRANSPORTS) says TCP; CheckFailed for another value."""
+    transport = str(request.options.get("transport", "auto")).lower()
+    if transport not in TRANSPORTS:
+        raise CheckFailed(f"option transport = {transport!r}: expected auto, udp or tcp")
+    return transport == "tcp" or (transport == "auto" and request.target.protocol == "tcp")
 
 
 @asynccontextmanager
