@@ -19,13 +19,12 @@ import random
 import socket
 import sys
 import threading
-from collections.abc import Awaitable
 from typing import Any
 
 import pytest
 import trio
 from hostile import GARBAGE, hostile_server, serve_udp, silent, trickle
-from resources import closed_port, free_port, open_fds, settle
+from resources import closed_port, free_port, open_fds, settle, timed
 
 from lbha.checkapi import CheckResult, required_spec_keys_of
 from lbha.checkkit.blocking import RunLimiter
@@ -60,12 +59,6 @@ async def check(name: str, port: int, **spec: Any) -> CheckResult:
     spec.setdefault("negotiate_timeout", DEADLINE)
     return await run_check_now(name, rport=port, protocol="udp" if name in UDP_CHECKS
                                else "tcp", **(required | spec))
-
-
-async def timed(run: Awaitable[CheckResult]) -> tuple[CheckResult, float]:
-    started = trio.current_time()
-    result = await run
-    return result, trio.current_time() - started
 
 
 def assert_own_verdict(result: CheckResult) -> None:

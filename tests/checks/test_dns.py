@@ -23,7 +23,7 @@ import trio
 from hostile import Answer, serve_udp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from resources import open_fds
+from resources import open_fds, timed
 
 from lbha.checkapi import CheckRequest, CheckResult, Transcript
 from lbha.checks.dns import (
@@ -123,12 +123,6 @@ async def dns_check(port: int, *, protocol: str = "udp", deadline: float = DEADL
                     transcript: Transcript | None = None, **spec: object) -> CheckResult:
     return await run_check_now("dns", rport=port, protocol=protocol, transcript=transcript,
                                negotiate_timeout=deadline, **spec)
-
-
-async def timed(check: Awaitable[CheckResult]) -> tuple[CheckResult, float]:
-    started = trio.current_time()
-    result = await check
-    return result, trio.current_time() - started
 
 
 def test_registered_through_the_entry_point() -> None:

@@ -17,7 +17,7 @@ import trio
 from hostile import Answer, serve_udp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from resources import free_port, open_fds
+from resources import free_port, open_fds, timed
 
 from lbha.checkapi import CheckRequest, CheckResult, Transcript
 from lbha.checks.sip import (
@@ -187,12 +187,6 @@ async def sip_check(port: int, *, protocol: str = "udp", deadline: float = DEADL
                     **spec: object) -> CheckResult:
     return await run_check_now("sip", rport=port, protocol=protocol, login=login,
                                transcript=transcript, negotiate_timeout=deadline, **spec)
-
-
-async def timed(check: Awaitable[CheckResult]) -> tuple[CheckResult, float]:
-    started = trio.current_time()
-    result = await check
-    return result, trio.current_time() - started
 
 
 def test_registered_through_the_entry_point() -> None:
