@@ -11,7 +11,6 @@ import errno
 import os
 import select
 import socket
-import struct
 from collections.abc import Sequence
 from types import MappingProxyType
 
@@ -19,35 +18,11 @@ import trio
 
 from lbha import hookimpl
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec, Target
+from lbha.checkkit import describe_error
+from lbha.checkkit.tcp import LINGER_RESET
 
 #: Protocols probed with UDP; everything else (tcp, tcp+udp, fwmark) gets a TCP connect.
 UDP_PROTOCOLS: frozenset[str] = frozenset({"udp", "ops"})
-
-#: l_onoff=1, l_linger=0: close() sends RST, so thousands of checks leave no TIME_WAIT
-#: sockets on the director (HAProxy closes its connect-only checks the same way).
-_LINGER_RESET = struct.pack("ii", 1, 0)
-
-_REASONS: MappingProxyType[int, str] = MappingProxyType({
-    errno.ECONNREFUSED: "refused",
-    errno.ECONNRESET: "reset",
-    errno.EHOSTUNREACH: "failed: host unreachable",
-    errno.ENETUNREACH: "failed: network unreachable",
-    errno.ETIMEDOUT: "timed out in the kernel",
-    errno.EADDRNOTAVAIL: "failed: no local address to send from",
-    errno.EACCES: "prohibited by a local route or firewall rule",
-    errno.EPERM: "blocked by a local firewall rule",
-    errno.EPROTO: "failed: protocol error (ICMP parameter problem)",
-})
-
-
-def describe_error(action: str, endpoint: str, exc: OSError) -> str:
-    """An operator's reason for a socket error: "connect to 198.18.0.21:443 refused"."""
-    code = exc.errno
-    if code in _REASONS:
-        return f"{action} {endpoint} {_REASONS[code]}"
-    detail = os.strerror(code) if code is not None else str(exc)
-    return f"{action} {endpoint} failed: {detail}"
-
 
 class ConnectCheck:
     name = "connect"
@@ -110,8 +85,8 @@ async def _tcp_batch(requests: Sequence[CheckRequest], indexes: list[int],
                 epoll.register(sock.fileno(), select.EPOLLOUT)
             else:
                 results[index] = _verdict(target, sock, code)
-        # Our own deadline, so the servers that did answer keep their verdicts.
-        seconds = min((requests[i].timeout for i in indexes), default=0.0)
+        # Our own budget, so the servers that did answer keep their verdicts.
+        seconds = min((requests[i].own_budget for i in indexes), default=0.0)
         with trio.move_on_after(seconds):
             ready = epoll.poll(0) if pending else []
             while pending:
@@ -143,7 +118,7 @@ def _verdict(target: Target, sock: socket.socket, code: int) -> CheckResult:
         if code:
             return CheckResult.failure(
                 describe_error("connect to", target.endpoint, OSError(code, os.strerror(code))))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         return CheckResult.success(f"connected to {target.endpoint}")
     finally:
         sock.close()
@@ -174,7 +149,7 @@ async def tcp_connect(target: Target, request: CheckRequest) -> CheckResult:
             if transcript:
                 transcript.note(reason)
             return CheckResult.failure(reason)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     finally:
         sock.close()
     if transcript:
@@ -199,10 +174,7 @@ async def udp_probe(target: Target, wait: float, request: CheckRequest) -> Check
                     transcript.received(f"{len(data)} bytes: {data[:64]!r}")
                 return CheckResult.success(f"UDP reply from {endpoint}")
         except OSError as exc:
-            if exc.errno == errno.ECONNREFUSED:
-                reason = f"UDP port {endpoint} unreachable (ICMP port unreachable)"
-            else:
-                reason = describe_error("UDP probe of", endpoint, exc)
+            reason = describe_error("UDP probe of", endpoint, exc, udp="")
             if transcript:
                 transcript.note(reason)
             return CheckResult.failure(reason)

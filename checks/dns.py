@@ -9,12 +9,9 @@ truncated; TCP from the start for a TCP virtual service, as ldirectord does.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
-import re
 import socket
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -30,18 +27,16 @@ import trio
 
 from lbha import hookimpl
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec
-from lbha.checks.connect import describe_error
+from lbha.checkkit import CheckFailed, describe_error, matches, printable, run_within, udp
 
 #: Record types a name may be asked for (option `type`); an address is always asked as PTR.
 RECORD_TYPES: MappingProxyType[str, dns.rdatatype.RdataType] = MappingProxyType(
     {"A": dns.rdatatype.A, "AAAA": dns.rdatatype.AAAA}
 )
-#: Option `transport`: "auto" is UDP (TCP on truncation), or TCP for a TCP virtual service.
-TRANSPORTS: tuple[str, ...] = ("auto", "udp", "tcp")
 #: Replies that are not ours (wrong id, other question) tolerated before giving up.
 MAX_IGNORED = 64
-#: First UDP retransmission after this many seconds, then doubling (1, 2, 4 s ...).
-RETRANSMIT_FIRST = 1.0
+#: UDP retransmissions: the first after 1 s, then doubling (1, 2, 4 s ...).
+RETRANSMIT = udp.backoff(1.0)
 #: Longest reason text quoted from an answer.
 _QUOTE = 120
 
@@ -102,19 +97,6 @@ def build_question(request: str | None, record_type: str = "A") -> Question:
     return Question(name, RECORD_TYPES[wanted])
 
 
-def receive_matcher(receive: str | None, regex: bool) -> Callable[[str], bool] | None:
-    """How answers are matched: None for "any answer", else substring or regex search."""
-    if not receive:
-        return None
-    if regex:
-        try:
-            pattern = re.compile(receive)
-        except re.error as exc:
-            raise DnsRequestError(f"receive {receive!r} is not a valid regex: {exc}") from exc
-        return lambda value: pattern.search(value) is not None
-    return lambda value: receive in value
-
-
 def answer_values(reply: dns.message.Message, question: Question) -> list[str]:
     """The answer's records of the asked type: addresses, or PTR targets without the dot."""
     values: list[str] = []
@@ -130,16 +112,15 @@ def answer_values(reply: dns.message.Message, question: Question) -> list[str]:
 
 
 def _quote(text: str) -> str:
-    text = text if text.isprintable() else repr(text)[1:-1]
-    return text if len(text) <= _QUOTE else text[:_QUOTE] + "..."
+    return printable(text, _QUOTE)
 
 
 def judge_reply(
     query: dns.message.Message,
     question: Question,
     wire: bytes,
-    matcher: Callable[[str], bool] | None,
     receive: str | None,
+    regex: bool,
     endpoint: str,
     *,
     tcp: bool,
@@ -175,10 +156,10 @@ def judge_reply(
     if not values:
         return CheckResult.failure(f"{endpoint} has no {question} record (empty answer)")
     shown = _quote(", ".join(values))
-    if matcher is None:
+    if not receive:
         return CheckResult.success(f"{question} = {shown}")
     for value in values:
-        if matcher(value):
+        if matches(value, receive, regex):
             return CheckResult.success(f"{question} = {_quote(value)} matches {receive!r}")
     return CheckResult.failure(f"{question} = {shown}, which does not match {receive!r}")
 
@@ -201,15 +182,14 @@ def describe_message(wire: bytes) -> str:
 class _Exchange:
     """One query to one server over UDP and/or TCP; counts what it had to ignore."""
 
-    def __init__(self, request: CheckRequest, question: Question,
-                 matcher: Callable[[str], bool] | None) -> None:
+    def __init__(self, request: CheckRequest, question: Question) -> None:
         self.target = request.target
         self.endpoint = request.target.endpoint
         self.address = (str(request.target.rip), request.target.rport)
         self.transcript = request.transcript
         self.question = question
         self.receive = request.spec.receive
-        self.matcher = matcher
+        self.regex = request.spec.regex
         # RD set, no EDNS: what ldirectord's Net::DNS sends.
         self.query = dns.message.make_query(question.name, question.rdtype, use_edns=False)
         self.wire = self.query.to_wire()
@@ -219,7 +199,7 @@ class _Exchange:
     def _judge(self, wire: bytes, *, tcp: bool) -> Outcome:
         if self.transcript:
             self.transcript.received(describe_message(wire))
-        outcome = judge_reply(self.query, self.question, wire, self.matcher, self.receive,
+        outcome = judge_reply(self.query, self.question, wire, self.receive, self.regex,
                               self.endpoint, tcp=tcp)
         if isinstance(outcome, Ignored):
             self.ignored.append(outcome.why)
@@ -233,29 +213,22 @@ class _Exchange:
             f"(last: {self.ignored[-1]})"
         )
 
+    def _sent(self, sends: int) -> None:
+        if self.transcript:
+            self.transcript.sent(
+                f"query id {self.query.id} {self.question} (UDP to {self.endpoint}"
+                + (f", retransmission {sends - 1}" if sends > 1 else "") + ")"
+            )
+
+    def _judge_datagram(self, wire: bytes) -> CheckResult | Truncated | None:
+        outcome = self._judge(wire, tcp=False)
+        return None if isinstance(outcome, Ignored) else outcome
+
     async def udp(self) -> CheckResult | Truncated:
-        with trio.socket.socket(self.target.family, socket.SOCK_DGRAM) as sock:
-            # Connected: the kernel drops other senders and reports ICMP port unreachable.
-            await sock.connect(self.address)
-            send_at = trio.current_time()
-            interval = RETRANSMIT_FIRST
-            sends = 0
-            while len(self.ignored) < MAX_IGNORED:
-                if trio.current_time() >= send_at:
-                    sends += 1
-                    if self.transcript:
-                        self.transcript.sent(
-                            f"query id {self.query.id} {self.question} (UDP to {self.endpoint}"
-                            + (f", retransmission {sends - 1}" if sends > 1 else "") + ")"
-                        )
-                    await sock.send(self.wire)
-                    send_at += interval
-                    interval *= 2
-                with trio.move_on_at(send_at):
-                    outcome = self._judge(await sock.recv(65535), tcp=False)
-                    if not isinstance(outcome, Ignored):
-                        return outcome
-            return self._too_many()
+        async with udp.udp_socket(self.target) as sock:
+            outcome = await udp.exchange(sock, self.wire, self._judge_datagram, RETRANSMIT,
+                                         max_datagrams=MAX_IGNORED, sent=self._sent)
+        return self._too_many() if outcome is None else outcome
 
     async def tcp(self) -> CheckResult:
         self.over_tcp = True
@@ -315,7 +288,7 @@ class DnsCheck:
             default="A", help="record type asked for a name: A or AAAA (addresses: PTR)",
         ),
         "transport": OptionSpec(
-            default="auto", choices=TRANSPORTS,
+            default="auto", choices=udp.TRANSPORTS,
             help="auto (UDP, TCP on truncation; TCP for protocol = \"tcp\"), udp or tcp",
         ),
     })
@@ -324,44 +297,39 @@ class DnsCheck:
         target = request.target
         if target.rport is None:
             return CheckResult.failure(f"no port to query on {target.rip}")
-        transport = str(request.options.get("transport", "auto")).lower()
-        if transport not in TRANSPORTS:
-            return CheckResult.failure(
-                f"option transport = {transport!r}: expected auto, udp or tcp"
-            )
+        try:
+            use_tcp = udp.over_tcp(request)
+        except CheckFailed as exc:
+            return CheckResult.failure(exc.reason)
         try:
             question = build_question(request.spec.request,
                                       str(request.options.get("type", "A")))
-            matcher = receive_matcher(request.spec.receive, request.spec.regex)
         except DnsRequestError as exc:
             return CheckResult.failure(str(exc))
-        exchange = _Exchange(request, question, matcher)
-        use_tcp = transport == "tcp" or (transport == "auto" and target.protocol == "tcp")
-        budget = request.own_budget
-        with trio.move_on_after(budget):
-            try:
-                if not use_tcp:
-                    outcome = await exchange.udp()
-                    if isinstance(outcome, CheckResult):
-                        return outcome
-                    if request.transcript:
-                        request.transcript.note("reply truncated (TC): asking again over TCP")
-                return await exchange.tcp()
-            except OSError as exc:
-                return CheckResult.failure(
-                    _socket_reason(exc, exchange.endpoint, exchange.over_tcp)
-                )
-        seen = f"; ignored {len(exchange.ignored)} (last: {exchange.ignored[-1]})" \
-            if exchange.ignored else ""
-        return CheckResult.failure(
-            f"no DNS reply for {question} from {exchange.endpoint} within {budget:.2f} s{seen}"
+        exchange = _Exchange(request, question)
+
+        async def ask() -> CheckResult:
+            if request.spec.receive and request.spec.regex:
+                matches("", request.spec.receive, True)  # an invalid regex fails at once
+            if not use_tcp:
+                outcome = await exchange.udp()
+                if isinstance(outcome, CheckResult):
+                    return outcome
+                if request.transcript:
+                    request.transcript.note("reply truncated (TC): asking again over TCP")
+            return await exchange.tcp()
+
+        def timed_out(budget: float) -> str:
+            seen = f"; ignored {len(exchange.ignored)} (last: {exchange.ignored[-1]})" \
+                if exchange.ignored else ""
+            return f"no DNS reply for {question} from {exchange.endpoint} within " \
+                f"{budget:.2f} s{seen}"
+
+        return await run_within(
+            request, ask, timed_out=timed_out,
+            error=lambda exc: describe_error("DNS query to", exchange.endpoint, exc,
+                                             udp=None if exchange.over_tcp else "DNS: "),
         )
-
-
-def _socket_reason(exc: OSError, endpoint: str, tcp: bool) -> str:
-    if exc.errno == errno.ECONNREFUSED and not tcp:
-        return f"DNS: UDP port {endpoint} unreachable (ICMP port unreachable)"
-    return describe_error("DNS query to", endpoint, exc)
 
 
 @hookimpl

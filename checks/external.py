@@ -21,6 +21,7 @@ import trio
 
 from lbha import hookimpl
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec, Target, Transcript
+from lbha.checkkit import quote
 
 #: Bytes of output kept; the rest is read and dropped so the command never blocks on a pipe.
 OUTPUT_LIMIT = 4096
@@ -80,7 +81,7 @@ class _Capture:
 
 def _printable(text: str) -> str:
     # Output is whatever the command printed: keep control characters out of logs.
-    return "".join(c if c.isprintable() else "?" for c in text.strip())
+    return quote(text.strip(), None, marks=False)
 
 
 def _exited(pidfd: int) -> bool:

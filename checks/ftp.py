@@ -14,8 +14,8 @@ import trio
 
 from lbha import hookimpl
 from lbha.checkapi import REDACTED, CheckRegistry, CheckRequest, CheckResult, OptionSpec
-from lbha.checks.lines import CheckFailed, LineSession, quote, run_session
-from lbha.checks.tcpclient import matches
+from lbha.checkkit import CheckFailed, matches, quote
+from lbha.checkkit.lines import LineSession, run_session
 
 DEFAULT_LOGIN = "anonymous"
 #: The anonymous password, by convention an e-mail address (ldirectord: ldirectord@HOST).

@@ -11,7 +11,6 @@ ldap3 is synchronous, so each check runs in a worker thread (checks/blocking.py)
 
 from __future__ import annotations
 
-import re
 import ssl
 from collections.abc import Mapping
 from contextlib import suppress
@@ -25,8 +24,8 @@ from pyasn1.error import PyAsn1Error
 
 from lbha import hookimpl
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec, Transcript
-from lbha.checks.blocking import (
-    BudgetExceeded,
+from lbha.checkkit import matches, quote
+from lbha.checkkit.blocking import (
     Interrupted,
     RunLimiter,
     Worker,
@@ -64,11 +63,7 @@ class LdapProbe:
 
 def dn_matches(dn: str, receive: str | None, regex: bool) -> bool:
     """`receive` empty: any DN; else a substring of the DN, or a regex searched in it."""
-    if not receive:
-        return True
-    if regex:
-        return re.search(receive, dn) is not None
-    return receive in dn
+    return not receive or matches(dn, receive, regex)
 
 
 def _server_says(result: Mapping[str, Any] | None) -> str:
@@ -78,7 +73,7 @@ def _server_says(result: Mapping[str, Any] | None) -> str:
     text = str(result.get("description") or f"result {result.get('result')}")
     message = str(result.get("message") or "").strip()
     if message:
-        message = "".join(c if c.isprintable() else "?" for c in message)[:MESSAGE_LIMIT]
+        message = quote(message, MESSAGE_LIMIT, marks=False)
         text = f"{text} ({message})"
     return text
 
@@ -208,12 +203,7 @@ class LdapCheck:
         if request.target.rport is None:
             return CheckResult.failure(f"no port to connect to on {request.target.rip}")
         probe = probe_for(request, self.implicit_tls)
-        budget = request.own_budget
-        try:
-            return await run_blocking(lambda worker: run_probe(worker, probe),
-                                      budget=budget, limiter=LIMITER)
-        except BudgetExceeded as exc:
-            return CheckResult.failure(str(exc))
+        return await run_blocking(request, lambda worker: run_probe(worker, probe), limiter=LIMITER)
 
 
 @hookimpl

@@ -14,14 +14,8 @@ from types import MappingProxyType
 
 from lbha import hookimpl
 from lbha.checkapi import REDACTED, CheckRegistry, CheckRequest, CheckResult, OptionSpec
-from lbha.checks.lines import (
-    MAX_LINES,
-    CheckFailed,
-    LineSession,
-    NotTheProtocol,
-    quote,
-    run_session,
-)
+from lbha.checkkit import CheckFailed, quote
+from lbha.checkkit.lines import MAX_LINES, LineSession, NotTheProtocol, run_session
 
 #: The name ldirectord's Net::SMTP sends; servers that check HELO names accept it.
 DEFAULT_HELO = "localhost.localdomain"

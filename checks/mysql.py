@@ -12,7 +12,6 @@ whatever pymysql is doing when the budget runs out.
 
 from __future__ import annotations
 
-import functools
 import socket
 import ssl
 import struct
@@ -24,14 +23,14 @@ import pymysql
 
 from lbha import hookimpl
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec, Transcript
-from lbha.checks.blocking import (
-    BudgetExceeded,
+from lbha.checkkit import CheckFailed, describe_error, quote
+from lbha.checkkit.blocking import (
     Interrupted,
     RunLimiter,
     Worker,
     run_blocking,
 )
-from lbha.checks.connect import describe_error
+from lbha.checkkit.tcp import tls_context
 
 #: Worker threads the MySQL checks may occupy at once, abandoned ones included.
 LIMITER = RunLimiter("lbha.checks.mysql", 16)
@@ -60,20 +59,8 @@ class MysqlProbe:
     transcript: Transcript | None
 
 
-@functools.lru_cache(maxsize=16)
-def tls_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
-    """A client context, shared: loading the system CAs costs more than a whole check."""
-    if verify:
-        # Verified means the certificate names the address we connect to (an IP SAN).
-        return ssl.create_default_context(cafile=ca_file)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() else "?" for c in text)[:QUOTE_LIMIT]
+    return quote(text, QUOTE_LIMIT, marks=False)
 
 
 def describe_mysql_error(exc: pymysql.MySQLError) -> str:
@@ -153,7 +140,7 @@ def probe_for(request: CheckRequest) -> MysqlProbe:
         family=target.family,
         login=spec.login, password=spec.password or "", database=spec.database or None,
         query=query or DEFAULT_QUERY, transcript=request.transcript,
-        tls=tls_context(spec.verify_tls, str(spec.ca_file) if spec.ca_file else None)
+        tls=tls_context(spec.verify_tls, spec.ca_file)
         if spec.verify_tls or request.options.get("tls", False) else None,
     )
 
@@ -174,12 +161,11 @@ class MysqlCheck:
             return CheckResult.failure(f"no port to connect to on {request.target.rip}")
         if not request.spec.login:
             return CheckResult.failure("mysql check has no login: set login (and password)")
-        probe = probe_for(request)
         try:
-            return await run_blocking(lambda worker: run_query(worker, probe),
-                                      budget=request.own_budget, limiter=LIMITER)
-        except BudgetExceeded as exc:
-            return CheckResult.failure(str(exc))
+            probe = probe_for(request)
+        except CheckFailed as exc:  # an unreadable ca_file
+            return CheckResult.failure(exc.reason)
+        return await run_blocking(request, lambda worker: run_query(worker, probe), limiter=LIMITER)
 
 
 @hookimpl

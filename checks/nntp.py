@@ -6,7 +6,8 @@ from types import MappingProxyType
 
 from lbha import hookimpl
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec
-from lbha.checks.lines import CheckFailed, LineSession, quote, run_session
+from lbha.checkkit import CheckFailed, quote
+from lbha.checkkit.lines import LineSession, run_session
 
 _GREETINGS = MappingProxyType({200: "posting allowed", 201: "no posting"})
 

@@ -33,10 +33,6 @@ _IPV6_RECVERR = 25
 #: Same payload size as ping(8): 56 data bytes, 64 with the ICMP header.
 PAYLOAD = b"lbha echo request".ljust(56, b".")
 
-#: Share of the deadline the attempts may use, so our own "no reply" verdict (which names
-#: the attempts) arrives before the engine's generic timeout.
-_BUDGET_SHARE = 0.9
-
 
 @dataclass(frozen=True)
 class _Icmp:
@@ -285,7 +281,7 @@ async def _exchange(
     if transcript:
         kind = "raw" if raw else "datagram"
         transcript.note(f"{kind} {'ICMP' if version == 4 else 'ICMPv6'} socket, id {ident}")
-    wait = request.timeout * _BUDGET_SHARE / count
+    wait = request.own_budget / count
     for sequence in range(1, count + 1):
         packet = echo_request(version, ident, sequence)
         if transcript:

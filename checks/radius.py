@@ -8,8 +8,8 @@ check on the reply (BlastRADIUS, CVE-2024-3596), retransmission of the same requ
 the deadline (UDP loses packets), and replies that fail verification are ignored, as RFC
 2865 wants, rather than believed.
 
-The packet is built and verified with pyrad; the UDP exchange is ours, on a trio socket, so
-there is no thread and cancellation is immediate.
+The packet is built and verified with pyrad; the UDP exchange is the check kit's, on a trio
+socket, so there is no thread and cancellation is immediate.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ import struct
 from dataclasses import dataclass
 from types import MappingProxyType
 
-import trio
 from pyrad.dictionary import Dictionary
 from pyrad.packet import AccessAccept, AccessChallenge, AccessReject, AuthPacket, PacketError
 
 from lbha import hookimpl
-from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec, Transcript
-from lbha.checks.connect import describe_error
+from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec
+from lbha.checkkit import describe_error, quote, run_within, udp
 
 #: The attributes we send or quote, so no dictionary file has to be installed.
 DICTIONARY = """\
@@ -75,8 +74,7 @@ def access_request(login: str, password: str, secret: bytes, nas_identifier: str
 def _reply_message(reply: AuthPacket) -> str:
     # Read the raw octets: pyrad's decoding of a string would fail on invalid UTF-8.
     raw = b"".join(v for v in dict.get(reply, REPLY_MESSAGE, ()) if isinstance(v, bytes))
-    text = raw.decode("utf-8", errors="replace").strip()
-    text = "".join(c if c.isprintable() else "?" for c in text)[:QUOTE_LIMIT]
+    text = quote(raw.strip(), QUOTE_LIMIT, marks=False)
     return f": {text}" if text else ""
 
 
@@ -106,45 +104,6 @@ def judge_reply(request: AuthPacket, data: bytes, user: str) -> Judgement:
             f"(use a PAP test account){_reply_message(reply)}"), "Access-Challenge")
     return Judgement(None, f"ignored a reply with code {reply.code}, not an answer to "
                            "an Access-Request")
-
-
-async def exchange(
-    sock: trio.socket.SocketType, request: AuthPacket, user: str, endpoint: str,
-    budget: float, attempts: int, transcript: Transcript | None,
-) -> CheckResult:
-    """Send `request` up to `attempts` times, evenly within `budget`; the first valid reply."""
-    raw = request.RequestPacket()
-    interval = budget / attempts
-    sent = received = 0
-    last_note = ""
-    with trio.move_on_after(budget):
-        while True:
-            if sent < attempts:
-                await sock.send(raw)
-                sent += 1
-                if transcript:
-                    transcript.sent(f"Access-Request id={request.id} User-Name={user} "
-                                    f"(attempt {sent} of {attempts})")
-            # After the last attempt, listen until the budget runs out.
-            with trio.move_on_after(interval if sent < attempts else budget):
-                while received < MAX_DATAGRAMS:
-                    data = await sock.recv(MAX_PACKET)
-                    received += 1
-                    judgement = judge_reply(request, data, user)
-                    if transcript:
-                        transcript.received(judgement.note)
-                    if judgement.result is not None:
-                        return judgement.result
-                    last_note = judgement.note
-                return CheckResult.failure(
-                    f"{endpoint} sent {received} datagrams, none a valid reply "
-                    f"(last: {last_note})")
-    # A server drops a request whose Message-Authenticator does not verify, and one from
-    # an address it has no client entry for, without a word: say so.
-    why = last_note or "is this director a client of the server, with the same secret?"
-    return CheckResult.failure(
-        f"no valid reply from {endpoint} within {budget:.1f} s "
-        f"({sent} Access-Request{'s' if sent > 1 else ''} sent; {why})")
 
 
 class RadiusCheck:
@@ -180,17 +139,49 @@ class RadiusCheck:
         except ValueError as exc:  # a password over 128 octets, a name over 253
             return CheckResult.failure(f"cannot build the Access-Request: {exc}")
         attempts = int(request.options.get("attempts", 3))
-        budget = request.own_budget
-        with trio.socket.socket(target.family, trio.socket.SOCK_DGRAM) as sock:
-            try:
-                # Connected: the kernel drops datagrams from anyone else and reports ICMP
-                # port unreachable as ECONNREFUSED.
-                await sock.connect((str(target.rip), target.rport))
-                return await exchange(sock, packet, spec.login, target.endpoint, budget,
-                                      attempts, request.transcript)
-            except OSError as exc:
-                return CheckResult.failure(describe_error("RADIUS request to", target.endpoint,
-                                                          exc))
+        # The same request up to `attempts` times, evenly within the budget; after the last,
+        # listen until the budget runs out.
+        schedule = udp.backoff(request.own_budget / attempts, factor=1.0, sends=attempts)
+        user, endpoint, transcript = spec.login, target.endpoint, request.transcript
+        notes: list[str] = []
+        sent = 0
+
+        def note_sent(sends: int) -> None:
+            nonlocal sent
+            sent = sends
+            if transcript:
+                transcript.sent(f"Access-Request id={packet.id} User-Name={user} "
+                                f"(attempt {sends} of {attempts})")
+
+        def judge(data: bytes) -> CheckResult | None:
+            judgement = judge_reply(packet, data, user)
+            if transcript:
+                transcript.received(judgement.note)
+            notes.append(judgement.note)
+            return judgement.result
+
+        async def ask() -> CheckResult:
+            async with udp.udp_socket(target) as sock:
+                result = await udp.exchange(sock, packet.RequestPacket(), judge, schedule,
+                                            max_datagrams=MAX_DATAGRAMS, sent=note_sent,
+                                            size=MAX_PACKET)
+            if result is None:
+                return CheckResult.failure(f"{endpoint} sent {len(notes)} datagrams, none a "
+                                           f"valid reply (last: {notes[-1]})")
+            return result
+
+        def timed_out(budget: float) -> str:
+            # A server drops a request whose Message-Authenticator does not verify, and one
+            # from an address it has no client entry for, without a word: say so.
+            why = notes[-1] if notes else \
+                "is this director a client of the server, with the same secret?"
+            return (f"no valid reply from {endpoint} within {budget:.1f} s "
+                    f"({sent} Access-Request{'s' if sent > 1 else ''} sent; {why})")
+
+        return await run_within(
+            request, ask, timed_out=timed_out,
+            error=lambda exc: describe_error("RADIUS request to", endpoint, exc),
+        )
 
 
 @hookimpl

@@ -14,16 +14,8 @@ from types import MappingProxyType
 
 from lbha import hookimpl
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec
-from lbha.checks.tcpclient import (
-    RECEIVE_SIZE,
-    CheckFailed,
-    Progress,
-    matches,
-    open_tcp,
-    printable,
-    quote,
-    run_exchange,
-)
+from lbha.checkkit import CheckFailed, Progress, matches, printable, quote
+from lbha.checkkit.tcp import RECEIVE_SIZE, open_tcp, run_exchange
 
 #: Bytes read before giving up on finding a matching line.
 READ_LIMIT = 64 * 1024

@@ -10,7 +10,6 @@ any other final response is down with its status line.
 
 from __future__ import annotations
 
-import errno
 import functools
 import re
 import secrets
@@ -23,10 +22,8 @@ import trio
 
 from lbha import hookimpl
 from lbha.checkapi import CheckRegistry, CheckRequest, CheckResult, OptionSpec
-from lbha.checks.connect import describe_error
+from lbha.checkkit import CheckFailed, describe_error, printable, run_within, udp
 
-#: Option `transport`: "auto" is TCP for a TCP virtual service, else UDP.
-TRANSPORTS: tuple[str, ...] = ("auto", "udp", "tcp")
 #: Largest message accepted (a UDP datagram cannot be larger).
 MAX_MESSAGE = 65535
 #: Largest header section of a message read from a TCP stream.
@@ -37,6 +34,7 @@ MAX_MESSAGES = 64
 #: RFC 3261 timer E: first retransmission after T1, doubling up to T2 (17.1.2.2).
 T1 = 0.5
 T2 = 4.0
+TIMER_E = udp.backoff(T1, cap=T2)
 #: Longest text quoted from a response in a reason.
 _QUOTE = 100
 
@@ -120,8 +118,7 @@ Outcome = CheckResult | Ignored | Provisional
 
 def quote(text: str) -> str:
     """Response text made safe for a one-line reason: printable and bounded."""
-    text = text if text.isprintable() else repr(text)[1:-1]
-    return text if len(text) <= _QUOTE else text[:_QUOTE] + "..."
+    return printable(text, _QUOTE)
 
 
 def parse_response(data: bytes) -> SipResponse:
@@ -313,31 +310,28 @@ class _Exchange:
             f"OPTIONS (last: {last})"
         )
 
+    def _schedule(self, sends: int) -> float:
+        # After a provisional response, retransmit every T2 (17.1.2.2).
+        return T2 if self.provisional else TIMER_E(sends)
+
+    def _judge_datagram(self, data: bytes) -> CheckResult | None:
+        outcome = self._judge(data)
+        return outcome if isinstance(outcome, CheckResult) else None
+
     async def udp(self) -> CheckResult:
-        with trio.socket.socket(self.target.family, socket.SOCK_DGRAM) as sock:
-            # Connected: the kernel drops other senders and reports ICMP port unreachable.
-            await sock.connect(self.address)
+        async with udp.udp_socket(self.target) as sock:
             message = build_options(self.tx, self.login, sock.getsockname()[:2], "UDP")
-            send_at = trio.current_time()
-            interval = T1
-            sends = 0
-            while self.messages < MAX_MESSAGES:
-                if trio.current_time() >= send_at:
-                    sends += 1
-                    if sends == 1:
-                        self._sent(message, "OPTIONS over UDP")
-                    elif self.transcript:
-                        self.transcript.sent(f"retransmission {sends - 1} of the OPTIONS")
-                    await sock.send(message)
-                    # After a provisional response, retransmit every T2 (17.1.2.2).
-                    interval = T2 if self.provisional else interval
-                    send_at = trio.current_time() + interval
-                    interval = min(interval * 2, T2)
-                with trio.move_on_at(send_at):
-                    outcome = self._judge(await sock.recv(MAX_MESSAGE))
-                    if isinstance(outcome, CheckResult):
-                        return outcome
-            return self._too_many()
+
+            def sent(sends: int) -> None:
+                if sends == 1:
+                    self._sent(message, "OPTIONS over UDP")
+                elif self.transcript:
+                    self.transcript.sent(f"retransmission {sends - 1} of the OPTIONS")
+
+            outcome = await udp.exchange(sock, message, self._judge_datagram, self._schedule,
+                                         max_datagrams=MAX_MESSAGES, sent=sent,
+                                         size=MAX_MESSAGE)
+        return self._too_many() if outcome is None else outcome
 
     async def tcp(self) -> CheckResult:
         with trio.socket.socket(self.target.family, socket.SOCK_STREAM) as sock:
@@ -387,7 +381,7 @@ class SipCheck:
     )
     options: MappingProxyType[str, OptionSpec] = MappingProxyType({
         "transport": OptionSpec(
-            default="auto", choices=TRANSPORTS,
+            default="auto", choices=udp.TRANSPORTS,
             help="auto (TCP for protocol = \"tcp\", else UDP), udp or tcp",
         ),
     })
@@ -396,36 +390,29 @@ class SipCheck:
         target = request.target
         if target.rport is None:
             return CheckResult.failure(f"no port to send OPTIONS to on {target.rip}")
-        transport = str(request.options.get("transport", "auto")).lower()
-        if transport not in TRANSPORTS:
-            return CheckResult.failure(
-                f"option transport = {transport!r}: expected auto, udp or tcp"
-            )
+        try:
+            use_tcp = udp.over_tcp(request)
+        except CheckFailed as exc:
+            return CheckResult.failure(exc.reason)
         try:
             login = sip_login(request.spec.login)
         except SipLoginError as exc:
             return CheckResult.failure(str(exc))
         exchange = _Exchange(request, login)
-        use_tcp = transport == "tcp" or (transport == "auto" and target.protocol == "tcp")
-        budget = request.own_budget
-        with trio.move_on_after(budget):
-            try:
-                return await (exchange.tcp() if use_tcp else exchange.udp())
-            except OSError as exc:
-                if exc.errno == errno.ECONNREFUSED and not use_tcp:
-                    reason = f"SIP: UDP port {exchange.endpoint} unreachable " \
-                        "(ICMP port unreachable)"
-                else:
-                    reason = describe_error("SIP OPTIONS to", exchange.endpoint, exc)
-                return CheckResult.failure(reason)
-        if exchange.provisional:
-            seen = f"; only {exchange.provisional}"
-        elif exchange.ignored:
-            seen = f"; ignored {len(exchange.ignored)} (last: {exchange.ignored[-1]})"
-        else:
-            seen = ""
-        return CheckResult.failure(
-            f"no final SIP response from {exchange.endpoint} within {budget:.2f} s{seen}"
+
+        def timed_out(budget: float) -> str:
+            if exchange.provisional:
+                seen = f"; only {exchange.provisional}"
+            elif exchange.ignored:
+                seen = f"; ignored {len(exchange.ignored)} (last: {exchange.ignored[-1]})"
+            else:
+                seen = ""
+            return f"no final SIP response from {exchange.endpoint} within {budget:.2f} s{seen}"
+
+        return await run_within(
+            request, exchange.tcp if use_tcp else exchange.udp, timed_out=timed_out,
+            error=lambda exc: describe_error("SIP OPTIONS to", exchange.endpoint, exc,
+                                             udp=None if use_tcp else "SIP: "),
         )
 
 

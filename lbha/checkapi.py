@@ -8,7 +8,7 @@ everything it opened when it is cancelled.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
@@ -203,14 +203,20 @@ def spec_keys_for(
     return spec_keys_of(check), required_spec_keys_of(check)
 
 
-#: Optional, for check types run thousands of times a second: a check type may also define
-#:
-#:     async def check_batch(self, requests: Sequence[CheckRequest]) -> list[CheckResult]
-#:
-#: The engine then hands it every request of that type due in the same scheduler tick (same
-#: deadline) in one call. It must return one result per request, in order, and keep the
-#: deadline (`request.timeout`) itself, answering "timeout after N s" for the unfinished
-#: ones so the others keep their verdicts; the engine cuts it off shortly after the deadline.
+@runtime_checkable
+class BatchCheckType(CheckType, Protocol):
+    """Optional, for check types run thousands of times a second (the connect check).
+
+    The engine hands such a check every request of its type due in the same scheduler tick
+    (same deadline) in one call. It returns one result per request, in order, and keeps the
+    deadline itself: within `own_budget` of the first request it answers "timeout after N s"
+    for the unfinished ones, so the others keep their verdicts. At the deadline the engine
+    cuts the whole batch off, as it does a single check.
+    """
+
+    async def check_batch(self, requests: Sequence[CheckRequest]) -> list[CheckResult]:
+        """Judge every request; one result per request, in order."""
+        ...
 
 
 @dataclass(frozen=True)

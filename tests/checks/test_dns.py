@@ -23,7 +23,7 @@ from cli_process import LBHA
 from hostile import Answer, serve_udp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from resources import open_fds
+from resources import open_fds, timed
 
 from lbha.checkapi import CheckRequest, CheckResult, Transcript
 from lbha.checks.dns import (
@@ -33,10 +33,12 @@ from lbha.checks.dns import (
     build_question,
     describe_message,
     judge_reply,
-    receive_matcher,
 )
 from lbha.plugin_manager import PluginManager
 from lbha.testing import check_spec, run_check_now, target
+
+#: A skip for want of the real server is a failure in CI (tests/conftest.py).
+pytestmark = pytest.mark.real_server
 
 DEADLINE = 0.5
 #: What the issue allows past the deadline for a verdict.
@@ -121,12 +123,6 @@ async def dns_check(port: int, *, protocol: str = "udp", deadline: float = DEADL
                     transcript: Transcript | None = None, **spec: object) -> CheckResult:
     return await run_check_now("dns", rport=port, protocol=protocol, transcript=transcript,
                                negotiate_timeout=deadline, **spec)
-
-
-async def timed(check: Awaitable[CheckResult]) -> tuple[CheckResult, float]:
-    started = trio.current_time()
-    result = await check
-    return result, trio.current_time() - started
 
 
 def test_registered_through_the_entry_point() -> None:
@@ -262,14 +258,6 @@ async def hostile(answer: Answer, **spec: object) -> tuple[CheckResult, float]:
 
 def assert_in_time(elapsed: float) -> None:
     assert elapsed <= DEADLINE + SLACK
-
-
-async def test_silent_server_is_down_at_the_deadline() -> None:
-    result, elapsed = await hostile(lambda wire: [])
-    assert not result.up
-    assert result.reason.startswith("no DNS reply for A www.example.test from 127.0.0.1:")
-    assert result.reason.endswith(" within 0.45 s")
-    assert_in_time(elapsed)
 
 
 async def test_garbage_is_ignored_until_the_deadline() -> None:
@@ -513,8 +501,7 @@ HEADER = GOOD[:12]
 
 
 def _judge(wire: bytes, *, tcp: bool, receive: str | None = "192.0.2") -> object:
-    outcome = judge_reply(QUERY, QUESTION, wire, receive_matcher(receive, False), receive,
-                          "127.0.0.1:53", tcp=tcp)
+    outcome = judge_reply(QUERY, QUESTION, wire, receive, False, "127.0.0.1:53", tcp=tcp)
     assert isinstance(outcome, CheckResult | Ignored | Truncated)
     assert describe_message(wire)
     return outcome

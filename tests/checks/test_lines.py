@@ -14,7 +14,7 @@ import trio.testing
 from hostile import GARBAGE, hostile_server, script
 
 from lbha.checkapi import Transcript
-from lbha.checks.lines import CLOSE_SHARE
+from lbha.checkkit.lines import CLOSE_SHARE
 from lbha.testing import run_check_now
 
 #: The deadline the checks run with; the goodbye would get CLOSE_SHARE of it (0.6 s).

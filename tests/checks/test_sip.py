@@ -17,7 +17,7 @@ from cli_process import LBHA
 from hostile import Answer, serve_udp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from resources import free_port, open_fds
+from resources import free_port, open_fds, timed
 
 from lbha.checkapi import CheckRequest, CheckResult, Transcript
 from lbha.checks.sip import (
@@ -34,6 +34,9 @@ from lbha.checks.sip import (
 )
 from lbha.plugin_manager import PluginManager
 from lbha.testing import check_spec, run_check_now, target
+
+#: A skip for want of the real server is a failure in CI (tests/conftest.py).
+pytestmark = pytest.mark.real_server
 
 DEADLINE = 0.5
 #: What the issue allows past the deadline for a verdict.
@@ -186,12 +189,6 @@ async def sip_check(port: int, *, protocol: str = "udp", deadline: float = DEADL
                                transcript=transcript, negotiate_timeout=deadline, **spec)
 
 
-async def timed(check: Awaitable[CheckResult]) -> tuple[CheckResult, float]:
-    started = trio.current_time()
-    result = await check
-    return result, trio.current_time() - started
-
-
 def test_registered_through_the_entry_point() -> None:
     manager = PluginManager()
     manager.load_entry_points()
@@ -305,14 +302,6 @@ async def hostile(answer: Answer, **spec: object) -> tuple[CheckResult, float]:
 
 def assert_in_time(elapsed: float) -> None:
     assert elapsed <= DEADLINE + SLACK
-
-
-async def test_silent_server_is_down_at_the_deadline() -> None:
-    result, elapsed = await hostile(lambda request: [])
-    assert not result.up
-    assert result.reason.startswith("no final SIP response from 127.0.0.1:")
-    assert result.reason.endswith(" within 0.45 s")
-    assert_in_time(elapsed)
 
 
 async def test_garbage_and_cut_responses_are_ignored() -> None:

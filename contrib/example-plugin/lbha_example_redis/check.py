@@ -11,12 +11,17 @@ The check connects to the real server's check port (6379 when nothing else says 
 authenticates when a password is configured, selects a database when one is configured,
 sends ``PING`` and requires the first reply line to be exactly ``expect`` ("+PONG").
 
-The engine enforces the total deadline by cancelling this coroutine; ``async with stream``
-closes the connection on every path out, cancellation included.
+It is written with lbha's check kit (`lbha.checkkit`): `run_exchange` keeps the deadline
+and turns a stall into a reason naming the step ("waiting for the reply to PING from
+198.18.1.11:6379 timed out after 2.9 s"), `open_tcp` connects (and words a refusal as every
+lbha check does), `CheckFailed` carries a reason out of the conversation, `quote` shows the
+server's bytes safely. ``async with stream`` closes the connection on every path out,
+cancellation included.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -30,23 +35,13 @@ from lbha.checkapi import (
     CheckRequest,
     CheckResult,
     OptionSpec,
-    Transcript,
 )
+from lbha.checkkit import CheckFailed, Progress, quote
+from lbha.checkkit.tcp import open_tcp, run_exchange
 
 DEFAULT_PORT = 6379
 #: Longest reply line accepted; a server sending more without a line end is broken.
 MAX_LINE = 4096
-
-
-class ProtocolError(Exception):
-    """The server said something that is not a Redis reply."""
-
-
-def _show(data: bytes, limit: int = 120) -> str:
-    """A reply as printable text for reasons and transcripts (control bytes escaped)."""
-    text = data[:limit].decode("utf-8", "backslashreplace")
-    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
-    return text + ("..." if len(data) > limit else "")
 
 
 def _command(*words: str) -> bytes:
@@ -61,8 +56,9 @@ def _command(*words: str) -> bytes:
 class _LineReader:
     """Reads CRLF-terminated reply lines from a stream, keeping what follows a line."""
 
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+    def __init__(self, stream: trio.abc.ReceiveStream, progress: Progress) -> None:
         self._stream = stream
+        self._progress = progress
         self._buffer = bytearray()
 
     async def line(self) -> bytes:
@@ -73,14 +69,15 @@ class _LineReader:
                 del self._buffer[: end + 2]
                 return line
             if len(self._buffer) > MAX_LINE:
-                raise ProtocolError(f"reply line longer than {MAX_LINE} bytes")
+                raise CheckFailed(f"{self._progress.step}: reply line longer than {MAX_LINE} "
+                                  "bytes")
             chunk = await self._stream.receive_some(MAX_LINE)
             if not chunk:
                 if self._buffer:
-                    raise ProtocolError(
-                        f"connection closed inside a reply: {_show(bytes(self._buffer))!r}"
-                    )
-                raise ProtocolError("connection closed without a reply")
+                    raise CheckFailed(f"{self._progress.step}: connection closed inside a "
+                                      f"reply: {quote(bytes(self._buffer))}")
+                raise CheckFailed(f"{self._progress.step}: connection closed without a reply")
+            self._progress.received += len(chunk)
             self._buffer += chunk
 
 
@@ -113,9 +110,9 @@ class RedisCheck:
 
     async def check(self, request: CheckRequest) -> CheckResult:
         target, spec, options = request.target, request.spec, request.options
-        port = spec.port or target.rport or DEFAULT_PORT
-        host = str(target.rip)
-        endpoint = f"[{host}]:{port}" if target.rip.version == 6 else f"{host}:{port}"
+        if target.rport is None:
+            target = dataclasses.replace(target, rport=DEFAULT_PORT)
+        endpoint = target.endpoint
         expect: str = _option(options, "expect", "+PONG")
         username: str | None = _option(options, "username", spec.login)
         password: str | None = _option(options, "password", spec.password)
@@ -123,58 +120,40 @@ class RedisCheck:
         if database is None and spec.database and spec.database.isdigit():
             database = int(spec.database)
         transcript = request.transcript
+        progress = Progress(f"connect to {endpoint}")
 
-        if transcript is not None:
-            transcript.note(f"connecting to {endpoint}")
-        try:
-            stream = await trio.open_tcp_stream(host, port)
-        except OSError as exc:
-            return CheckResult.failure(f"connect to {endpoint} failed: {exc}")
+        async def exchange() -> CheckResult:
+            async with await open_tcp(target, progress, transcript) as stream:
+                reader = _LineReader(stream, progress)
 
-        async with stream:
-            reader = _LineReader(stream)
-            try:
+                async def ask(command: bytes, shown: str) -> bytes:
+                    if transcript is not None:
+                        transcript.sent(shown)
+                    progress.step = f"sending {shown.split()[0]} to {endpoint}"
+                    await stream.send_all(command)
+                    progress.step = f"waiting for the reply to {shown.split()[0]} from {endpoint}"
+                    reply = await reader.line()
+                    if transcript is not None:
+                        transcript.received(quote(reply, marks=False))
+                    return reply
+
                 if password:
                     words = (username, password) if username else (password,)
                     masked = "AUTH " + (f"{username} {REDACTED}" if username else REDACTED)
-                    reply = await _ask(stream, reader, _command("AUTH", *words), masked, transcript)
+                    reply = await ask(_command("AUTH", *words), masked)
                     if reply != b"+OK":
-                        return CheckResult.failure(f"{endpoint} refused AUTH: {_show(reply)!r}")
+                        raise CheckFailed(f"{endpoint} refused AUTH: {quote(reply)}")
                 if database is not None:
-                    select = f"SELECT {database}"
-                    reply = await _ask(
-                        stream, reader, _command("SELECT", str(database)), select, transcript
-                    )
+                    reply = await ask(_command("SELECT", str(database)), f"SELECT {database}")
                     if reply != b"+OK":
-                        return CheckResult.failure(
-                            f"{endpoint} refused SELECT {database}: {_show(reply)!r}"
-                        )
-                reply = await _ask(stream, reader, b"PING\r\n", "PING", transcript)
-            except (ProtocolError, trio.BrokenResourceError, OSError) as exc:
-                return CheckResult.failure(f"{endpoint}: {exc}")
+                        raise CheckFailed(f"{endpoint} refused SELECT {database}: {quote(reply)}")
+                reply = await ask(b"PING\r\n", "PING")
+            if reply != expect.encode():
+                raise CheckFailed(
+                    f"{endpoint} answered PING with {quote(reply)}, expected {expect!r}")
+            return CheckResult.success(f"{endpoint} answered PING with {expect!r}")
 
-        if reply != expect.encode():
-            return CheckResult.failure(
-                f"{endpoint} answered PING with {_show(reply)!r}, expected {expect!r}"
-            )
-        return CheckResult.success(f"{endpoint} answered PING with {expect!r}")
-
-
-async def _ask(
-    stream: trio.abc.Stream,
-    reader: _LineReader,
-    command: bytes,
-    shown: str,
-    transcript: Transcript | None,
-) -> bytes:
-    """Send one command and return the first line of its reply."""
-    if transcript is not None:
-        transcript.sent(shown)
-    await stream.send_all(command)
-    reply = await reader.line()
-    if transcript is not None:
-        transcript.received(_show(reply))
-    return reply
+        return await run_exchange(request, progress, exchange)
 
 
 @hookimpl

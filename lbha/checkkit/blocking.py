@@ -1,4 +1,4 @@
-"""Run a blocking client library in a worker thread without letting it outlive its check.
+"""The check kit's one way to run a blocking client library without letting it outlive its check.
 
 Checks built on synchronous libraries (ldap3, pymysql) hand their work to `run_blocking`:
 
@@ -10,8 +10,8 @@ Checks built on synchronous libraries (ldap3, pymysql) hand their work to `run_b
   budget runs out or the check is cancelled, so a server that trickles a byte a second
   (which defeats per-read timeouts) cannot keep the thread alive either.
 
-The budget is a little shorter than the engine's deadline so the check, not the engine,
-says what was slow ("bind on 198.18.0.21:389 did not finish within 2.9 s").
+The budget is the request's own budget (`run_within`), so the check, not the engine, says
+what was slow ("bind on 198.18.0.21:389 did not finish within 2.9 s").
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
 
 import trio
 
-T = TypeVar("T")
+from lbha.checkapi import CheckRequest, CheckResult
+from lbha.checkkit.deadline import run_within
+
 #: Smallest socket timeout handed to a library: 0 would make its sockets non-blocking.
 MIN_SOCKET_TIMEOUT = 0.001
 
@@ -51,15 +52,6 @@ class RunLimiter:
             limiter = trio.CapacityLimiter(self.tokens)
             self._limiter.set(limiter)
             return limiter
-
-
-class BudgetExceeded(Exception):
-    """The work did not finish within its budget; `phase` says what it was doing."""
-
-    def __init__(self, phase: str, budget: float) -> None:
-        super().__init__(f"{phase} did not finish within {budget:.1f} s")
-        self.phase = phase
-        self.budget = budget
 
 
 class Interrupted(OSError):
@@ -110,31 +102,34 @@ class Worker:
 
 
 async def run_blocking(
-    work: Callable[[Worker], T], *, budget: float, limiter: RunLimiter
-) -> T:
-    """Run `work(worker)` in a thread; raises BudgetExceeded when it overruns `budget`.
+    request: CheckRequest, work: Callable[[Worker], CheckResult], *, limiter: RunLimiter
+) -> CheckResult:
+    """Run `work(worker)` in a thread within the request's own budget.
 
     The time spent waiting for a thread slot counts against the budget: a check that could
     not start in time has failed as surely as one that could not finish.
     """
-    worker = Worker(budget)
+    worker = Worker(request.own_budget)
 
-    def run() -> T:
+    def run() -> CheckResult:
         try:
             return work(worker)
         finally:
             worker.release()
 
-    finished = False
-    try:
-        with trio.move_on_after(budget):
+    async def in_thread() -> CheckResult:
+        finished = False
+        try:
             result = await trio.to_thread.run_sync(
                 run, abandon_on_cancel=True, limiter=limiter.get()
             )
             finished = True
-    finally:
-        if not finished:  # cancelled by the engine, or out of budget: free the thread
-            worker.interrupt()
-    if not finished:
-        raise BudgetExceeded(worker.phase, budget)
-    return result
+        finally:
+            if not finished:  # cancelled by the engine, or out of budget: free the thread
+                worker.interrupt()
+        return result
+
+    return await run_within(
+        request, in_thread,
+        timed_out=lambda budget: f"{worker.phase} did not finish within {budget:.1f} s",
+    )

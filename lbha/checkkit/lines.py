@@ -1,4 +1,4 @@
-"""Line-protocol sessions for the negotiate checks (ftp, smtp, imap, pop, nntp).
+"""The one line-protocol session of the check kit (ftp, smtp, imap, pop, nntp use it).
 
 A `LineSession` is one TCP connection (optionally TLS, implicit or upgraded) with a bounded
 line reader, a transcript and the step the check is in. `run_session()` runs a check's
@@ -20,8 +20,10 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from lbha.checkapi import CheckRequest, CheckResult, Transcript
-from lbha.checks.connect import describe_error
-from lbha.checks.tcpclient import CheckFailed, tls_context
+from lbha.checkkit.deadline import run_within
+from lbha.checkkit.errors import CheckFailed, describe_broken, describe_error
+from lbha.checkkit.tcp import tls_context
+from lbha.checkkit.text import quote
 
 #: Longest line accepted from a server; a longer one is garbage or an attack.
 MAX_LINE = 4096
@@ -34,21 +36,11 @@ CLOSE_SHARE = 0.2
 #: Longest quoted server text in a reason.
 QUOTE_LIMIT = 200
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _REPLY = re.compile(r"(\d{3})([ -]|$)")
 
 
 class NotTheProtocol(CheckFailed):
     """The server does not speak the protocol (garbage, an endless line): no goodbye."""
-
-
-def quote(data: bytes | str) -> str:
-    """Server text fit for a one-line reason: control characters as `?`, length capped."""
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-    text = _CONTROL.sub("?", text)
-    if len(text) > QUOTE_LIMIT:
-        text = text[:QUOTE_LIMIT] + "…"
-    return repr(text)
 
 
 class LineSession:
@@ -114,10 +106,8 @@ class LineSession:
         try:
             await tls.do_handshake()
         except trio.BrokenResourceError as exc:
-            cause = exc.__cause__
-            detail = (getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
-                      or str(cause) or "connection closed")
-            raise CheckFailed(f"TLS handshake with {self.endpoint} failed: {detail}") from None
+            raise CheckFailed(f"TLS handshake with {self.endpoint} failed: "
+                              f"{describe_broken(exc)}") from None
         self.stream = tls
         self._buffer.clear()  # nothing sent in clear text before the handshake counts
         self.note(f"TLS {tls.cipher()[1]} {tls.cipher()[0]} established")
@@ -165,23 +155,23 @@ class LineSession:
                 del self._buffer[:end + 1]
                 line = raw.rstrip(b"\r").decode("utf-8", "replace")
                 if self.transcript:
-                    self.transcript.received(quote(line)[1:-1])
+                    self.transcript.received(quote(line, QUOTE_LIMIT, marks=False))
                 return line
             if len(self._buffer) > MAX_LINE:
                 raise NotTheProtocol(
                     f"{self.protocol} server {self.endpoint} sent a line longer than "
                     f"{MAX_LINE} bytes while {self.step}: "
-                    f"{quote(bytes(self._buffer[:60]))}"
+                    f"{quote(bytes(self._buffer))}"
                 )
             try:
                 data = await stream.receive_some(MAX_LINE)
             except trio.BrokenResourceError as exc:
                 raise CheckFailed(
                     f"{self.protocol} connection to {self.endpoint} broke while {self.step}: "
-                    f"{exc.__cause__ or exc}"
+                    f"{describe_broken(exc)}"
                 ) from None
             if not data:
-                got = f" after {quote(bytes(self._buffer))}" if self._buffer else ""
+                got = f" after {quote(bytes(self._buffer), QUOTE_LIMIT)}" if self._buffer else ""
                 raise CheckFailed(
                     f"{self.protocol} server {self.endpoint} closed the connection while "
                     f"{self.step}{got}"
@@ -198,7 +188,7 @@ class LineSession:
         match = _REPLY.match(line)
         if match is None:
             raise NotTheProtocol(
-                f"{self.protocol} server {self.endpoint} answered {quote(line)} while "
+                f"{self.protocol} server {self.endpoint} answered {quote(line, QUOTE_LIMIT)} while "
                 f"{self.step}, which is not a valid {self.protocol} reply"
             )
         code = match.group(1)
@@ -238,35 +228,34 @@ async def run_session(
     """
     if request.target.rport is None:
         return CheckResult.failure(f"no port to check {protocol} on {request.target.rip}")
-    # Our own timeout, which names the step, fires before the engine's bare one.
-    budget = request.own_budget
     session = LineSession(request, protocol)
-    result: CheckResult | None = None
-    polite = True
-    try:
-        with trio.move_on_after(budget) as scope:
-            try:
-                await session.open(implicit_tls=implicit_tls)
-                result = CheckResult.success(await dialogue(session))
-            except CheckFailed as failed:
-                result = CheckResult.failure(failed.reason)
-                polite = not isinstance(failed, NotTheProtocol)
-            if closing is not None and session.stream is not None and polite:
+
+    async def converse() -> CheckResult:
+        polite = True
+        try:
+            await session.open(implicit_tls=implicit_tls)
+            result = CheckResult.success(await dialogue(session))
+        except CheckFailed as failed:
+            result = CheckResult.failure(failed.reason)
+            polite = not isinstance(failed, NotTheProtocol)
+        if closing is not None and session.stream is not None and polite:
+            # Bounded by the budget too: a verdict reached before it stands even when the
+            # goodbye does not finish.
+            wait = min(CLOSE_WAIT, request.timeout * CLOSE_SHARE)
+            with trio.move_on_at(min(trio.current_time() + wait,
+                                     trio.current_effective_deadline())):
                 try:
-                    with trio.move_on_after(min(CLOSE_WAIT, request.timeout * CLOSE_SHARE)):
-                        await closing(session)
+                    await closing(session)
                 except CheckFailed as failed:
                     session.note(f"closing: {failed.reason}")
-        if scope.cancelled_caught:
-            pending = session.pending()
-            got = f" (received so far: {quote(pending)})" if pending else ""
-            reason = (f"{protocol} {session.endpoint}: timed out after {budget:.2f} s "
-                      f"{session.step}{got}")
-            session.note(reason)
-            # A verdict reached before the deadline stands even if the goodbye did not finish.
-            if result is None:
-                result = CheckResult.failure(reason)
+        return result
+
+    def timed_out(budget: float) -> str:
+        pending = session.pending()
+        got = f" (received so far: {quote(pending, QUOTE_LIMIT)})" if pending else ""
+        return f"{protocol} {session.endpoint}: timed out after {budget:.2f} s {session.step}{got}"
+
+    try:
+        return await run_within(request, converse, timed_out=timed_out)
     finally:
         await session.aclose()
-    assert result is not None
-    return result
